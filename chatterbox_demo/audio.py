@@ -1,0 +1,101 @@
+"""Reading and checking reference audio, and writing results.
+
+Every reference clip passes :func:`load_reference` before the model sees it, so a bad upload
+is refused with a message that says what to do, not with a stack trace from deep inside
+librosa or the S3 tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+MIN_SECONDS = 1.0
+MAX_SECONDS = 300.0  # 5 minutes; only the first 10 s are used, the rest is wasted upload
+MAX_BYTES = 100 * 1024 * 1024
+SILENCE_PEAK = 1e-3  # below -60 dBFS everywhere counts as silence
+EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
+
+
+class AudioError(ValueError):
+    """A reference clip the app cannot use; the message tells the user why."""
+
+
+@dataclass(frozen=True)
+class ReferenceClip:
+    path: Path
+    sha256: str  # of the file's bytes: the content key of the conditionals cache
+    sample_rate: int
+    channels: int
+    seconds: float
+
+
+def load_reference(path: str | os.PathLike | None) -> ReferenceClip:
+    """Check that ``path`` is a usable reference clip and describe it."""
+    if path is None or str(path).strip() == "":
+        raise AudioError("No audio file given: upload or record a reference clip first.")
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"Audio file {path.name!r} does not exist.")
+    size = path.stat().st_size
+    if size == 0:
+        raise AudioError(f"{path.name!r} is empty; choose a WAV, FLAC, MP3 or OGG recording.")
+    if size > MAX_BYTES:
+        raise AudioError(
+            f"{path.name!r} is {size / 2**20:.0f} MB; the limit is {MAX_BYTES // 2**20} MB."
+        )
+    data = path.read_bytes()
+    try:
+        samples, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise AudioError(
+            f"{path.name!r} is not a readable audio file ({_short(exc)}); "
+            "use WAV, FLAC, MP3 or OGG."
+        ) from None
+    frames, channels = samples.shape
+    seconds = frames / sample_rate if sample_rate else 0.0
+    if frames == 0:
+        raise AudioError(f"{path.name!r} contains no audio samples.")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{path.name!r} contains invalid (NaN or infinite) samples.")
+    if seconds < MIN_SECONDS:
+        raise AudioError(
+            f"{path.name!r} is {seconds:.2f} s long; a reference needs at least "
+            f"{MIN_SECONDS:.0f} s of speech (5-10 s works best)."
+        )
+    if seconds > MAX_SECONDS:
+        raise AudioError(
+            f"{path.name!r} is {seconds / 60:.1f} minutes long; the limit is "
+            f"{MAX_SECONDS / 60:.0f} minutes (only the first 10 s are used anyway)."
+        )
+    if float(np.abs(samples).max()) < SILENCE_PEAK:
+        raise AudioError(f"{path.name!r} is silent; record or upload a clip of someone speaking.")
+    return ReferenceClip(
+        path=path,
+        sha256=hashlib.sha256(data).hexdigest(),
+        sample_rate=int(sample_rate),
+        channels=int(channels),
+        seconds=float(seconds),
+    )
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:120]
+
+
+def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int) -> Path:
+    """Write mono float samples as 16-bit PCM WAV, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    sf.write(tmp, np.asarray(samples, dtype=np.float32), sample_rate, subtype="PCM_16",
+             format="WAV")
+    os.replace(tmp, path)
+    return path

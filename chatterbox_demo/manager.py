@@ -1,0 +1,278 @@
+"""The one model manager per process.
+
+The UI, the CLI and (later) the HTTP API all go through :class:`ModelManager`: it owns the
+loaded model, the voice library and the active optimization configuration, and one lock
+keeps one generation (or voice computation, or switch) on the model at a time. Never one
+model per browser session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from chatterbox.tts import Conditionals
+
+from . import pipeline, weights
+from .config import (
+    DEFAULT_PRESET,
+    MAX_TEXT_CHARS,
+    PRESETS,
+    GenerationParams,
+    OptimizationConfig,
+    default_max_new_tokens,
+    get_preset,
+)
+from .voices import Voice, VoiceLibrary
+
+log = logging.getLogger(__name__)
+
+SHIPPED_VOICES = Path(__file__).resolve().parent.parent / "voices"
+DEFAULT_CACHE = Path.home() / ".cache" / "chatterbox-demo"
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+Progress = Callable[[float, str], None]
+
+
+class TextError(ValueError):
+    """Text the model cannot speak; the message says what to change."""
+
+
+@dataclass
+class Synthesis:
+    wav: np.ndarray
+    sample_rate: int
+    report: dict = field(default_factory=dict)
+
+
+def pick_device(name: str = "auto") -> str:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; an explicit choice is checked."""
+    name = (name or "auto").strip().lower()
+    if name not in DEVICES:
+        raise ValueError(f"Unknown device {name!r}; available: {', '.join(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise ValueError(f"Device {name!r} is not available here; use cpu or auto.")
+    return name
+
+
+def check_text(text) -> str:
+    """Refuse text the model cannot speak, with a message that says why."""
+    if not isinstance(text, str):
+        raise TextError("Text must be a string.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TextError("Text contains invalid characters (unpaired surrogates).") from None
+    # Control characters would reach the tokenizer as unknown tokens; a space is harmless.
+    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text).strip()
+    if not text:
+        raise TextError("Enter some text to speak.")
+    if len(text) > MAX_TEXT_CHARS:
+        raise TextError(
+            f"Text is {len(text)} characters; the limit is {MAX_TEXT_CHARS}. "
+            "Shorten it or split it into several generations."
+        )
+    if not any(ch.isalnum() for ch in text):
+        raise TextError("Text has nothing to speak: it needs letters or digits.")
+    return text
+
+
+class ModelManager:
+    """Owns the model, the voices and the settings; everything runs under ``self.lock``."""
+
+    _instance: ModelManager | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self, weights_spec: str = "auto", device: str = "auto",
+                 cache_dir: str | os.PathLike | None = None,
+                 shipped_voices: Path | None = SHIPPED_VOICES, seed: int = 0):
+        weights.parse_source(weights_spec)  # fail early on a typo, before any loading
+        self.weights_spec = weights_spec
+        self.device = pick_device(device)
+        self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+        self.shipped_voices = shipped_voices
+        self.seed = seed
+        self.lock = threading.RLock()
+        self.loaded: weights.LoadedWeights | None = None
+        self._library: VoiceLibrary | None = None
+        self.preset = DEFAULT_PRESET
+        self.config: OptimizationConfig = get_preset(DEFAULT_PRESET)
+
+    # --- the process-wide instance ------------------------------------------------------
+
+    @classmethod
+    def instance(cls) -> ModelManager:
+        """The process-wide manager, configured from the environment on first use."""
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls(
+                    weights_spec=os.environ.get("CHATTERBOX_WEIGHTS", "auto"),
+                    device=os.environ.get("CHATTERBOX_DEVICE", "auto"),
+                    cache_dir=os.environ.get("CHATTERBOX_DEMO_CACHE") or None,
+                )
+            return cls._instance
+
+    @classmethod
+    def configure(cls, **kwargs) -> ModelManager:
+        """Replace the process-wide manager (the CLI does this from its flags)."""
+        with cls._instance_lock:
+            cls._instance = cls(**kwargs)
+            return cls._instance
+
+    # --- loading ------------------------------------------------------------------------
+
+    def load(self, progress: Progress | None = None) -> weights.LoadedWeights:
+        """Load the weights and the voice library once; later calls return at once."""
+        progress = progress or (lambda fraction, message: None)
+        with self.lock:
+            if self.loaded is not None:
+                return self.loaded
+            progress(0.05, f"Loading weights ({self.weights_spec}) on {self.device}")
+            started = time.perf_counter()
+            loaded = weights.load(self.weights_spec, self.device, self.seed)
+            log.info("Loaded %s weights on %s in %.1f s", loaded.source, self.device,
+                     time.perf_counter() - started)
+            if loaded.banner:
+                log.warning(loaded.banner)
+            self.loaded = loaded
+            library = VoiceLibrary(self.cache_dir, loaded.identity,
+                                   self._compute_conditionals, self.device)
+            library.register_builtin(loaded.tts.conds)
+            if self.shipped_voices and self.shipped_voices.is_dir():
+                progress(0.7, "Preparing the shipped voices")
+                library.register_shipped(self.shipped_voices)
+            self._library = library
+            progress(1.0, "Ready")
+            return loaded
+
+    @property
+    def library(self) -> VoiceLibrary:
+        self.load()
+        return self._library
+
+    def _compute_conditionals(self, path: Path, exaggeration: float) -> Conditionals:
+        """The package's own ``prepare_conditionals``, without disturbing ``tts.conds``
+        (the built-in voice lives there)."""
+        tts = self.loaded.tts
+        previous = tts.conds
+        try:
+            tts.prepare_conditionals(str(path), exaggeration=exaggeration)
+            return tts.conds
+        finally:
+            tts.conds = previous
+
+    def status(self) -> dict:
+        loaded = self.loaded
+        return {
+            "weights": loaded.source if loaded else self.weights_spec,
+            "weights_identity": loaded.identity if loaded else None,
+            "device": self.device,
+            "preset": self.preset,
+            "banner": loaded.banner if loaded else None,
+        }
+
+    # --- configuration --------------------------------------------------------------------
+
+    def apply_preset(self, name: str) -> OptimizationConfig:
+        config = get_preset(name)
+        with self.lock:
+            self.preset, self.config = name, config
+        return config
+
+    # --- voices ---------------------------------------------------------------------------
+
+    def list_voices(self) -> list[Voice]:
+        with self.lock:
+            return self.library.list()
+
+    def add_voice(self, name: str, audio, exaggeration: float = 0.5) -> Voice:
+        with self.lock:
+            return self.library.add(name, audio, exaggeration)
+
+    def remove_voice(self, name: str) -> Voice:
+        with self.lock:
+            return self.library.remove(name)
+
+    def rename_voice(self, old: str, new: str) -> Voice:
+        with self.lock:
+            return self.library.rename(old, new)
+
+    # --- synthesis ------------------------------------------------------------------------
+
+    def generate(self, text: str, voice: str | None = None,
+                 params: GenerationParams | None = None,
+                 config: OptimizationConfig | None = None,
+                 voice_file: str | os.PathLike | None = None) -> Synthesis:
+        """Speak ``text`` in ``voice`` (a library name) or the clip at ``voice_file``.
+
+        ``voice_file`` is for trusted callers (the CLI); the UI and API pass names only.
+        """
+        text = check_text(text)
+        params = params or GenerationParams()
+        with self.lock:
+            loaded = self.load()
+            config = config or self.config
+            library = self._library
+            started = time.perf_counter()
+            if voice_file is not None:
+                exaggeration = 0.5 if params.exaggeration is None else params.exaggeration
+                conds, source = library.conditionals_for_file(
+                    Path(voice_file), exaggeration, cached=config.cached_conditionals)
+                voice_name = Path(voice_file).name
+            else:
+                chosen = library.get(voice if voice else self._default_voice())
+                exaggeration = (chosen.exaggeration if params.exaggeration is None
+                                else params.exaggeration)
+                conds, source = library.conditionals(chosen, cached=config.cached_conditionals)
+                voice_name = chosen.name
+            conditioning_s = time.perf_counter() - started
+            max_new_tokens = params.max_new_tokens or default_max_new_tokens(text)
+            stages = pipeline.run(loaded.tts, text, conds, exaggeration, params, max_new_tokens)
+            total_s = time.perf_counter() - started
+        audio_seconds = len(stages.wav) / stages.sample_rate
+        report = {
+            "audio_seconds": round(audio_seconds, 3),
+            "sample_rate": stages.sample_rate,
+            "weights": loaded.source,
+            "weights_identity": loaded.identity,
+            "device": self.device,
+            "preset": self._preset_name(config),
+            "voice": {"name": voice_name, "source": source},
+            "timings": {
+                "conditioning_s": round(conditioning_s, 4),
+                "t3_s": round(stages.t3_s, 4),
+                "t3_tokens": stages.t3_tokens,
+                "t3_tokens_per_s": round(stages.t3_tokens / stages.t3_s, 2)
+                if stages.t3_s > 0 else None,
+                "s3gen_s": round(stages.s3gen_s, 4),
+                "watermark_s": round(stages.watermark_s, 4),
+                "total_s": round(total_s, 4),
+            },
+            "rtf": round(total_s / audio_seconds, 3) if audio_seconds else None,
+            "params": {**asdict(params), "exaggeration": exaggeration,
+                       "max_new_tokens": max_new_tokens},
+        }
+        return Synthesis(stages.wav, stages.sample_rate, report)
+
+    def _default_voice(self) -> str:
+        names = self._library.names()
+        if not names:
+            raise ValueError("No voices yet: add one from a reference clip first.")
+        return names[0]
+
+    def _preset_name(self, config: OptimizationConfig) -> str:
+        if config == self.config:
+            return self.preset
+        return next((name for name, c in PRESETS.items() if c == config), "custom")

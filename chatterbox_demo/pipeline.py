@@ -1,0 +1,125 @@
+"""The stock Chatterbox generation, split into timed stages.
+
+Upstream ``ChatterboxTTS.generate`` does the same work but hard-codes 1000 new tokens,
+takes no seed and times nothing. This module keeps its semantics step for step (text
+normalisation, CFG batch, start/stop padding, token filtering, watermark) so that the
+``baseline`` preset measures the real upstream path.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE, drop_invalid_tokens
+from chatterbox.models.t3.modules.cond_enc import T3Cond
+from chatterbox.tts import ChatterboxTTS, Conditionals, punc_norm
+
+from .config import GenerationParams
+
+
+class GenerationError(RuntimeError):
+    """The model ran but produced nothing usable; the message says what to try."""
+
+
+@dataclass
+class StageResult:
+    wav: np.ndarray  # mono float32 at ``sample_rate``
+    sample_rate: int
+    t3_s: float
+    t3_tokens: int  # speech tokens sampled by T3, before invalid ones are dropped
+    s3gen_s: float
+    watermark_s: float
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for queued device work so that a host clock measures it."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        torch.cuda.synchronize()
+    elif kind == "mps":
+        torch.mps.synchronize()
+
+
+@contextmanager
+def timed(device, into: dict, key: str):
+    sync(device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        sync(device)
+        into[key] = time.perf_counter() - start
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def t3_cond_for(conds: Conditionals, exaggeration: float, device) -> T3Cond:
+    """A fresh T3Cond per call: T3 caches the prompt embedding on the object it is given,
+    and a cached embedding must never leak from one model variant into another."""
+    base = conds.t3
+    return T3Cond(
+        speaker_emb=base.speaker_emb,
+        cond_prompt_speech_tokens=base.cond_prompt_speech_tokens,
+        emotion_adv=exaggeration * torch.ones(1, 1, 1),
+    ).to(device=device)
+
+
+def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
+        params: GenerationParams, max_new_tokens: int) -> StageResult:
+    """Text plus ready conditionals to watermarked audio, timing T3, S3Gen and watermark."""
+    device = tts.device
+    times: dict[str, float] = {}
+    t3_cond = t3_cond_for(conds, exaggeration, device)
+
+    text_tokens = tts.tokenizer.text_to_tokens(punc_norm(text)).to(device)
+    if params.cfg_weight > 0.0:
+        text_tokens = torch.cat([text_tokens, text_tokens], dim=0)  # row 2 is unconditional
+    text_tokens = F.pad(text_tokens, (1, 0), value=tts.t3.hp.start_text_token)
+    text_tokens = F.pad(text_tokens, (0, 1), value=tts.t3.hp.stop_text_token)
+
+    seed_everything(params.seed)
+    with torch.inference_mode():
+        with timed(device, times, "t3"):
+            speech_tokens = tts.t3.inference(
+                t3_cond=t3_cond,
+                text_tokens=text_tokens,
+                max_new_tokens=max_new_tokens,
+                temperature=params.temperature,
+                cfg_weight=params.cfg_weight,
+                repetition_penalty=params.repetition_penalty,
+                min_p=params.min_p,
+                top_p=params.top_p,
+            )
+        sampled = int(speech_tokens.shape[-1])
+        speech_tokens = drop_invalid_tokens(speech_tokens[0])
+        speech_tokens = speech_tokens[speech_tokens < SPEECH_VOCAB_SIZE].to(device)
+        if speech_tokens.numel() == 0:
+            raise GenerationError(
+                "The model stopped before producing any speech; try another seed or text."
+            )
+        with timed(device, times, "s3gen"):
+            # A shallow copy: S3Gen casts the dict's tensors in place, which would
+            # silently change the cached conditionals.
+            ref_dict = dict(conds.gen)
+            wav, _ = tts.s3gen.inference(speech_tokens=speech_tokens, ref_dict=ref_dict)
+        wav = wav.squeeze(0).detach().float().cpu().numpy()
+    with timed("cpu", times, "watermark"):
+        wav = tts.watermarker.apply_watermark(wav, sample_rate=tts.sr)
+    return StageResult(
+        wav=np.asarray(wav, dtype=np.float32),
+        sample_rate=tts.sr,
+        t3_s=times["t3"],
+        t3_tokens=sampled,
+        s3gen_s=times["s3gen"],
+        watermark_s=times["watermark"],
+    )

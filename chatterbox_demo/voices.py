@@ -1,0 +1,281 @@
+"""The voice library: named reference clips and their cached conditionals.
+
+Conditionals (speaker embedding, T3 prompt tokens, S3Gen reference features) are computed
+once per (audio content, weights) pair and kept in memory and on disk::
+
+    CACHE/voices.json                     the library index: name -> audio hash, settings
+    CACHE/audio/<sha256><ext>             a copy of each user voice's source audio
+    CACHE/conds/<weights-key>/<sha256>.pt Conditionals.save() output, one per clip
+
+Files are written to a temporary name and renamed, so a killed process never leaves a
+half-written entry, and cache files are read with ``weights_only=True`` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from chatterbox.tts import Conditionals
+
+from .audio import AudioError, ReferenceClip, load_reference
+from .config import RANGES, check_number
+
+log = logging.getLogger(__name__)
+
+BUILTIN_NAME = "builtin"
+MAX_NAME_CHARS = 64
+INDEX_VERSION = 1
+
+
+class VoiceError(ValueError):
+    """A voice operation the library refused; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class Voice:
+    name: str
+    kind: str  # "builtin" (ships with the weights), "shipped" (voices/ folder), "user"
+    exaggeration: float
+    sha256: str | None = None  # None for the built-in voice: it has no source audio
+    audio: str | None = None  # path of the source audio
+    seconds: float | None = None
+
+
+ComputeFn = Callable[[Path, float], Conditionals]
+
+
+def name_key(name: str) -> str:
+    """Names that differ only by case or Unicode normalisation are the same name."""
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
+def check_name(name) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise VoiceError("Give the voice a name.")
+    name = unicodedata.normalize("NFC", name.strip())
+    if len(name) > MAX_NAME_CHARS:
+        raise VoiceError(f"Voice names are limited to {MAX_NAME_CHARS} characters.")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in name):
+        raise VoiceError("Voice names cannot contain control characters.")
+    if "/" in name or "\\" in name or name.startswith(".") or ".." in name:
+        raise VoiceError(
+            f"{name!r} looks like a path; use a plain name such as 'narrator' or 'Ann 2'."
+        )
+    return name
+
+
+class VoiceLibrary:
+    """Named voices and the conditionals cache. Not thread-safe by itself: the model
+    manager calls it under its one lock."""
+
+    def __init__(self, cache_dir: Path, weights_identity: str, compute: ComputeFn,
+                 device: str = "cpu"):
+        self.cache_dir = Path(cache_dir)
+        self.compute = compute
+        self.device = device
+        weights_key = hashlib.sha256(weights_identity.encode()).hexdigest()[:16]
+        self.conds_dir = self.cache_dir / "conds" / weights_key
+        self.audio_dir = self.cache_dir / "audio"
+        self.index_path = self.cache_dir / "voices.json"
+        self._voices: dict[str, Voice] = {}  # by name_key
+        self._memory: dict[str, Conditionals] = {}  # by sha256 (or BUILTIN_NAME)
+        for entry in self._read_index():
+            voice = Voice(**{**entry, "kind": "user"})
+            self._voices[name_key(voice.name)] = voice
+
+    # --- registration -----------------------------------------------------------------
+
+    def register_builtin(self, conds: Conditionals | None) -> None:
+        """The voice shipped inside the weights (``conds.pt``), when there is one."""
+        if conds is None:
+            return
+        exaggeration = float(conds.t3.emotion_adv.reshape(-1)[0])
+        self._voices[name_key(BUILTIN_NAME)] = Voice(BUILTIN_NAME, "builtin", exaggeration)
+        self._memory[BUILTIN_NAME] = conds
+
+    def register_shipped(self, folder: Path, exaggeration: float = 0.5) -> None:
+        """The reference clips in ``voices/``: listed read-only, conditionals precomputed."""
+        for path in sorted(Path(folder).glob("*.wav")):
+            clip = load_reference(path)
+            voice = Voice(path.stem, "shipped", exaggeration, clip.sha256, str(path),
+                          round(clip.seconds, 2))
+            if name_key(voice.name) in self._voices:
+                log.warning("A user voice is named %r; the shipped clip is hidden", voice.name)
+                continue
+            self._voices[name_key(voice.name)] = voice
+            if not self._conds_path(clip.sha256).exists():
+                self._store(clip.sha256, self.compute(path, exaggeration))
+
+    # --- queries ----------------------------------------------------------------------
+
+    def list(self) -> list[Voice]:
+        order = {"builtin": 0, "shipped": 1, "user": 2}
+        return sorted(self._voices.values(), key=lambda v: (order[v.kind], name_key(v.name)))
+
+    def names(self) -> list[str]:
+        return [v.name for v in self.list()]
+
+    def get(self, name: str) -> Voice:
+        voice = self._voices.get(name_key(name)) if isinstance(name, str) else None
+        if voice is None:
+            available = ", ".join(self.names()) or "none yet"
+            raise VoiceError(f"Unknown voice {name!r}; available: {available}")
+        return voice
+
+    def conditionals(self, voice: Voice, cached: bool = True) -> tuple[Conditionals, str]:
+        """The voice's conditionals and where they came from: memory, disk or computed.
+
+        ``cached=False`` is the stock behaviour: recompute from the source audio each call.
+        """
+        if voice.sha256 is None:  # built-in: exists only as conditionals
+            return self._memory[BUILTIN_NAME], "memory"
+        if not cached:
+            return self.compute(Path(voice.audio), voice.exaggeration), "computed"
+        return self._cached(voice.sha256, Path(voice.audio), voice.exaggeration)
+
+    def conditionals_for_file(self, path: Path, exaggeration: float,
+                              cached: bool = True) -> tuple[Conditionals, str]:
+        """Conditionals for a clip that is not in the library (``synth --voice PATH``)."""
+        clip = load_reference(path)
+        if not cached:
+            return self.compute(clip.path, exaggeration), "computed"
+        return self._cached(clip.sha256, clip.path, exaggeration)
+
+    def _cached(self, sha256: str, audio: Path, exaggeration: float):
+        if sha256 in self._memory:
+            return self._memory[sha256], "memory"
+        conds = self._read_conds(sha256)
+        if conds is not None:
+            self._memory[sha256] = conds
+            return conds, "disk"
+        if not audio.exists():
+            raise VoiceError(f"The source audio {audio} of this voice is gone; add it again.")
+        conds = self.compute(audio, exaggeration)
+        self._store(sha256, conds)
+        return conds, "computed"
+
+    # --- changes ----------------------------------------------------------------------
+
+    def add(self, name, audio_path, exaggeration: float = 0.5) -> Voice:
+        """Add a user voice. Checks everything before touching the library or the disk."""
+        name = check_name(name)
+        if name_key(name) in self._voices:
+            raise VoiceError(f"A voice named {self._voices[name_key(name)].name!r} exists; "
+                             "choose another name or remove that one first.")
+        low, high = RANGES["exaggeration"]
+        check_number("exaggeration", exaggeration, low, high)
+        try:
+            clip = load_reference(audio_path)
+        except AudioError as exc:
+            raise VoiceError(str(exc)) from None
+        stored = self._store_audio(clip)
+        if clip.sha256 not in self._memory and self._read_conds(clip.sha256) is None:
+            self._store(clip.sha256, self.compute(stored, float(exaggeration)))
+        voice = Voice(name, "user", float(exaggeration), clip.sha256, str(stored),
+                      round(clip.seconds, 2))
+        self._commit({**self._voices, name_key(name): voice})
+        return voice
+
+    def remove(self, name: str) -> Voice:
+        voice = self._user_voice(name, "removed")
+        self._commit({k: v for k, v in self._voices.items() if v is not voice})
+        # The audio and conditionals files stay: another voice may share the content,
+        # and re-adding the same clip later is then instant.
+        return voice
+
+    def rename(self, old: str, new: str) -> Voice:
+        voice = self._user_voice(old, "renamed")
+        new = check_name(new)
+        clash = self._voices.get(name_key(new))
+        if clash is not None and clash is not voice:
+            raise VoiceError(f"A voice named {clash.name!r} exists; choose another name.")
+        renamed = Voice(**{**asdict(voice), "name": new})
+        voices = {k: v for k, v in self._voices.items() if v is not voice}
+        self._commit({**voices, name_key(new): renamed})
+        return renamed
+
+    def _user_voice(self, name: str, verb: str) -> Voice:
+        voice = self.get(name)
+        if voice.kind != "user":
+            where = "the weights" if voice.kind == "builtin" else "the app"
+            raise VoiceError(f"{voice.name!r} ships with {where} and cannot be {verb}.")
+        return voice
+
+    # --- disk -------------------------------------------------------------------------
+
+    def _conds_path(self, sha256: str) -> Path:
+        return self.conds_dir / f"{sha256}.pt"
+
+    def _read_conds(self, sha256: str) -> Conditionals | None:
+        path = self._conds_path(sha256)
+        if not path.exists():
+            return None
+        try:
+            return Conditionals.load(path, map_location="cpu").to(self.device)
+        except Exception as exc:  # truncated, corrupted, or not a tensors-only file
+            aside = path.with_name(path.name + ".corrupt")
+            log.warning("Cache file %s is unreadable (%s); moved to %s and recomputing",
+                        path, exc, aside.name)
+            os.replace(path, aside)
+            return None
+
+    def _store(self, sha256: str, conds: Conditionals) -> None:
+        self._memory[sha256] = conds
+        path = self._conds_path(sha256)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            conds.save(tmp)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("Could not write %s (%s); the voice stays cached in memory only",
+                        path, exc)
+
+    def _store_audio(self, clip: ReferenceClip) -> Path:
+        suffix = clip.path.suffix.lower() if clip.path.suffix.lower() in (
+            ".wav", ".flac", ".mp3", ".ogg") else ".wav"
+        target = self.audio_dir / f"{clip.sha256}{suffix}"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            shutil.copyfile(clip.path, tmp)
+            os.replace(tmp, target)
+        return target
+
+    def _read_index(self) -> list[dict]:
+        if not self.index_path.exists():
+            return []
+        try:
+            data = json.loads(self.index_path.read_text())
+            entries = data["voices"]
+            fields = set(Voice.__dataclass_fields__)
+            return [{k: v for k, v in e.items() if k in fields} for e in entries]
+        except Exception as exc:
+            aside = self.index_path.with_name("voices.json.corrupt")
+            log.warning("Voice index %s is unreadable (%s); moved to %s",
+                        self.index_path, exc, aside.name)
+            os.replace(self.index_path, aside)
+            return []
+
+    def _commit(self, voices: dict[str, Voice]) -> None:
+        """Write the index for ``voices``, then adopt them: a failed write changes nothing."""
+        entries = [asdict(v) for v in voices.values() if v.kind == "user"]
+        for entry in entries:
+            del entry["kind"]
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.index_path.with_name(f".voices.json.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"version": INDEX_VERSION, "voices": entries}, indent=1))
+            os.replace(tmp, self.index_path)
+        except OSError as exc:
+            raise VoiceError(f"Could not save the voice library ({exc.strerror or exc}); "
+                             "nothing was changed.") from None
+        self._voices = voices
