@@ -1,0 +1,1 @@
+"""Chatterbox TTS demo: voice cloning, synthesis and side-by-side optimization benchmarks."""

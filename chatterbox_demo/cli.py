@@ -1,0 +1,139 @@
+"""The command line: ``python -m chatterbox_demo synth|voices ...``.
+
+Errors a user can cause end the program with exit status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .audio import write_wav
+from .config import RANGES, GenerationParams
+from .manager import DEVICES, ModelManager
+from .pipeline import GenerationError
+from .voices import name_key
+from .weights import SOURCES
+
+USER_ERRORS = (ValueError, FileNotFoundError, GenerationError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--weights", default=os.environ.get("CHATTERBOX_WEIGHTS", "auto"),
+        help=f"model source: {', '.join(SOURCES)} (default: $CHATTERBOX_WEIGHTS or auto)",
+    )
+    common.add_argument(
+        "--device", default=os.environ.get("CHATTERBOX_DEVICE", "auto"),
+        help=f"{', '.join(DEVICES)} (default: $CHATTERBOX_DEVICE or auto)",
+    )
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+
+    parser = argparse.ArgumentParser(prog="python -m chatterbox_demo",
+                                     description="Chatterbox TTS: synthesize and manage voices")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth", parents=[common], help="speak a text to a WAV file")
+    synth.add_argument("--text", required=True)
+    synth.add_argument("--voice", default=None,
+                       help="a voice name from the library, or the path of a reference clip")
+    synth.add_argument("--out", required=True, type=Path, help="output WAV path")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--max-tokens", type=int, default=None,
+                       help=f"speech-token budget, 25 per second of audio "
+                            f"(max {RANGES['max_new_tokens'][1]}; default from the text length)")
+    synth.add_argument("--exaggeration", type=float, default=None)
+    synth.add_argument("--cfg-weight", type=float, default=0.5)
+    synth.add_argument("--temperature", type=float, default=0.8)
+    synth.add_argument("--preset", default=None, help="optimization preset (default: cached)")
+
+    voices = commands.add_parser("voices", help="list, add, rename or remove voices")
+    actions = voices.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", parents=[common], help="add a voice from an audio file")
+    add.add_argument("name")
+    add.add_argument("path", type=Path)
+    add.add_argument("--exaggeration", type=float, default=0.5)
+    actions.add_parser("list", parents=[common], help="list the voices")
+    remove = actions.add_parser("remove", parents=[common], help="remove a voice")
+    remove.add_argument("name")
+    rename = actions.add_parser("rename", parents=[common], help="rename a voice")
+    rename.add_argument("name")
+    rename.add_argument("new_name")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        # Upstream code prints progress to stdout; keep stdout for our own output.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result)
+    return 0
+
+
+def run(args: argparse.Namespace) -> str:
+    manager = ModelManager.configure(
+        weights_spec=args.weights,
+        device=args.device,
+        cache_dir=os.environ.get("CHATTERBOX_DEMO_CACHE") or None,
+    )
+    if args.command == "synth":
+        return synth(manager, args)
+    if args.action == "add":
+        voice = manager.add_voice(args.name, args.path, args.exaggeration)
+        return _dump(voice_row(voice)) if args.json else f"added voice {voice.name!r}"
+    if args.action == "remove":
+        voice = manager.remove_voice(args.name)
+        return _dump(voice_row(voice)) if args.json else f"removed voice {voice.name!r}"
+    if args.action == "rename":
+        voice = manager.rename_voice(args.name, args.new_name)
+        return _dump(voice_row(voice)) if args.json else f"renamed to {voice.name!r}"
+    rows = [voice_row(v) for v in manager.list_voices()]
+    if args.json:
+        return _dump(rows)
+    return "\n".join(f"{r['name']:<24} {r['kind']:<8} exaggeration {r['exaggeration']:.2f}"
+                     for r in rows)
+
+
+def synth(manager: ModelManager, args: argparse.Namespace) -> str:
+    if args.preset:
+        manager.apply_preset(args.preset)
+    params = GenerationParams(
+        seed=args.seed, max_new_tokens=args.max_tokens, exaggeration=args.exaggeration,
+        cfg_weight=args.cfg_weight, temperature=args.temperature,
+    )
+    voice_file = None
+    voice = args.voice
+    library_names = {name_key(name) for name in manager.library.names()}
+    if voice and name_key(voice) not in library_names and Path(voice).is_file():
+        voice_file, voice = Path(voice), None
+    result = manager.generate(args.text, voice, params, voice_file=voice_file)
+    write_wav(args.out, result.wav, result.sample_rate)
+    report = {**result.report, "out": str(args.out)}
+    if args.json:
+        return _dump(report)
+    t = report["timings"]
+    return (f"wrote {args.out} ({report['audio_seconds']:.2f} s of audio) in {t['total_s']:.2f} s:"
+            f" conditioning {t['conditioning_s']:.2f} s ({report['voice']['source']}),"
+            f" T3 {t['t3_s']:.2f} s ({t['t3_tokens']} tokens), S3Gen {t['s3gen_s']:.2f} s,"
+            f" watermark {t['watermark_s']:.2f} s")
+
+
+def voice_row(voice) -> dict:
+    return {"name": voice.name, "kind": voice.kind, "exaggeration": voice.exaggeration,
+            "seconds": voice.seconds}
+
+
+def _dump(data) -> str:
+    return json.dumps(data, indent=None)
