@@ -134,6 +134,16 @@ def refresh_voice_pickers(current_synth: str | None, current_ab: str | None):
             gr.update(choices=removable, value=removable[0] if removable else None))
 
 
+def voice_exaggeration(name: str | None):
+    m = manager()
+    if m.loaded is None or not name:
+        return gr.update()
+    try:
+        return m.library.get(name).exaggeration
+    except ValueError:
+        return gr.update()
+
+
 # --- synthesis -----------------------------------------------------------------------------
 
 
@@ -168,8 +178,9 @@ def report_markdown(report: dict) -> str:
     ]
     lines = ["| stage | time | |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines.append(f"\npreset **{html.escape(report['preset'])}** on "
-                 f"{html.escape(report['device'].upper())}, weights {html.escape(report['weights'])}")
+    device, weights = report["device"].upper(), report["weights"]
+    lines.append(f"\npreset **{html.escape(report['preset'])}** on {html.escape(device)}, "
+                 f"weights {html.escape(weights)}")
     return "\n".join(lines)
 
 
@@ -306,6 +317,9 @@ def build_demo() -> gr.Blocks:
                          api_name="remove_voice", concurrency_id=MODEL_SLOT).then(**refresh)
         rename_btn.click(rename_voice, [mine, new_name], [voice_status, table],
                          api_name="rename_voice", concurrency_id=MODEL_SLOT).then(**refresh)
+        # A voice's saved exaggeration becomes the slider's value when it is picked.
+        voice.change(voice_exaggeration, voice, settings[0], api_visibility="private",
+                     queue=False)
         synth_btn.click(synthesize, [text, voice, preset, *settings],
                         [audio_out, timings, report], api_name="synthesize",
                         concurrency_id=MODEL_SLOT).then(header_html, outputs=header,

@@ -19,9 +19,9 @@ import logging
 import os
 import shutil
 import unicodedata
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from chatterbox.tts import Conditionals
 

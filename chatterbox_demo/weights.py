@@ -30,8 +30,8 @@ from chatterbox.models.t3.modules.t3_config import T3Config
 from chatterbox.models.tokenizers import EnTokenizer
 from chatterbox.models.voice_encoder import VoiceEncoder
 from chatterbox.tts import ChatterboxTTS, Conditionals
-from safetensors.torch import load_file, save_file
 from s3tokenizer.model_v2 import AudioEncoderV2, FSQVectorQuantization
+from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,55 @@
+"""What README.md promises, checked: its commands parse, its settings exist."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from chatterbox_demo import weights
+from chatterbox_demo.cli import build_parser
+from chatterbox_demo.manager import DEVICES
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+CLI_LINES = [line.strip() for line in README.splitlines()
+             if line.strip().startswith("python -m chatterbox_demo")]
+
+
+def test_readme_shows_the_cli():
+    assert len(CLI_LINES) >= 5
+
+
+@pytest.mark.parametrize("line", CLI_LINES)
+def test_every_cli_example_parses(line):
+    argv = shlex.split(line)[3:]
+    build_parser().parse_args(argv)  # exits (SystemExit) on an unknown flag or subcommand
+
+
+def test_every_weights_value_in_the_table_is_accepted():
+    values = re.findall(r"^\| `([^`]+)`", README, flags=re.MULTILINE)
+    assert {"auto", "hub", "local:DIR", "random", "tiny"} <= set(values)
+    for value in values:
+        weights.parse_source(value)
+
+
+def test_devices_named_in_readme_exist():
+    for device in ("auto", "cuda", "mps", "cpu"):
+        assert f"`{device}`" in README and device in DEVICES
+
+
+def test_make_targets_and_ci_use_the_readme_commands():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^demo:", makefile, re.MULTILINE)
+    assert re.search(r"^test:", makefile, re.MULTILINE)
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    assert "make demo" in README and "make test" in README
+
+
+def test_spaces_front_matter_matches_the_pinned_gradio():
+    front = README.split("---")[1]
+    pinned = re.search(r"^gradio==(\S+)", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
+    assert f"sdk_version: {pinned.group(1)}" in front
+    assert "app_file: app.py" in front and "sdk: gradio" in front
