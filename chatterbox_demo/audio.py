@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ MAX_SECONDS = 300.0  # 5 minutes; only the first 10 s are used, the rest is wast
 MAX_BYTES = 100 * 1024 * 1024
 SILENCE_PEAK = 1e-3  # below -60 dBFS everywhere counts as silence
 EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
+
+log = logging.getLogger(__name__)
 
 
 class AudioError(ValueError):
@@ -41,8 +44,10 @@ def load_reference(path: str | os.PathLike | None) -> ReferenceClip:
     if path is None or str(path).strip() == "":
         raise AudioError("No audio file given: upload or record a reference clip first.")
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise AudioError(f"Audio file {path.name!r} does not exist.")
+    if not path.is_file():
+        raise AudioError(f"{path.name!r} is not a file; choose an audio file.")
     size = path.stat().st_size
     if size == 0:
         raise AudioError(f"{path.name!r} is empty; choose a WAV, FLAC, MP3 or OGG recording.")
@@ -54,9 +59,10 @@ def load_reference(path: str | os.PathLike | None) -> ReferenceClip:
     try:
         samples, sample_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:
+        # soundfile's own message names an in-memory buffer, which helps nobody.
+        log.info("Could not decode %s: %s", path, exc)
         raise AudioError(
-            f"{path.name!r} is not a readable audio file ({_short(exc)}); "
-            "use WAV, FLAC, MP3 or OGG."
+            f"{path.name!r} is not a readable audio file; use WAV, FLAC, MP3 or OGG."
         ) from None
     frames, channels = samples.shape
     seconds = frames / sample_rate if sample_rate else 0.0
@@ -83,11 +89,6 @@ def load_reference(path: str | os.PathLike | None) -> ReferenceClip:
         channels=int(channels),
         seconds=float(seconds),
     )
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:120]
 
 
 def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int) -> Path:

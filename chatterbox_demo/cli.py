@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .audio import write_wav
 from .config import RANGES, GenerationParams
-from .manager import DEVICES, ModelManager
+from .manager import DEVICES, ModelManager, check_text
 from .pipeline import GenerationError
 from .voices import name_key
 from .weights import SOURCES
@@ -113,6 +113,7 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
         seed=args.seed, max_new_tokens=args.max_tokens, exaggeration=args.exaggeration,
         cfg_weight=args.cfg_weight, temperature=args.temperature,
     )
+    check_text(args.text)  # a typo in the text must not cost a model load first
     voice_file = None
     voice = args.voice
     library_names = {name_key(name) for name in manager.library.names()}

@@ -7,6 +7,7 @@ never from literals of their own.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 # (low, high) bounds per generation setting; the UI sliders use the same numbers.
@@ -50,7 +51,7 @@ class GenerationParams:
             low, high = RANGES[f.name]
             integer = f.name in ("seed", "max_new_tokens")
             check_number(f.name, value, low, high, integer=integer)
-            if integer:
+            if integer:  # also turns numpy integers into plain ints
                 object.__setattr__(self, f.name, int(value))
             else:
                 object.__setattr__(self, f.name, float(value))
@@ -59,7 +60,7 @@ class GenerationParams:
 def check_number(name: str, value, low: float, high: float, integer: bool = False) -> None:
     """Raise ``ValueError`` naming the setting and its range unless ``value`` fits."""
     kind = "a whole number" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be {kind} between {low} and {high} (got {value!r})")
     if math.isnan(value) or not low <= value <= high:
         raise ValueError(f"{name} must be between {low} and {high} (got {value!r})")

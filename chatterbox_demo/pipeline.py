@@ -103,9 +103,12 @@ def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
         sampled = int(speech_tokens.shape[-1])
         speech_tokens = drop_invalid_tokens(speech_tokens[0])
         speech_tokens = speech_tokens[speech_tokens < SPEECH_VOCAB_SIZE].to(device)
-        if speech_tokens.numel() == 0:
+        # S3Gen needs two speech tokens: from one it makes less audio than its fade-in and
+        # fails with a tensor size mismatch.
+        if speech_tokens.numel() < 2:
             raise GenerationError(
-                "The model stopped before producing any speech; try another seed or text."
+                "The model stopped before producing any speech; try another seed or text, "
+                "or a larger token budget."
             )
         with timed(device, times, "s3gen"):
             # A shallow copy: S3Gen casts the dict's tensors in place, which would

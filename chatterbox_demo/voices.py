@@ -87,8 +87,7 @@ class VoiceLibrary:
         self.index_path = self.cache_dir / "voices.json"
         self._voices: dict[str, Voice] = {}  # by name_key
         self._memory: dict[str, Conditionals] = {}  # by sha256 (or BUILTIN_NAME)
-        for entry in self._read_index():
-            voice = Voice(**{**entry, "kind": "user"})
+        for voice in self._read_index():
             self._voices[name_key(voice.name)] = voice
 
     # --- registration -----------------------------------------------------------------
@@ -250,14 +249,14 @@ class VoiceLibrary:
             os.replace(tmp, target)
         return target
 
-    def _read_index(self) -> list[dict]:
+    def _read_index(self) -> list[Voice]:
         if not self.index_path.exists():
             return []
         try:
             data = json.loads(self.index_path.read_text())
-            entries = data["voices"]
             fields = set(Voice.__dataclass_fields__)
-            return [{k: v for k, v in e.items() if k in fields} for e in entries]
+            return [Voice(**{**{k: v for k, v in entry.items() if k in fields}, "kind": "user"})
+                    for entry in data["voices"]]
         except Exception as exc:
             aside = self.index_path.with_name("voices.json.corrupt")
             log.warning("Voice index %s is unreadable (%s); moved to %s",

@@ -242,7 +242,10 @@ def write_checkpoint(tts: ChatterboxTTS, directory: Path, arch: str) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for module, name in ((tts.ve, "ve"), (tts.t3, "t3_cfg"), (tts.s3gen, "s3gen")):
-        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        # T3.inference registers ``patched_model``, a wrapper sharing T3's own parameters;
+        # saving it would fail (shared tensors) and no loader expects its keys.
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()
+                 if not k.startswith("patched_model.")}
         save_file(state, directory / f"{name}.safetensors")
     write_tokenizer_json(directory / "tokenizer.json")
     if tts.conds is not None:

@@ -1,0 +1,256 @@
+"""The command line, as a user runs it (subprocesses, ~9 s each: kept to five) and in-process
+through ``cli.main`` where no model load is needed or the session's model can be reused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+from conftest import REPO, SHIPPED, write_audio
+
+from chatterbox_demo import cli
+from chatterbox_demo.manager import ModelManager
+
+REPORT_KEYS = {"audio_seconds", "sample_rate", "weights", "weights_identity", "device", "preset",
+               "voice", "timings", "rtf", "params", "out"}
+TIMING_KEYS = {"conditioning_s", "t3_s", "t3_tokens", "t3_tokens_per_s", "s3gen_s",
+               "watermark_s", "total_s"}
+
+
+def run_cli(cache, *args, timeout=180):
+    env = {**os.environ, "CHATTERBOX_DEMO_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("CHATTERBOX_WEIGHTS", None)
+    return subprocess.run([sys.executable, "-m", "chatterbox_demo", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(proc, *words):
+    """Exit status 2, nothing on stdout, and the last stderr line is the one error line.
+
+    Loading the model may log warnings first (the random-weights banner, upstream
+    deprecation notices); the error itself is exactly one line starting with 'error:'."""
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert lines[-1] == errors[0]
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+# --- subprocesses ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli-cache")
+
+
+@pytest.fixture(scope="module")
+def added(cli_cache, tmp_path_factory):
+    """Process 1: `voices add`."""
+    clip = write_audio(tmp_path_factory.mktemp("cli-audio") / "mine.flac", seconds=3.0,
+                       sample_rate=22050, seed=4)
+    proc = run_cli(cli_cache, "voices", "add", "My Voice", str(clip), "--exaggeration", "0.6",
+                   "--weights", "tiny", "--device", "cpu", "--json")
+    return proc, clip
+
+
+def test_voices_add(added, cli_cache):
+    proc, clip = added
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    assert row == {"name": "My Voice", "kind": "user", "exaggeration": 0.6, "seconds": 3.0}
+    index = json.loads((cli_cache / "voices.json").read_text())
+    assert [v["name"] for v in index["voices"]] == ["My Voice"]
+    assert len(list((cli_cache / "conds").glob("*/*.pt"))) == len(SHIPPED) + 1
+
+
+def test_synth_in_a_new_process_reuses_the_disk_cache(added, cli_cache, tmp_path):
+    """Process 2: the conditionals computed by process 1 are read from disk, not recomputed."""
+    assert added[0].returncode == 0, added[0].stderr
+    out = tmp_path / "speech.wav"
+    before = sorted(p.name for p in (cli_cache / "conds").glob("*/*.pt"))
+    proc = run_cli(cli_cache, "synth", "--text", "Testing the command line, one two three.",
+                   "--voice", "my voice", "--out", str(out), "--seed", "3", "--max-tokens", "10",
+                   "--weights", "tiny", "--device", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1  # one JSON object; upstream chatter is on stderr
+    report = json.loads(proc.stdout)
+    assert set(report) == REPORT_KEYS
+    assert set(report["timings"]) == TIMING_KEYS
+    assert report["voice"] == {"name": "My Voice", "source": "disk"}
+    assert report["timings"]["conditioning_s"] < 0.5  # a file read, not a model run
+    assert report["weights"] == "tiny" and report["device"] == "cpu"
+    assert report["preset"] == "cached"
+    assert 1 <= report["timings"]["t3_tokens"] <= 10
+    assert report["params"]["exaggeration"] == 0.6 and report["params"]["seed"] == 3
+    assert report["out"] == str(out)
+    # Nothing was recomputed or added to the cache.
+    assert sorted(p.name for p in (cli_cache / "conds").glob("*/*.pt")) == before
+
+    info = sf.info(out)
+    assert (info.samplerate, info.channels, info.subtype) == (24000, 1, "PCM_16")
+    assert info.frames == pytest.approx(report["audio_seconds"] * 24000, abs=2)
+    samples, _ = sf.read(out)
+    assert abs(samples).max() > 0
+
+
+def test_voices_list_json(added, cli_cache):
+    """Process 3."""
+    proc = run_cli(cli_cache, "voices", "list", "--json", "--weights", "tiny")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [(r["name"], r["kind"]) for r in rows] == [
+        *((name, "shipped") for name in SHIPPED), ("My Voice", "user")]
+    assert all(set(r) == {"name", "kind", "exaggeration", "seconds"} for r in rows)
+
+
+def test_empty_text_is_one_error_line(cli_cache, tmp_path):
+    """Process 4: refused before the model is even loaded."""
+    out = tmp_path / "never.wav"
+    proc = run_cli(cli_cache, "synth", "--text", "   ", "--out", str(out), "--weights", "tiny")
+    assert_user_error(proc, "error: Enter some text to speak.")
+    assert proc.stderr.strip().splitlines() == ["error: Enter some text to speak."]
+    assert not out.exists()
+
+
+def test_unknown_voice_is_one_error_line(added, cli_cache, tmp_path):
+    """Process 5."""
+    out = tmp_path / "never.wav"
+    proc = run_cli(cli_cache, "synth", "--text", "Hello.", "--voice", "nobody", "--out",
+                   str(out), "--weights", "tiny")
+    line = assert_user_error(proc, "Unknown voice 'nobody'", "My Voice", *SHIPPED)
+    assert line.startswith("error: Unknown voice")
+    assert not out.exists()
+
+
+# --- in-process -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_instance(monkeypatch):
+    """cli.run replaces the process-wide manager; put the old one back afterwards."""
+    monkeypatch.setattr(ModelManager, "_instance", None)
+
+
+@pytest.fixture
+def shared_cli(make_manager, monkeypatch, no_instance):
+    """Route cli.run's ModelManager.configure to a manager on the session's tiny model."""
+    manager = make_manager()
+    seen = []
+
+    def configure(cls, **kwargs):
+        seen.append(kwargs)
+        return manager
+
+    monkeypatch.setattr(ModelManager, "configure", classmethod(configure))
+    manager.configure_calls = seen
+    return manager
+
+
+def main(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--weights", "bogus"], "Unknown weights source 'bogus'; available: auto, hub"),
+        (["--weights", "local:"], "local: needs a directory"),
+        (["--device", "tpu"], "Unknown device 'tpu'"),
+        (["--temperature", "99"], "temperature must be between 0.05 and 5.0"),
+        (["--cfg-weight", "nan"], "cfg_weight must be between 0.0 and 1.0"),
+        (["--max-tokens", "0"], "max_new_tokens must be between 1 and 1000"),
+        (["--seed", "-1"], "seed must be between 0 and"),
+        (["--text", ""], "Enter some text to speak"),
+        (["--text", "?!"], "it needs letters or digits"),
+        (["--preset", "warp"], "Unknown preset 'warp'; available: baseline, cached"),
+    ],
+)
+def test_user_errors_before_loading(capsys, tmp_path, no_instance, monkeypatch, argv, words):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli.ModelManager, "load", no_model)
+    args = ["synth", "--text", "Hello.", "--out", str(tmp_path / "x.wav"), "--weights", "tiny",
+            "--device", "cpu", *argv]
+    code, out, err = main(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [err.strip()] and err.startswith("error: ")
+    assert words in err
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["synth", "--out", "x.wav"])  # --text is required
+    assert info.value.code == 2
+    assert "--text" in capsys.readouterr().err
+
+
+def test_in_process_synth_text_report(shared_cli, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATTERBOX_DEMO_CACHE", str(tmp_path / "env-cache"))
+    out = tmp_path / "a.wav"
+    code, stdout, err = main(capsys, "synth", "--text", "In process.", "--voice", "CALM-MID",
+                             "--out", str(out), "--max-tokens", "6", "--weights", "tiny",
+                             "--device", "cpu")
+    assert code == 0, err
+    assert stdout.startswith(f"wrote {out} (") and "conditioning" in stdout
+    assert "(disk)" in stdout and "T3" in stdout and "S3Gen" in stdout
+    assert len(stdout.splitlines()) == 1
+    assert sf.info(out).samplerate == 24000
+    assert shared_cli.configure_calls == [{
+        "weights_spec": "tiny", "device": "cpu", "cache_dir": str(tmp_path / "env-cache")}]
+
+
+def test_in_process_synth_with_a_clip_path_and_baseline(shared_cli, capsys, tmp_path,
+                                                        make_wav):
+    clip = make_wav("adhoc.wav", seed=8)
+    out = tmp_path / "b.wav"
+    code, stdout, err = main(capsys, "synth", "--text", "From a file.", "--voice", str(clip),
+                             "--out", str(out), "--max-tokens", "6", "--preset", "baseline",
+                             "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["voice"] == {"name": "adhoc.wav", "source": "computed"}
+    assert report["preset"] == "baseline"
+    assert "adhoc.wav" not in shared_cli.library.names()
+
+
+def test_in_process_one_token_budget_is_one_error_line(shared_cli, capsys, tmp_path):
+    out = tmp_path / "c.wav"
+    code, stdout, err = main(capsys, "synth", "--text", "Hi.", "--voice", "calm-mid",
+                             "--out", str(out), "--max-tokens", "1")
+    assert (code, stdout) == (2, "")
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        err.strip().splitlines()[-1]]
+    assert "error: The model stopped before producing any speech" in err
+    assert not out.exists()
+
+
+def test_in_process_voice_management(shared_cli, capsys, make_wav):
+    clip = make_wav("v.wav", seed=12)
+    assert main(capsys, "voices", "add", "Zoe", str(clip))[:2] == (0, "added voice 'Zoe'\n")
+    assert main(capsys, "voices", "rename", "zoe", "Zed")[:2] == (0, "renamed to 'Zed'\n")
+    code, out, _ = main(capsys, "voices", "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines] == [*SHIPPED, "Zed"]
+    assert lines[-1].split()[1:] == ["user", "exaggeration", "0.50"]
+    code, out, err = main(capsys, "voices", "remove", "calm-mid")
+    assert (code, out) == (2, "")
+    assert err.strip() == "error: 'calm-mid' ships with the app and cannot be removed."
+    code, out, err = main(capsys, "voices", "add", "../etc", str(clip))
+    assert code == 2 and "looks like a path" in err
+    assert main(capsys, "voices", "remove", "ZED", "--json")[:2] == (
+        0, json.dumps({"name": "Zed", "kind": "user", "exaggeration": 0.5, "seconds": 2.0})
+        + "\n")
+    assert shared_cli.library.names() == list(SHIPPED)

@@ -1,0 +1,151 @@
+import dataclasses
+import inspect
+import math
+
+import pytest
+from chatterbox.tts import ChatterboxTTS
+
+from chatterbox_demo.config import (
+    DEFAULT_PRESET,
+    MAX_TEXT_CHARS,
+    PRESETS,
+    RANGES,
+    GenerationParams,
+    OptimizationConfig,
+    check_number,
+    default_max_new_tokens,
+    get_preset,
+)
+
+FIELDS = [f.name for f in dataclasses.fields(GenerationParams)]
+INTEGER_FIELDS = ("seed", "max_new_tokens")
+OPTIONAL_FIELDS = ("exaggeration", "max_new_tokens")
+
+
+def test_every_setting_has_a_range():
+    assert set(FIELDS) == set(RANGES)
+
+
+def test_defaults_are_upstream_generate_defaults():
+    params = GenerationParams()
+    upstream = inspect.signature(ChatterboxTTS.generate).parameters
+    for name in ("cfg_weight", "temperature", "top_p", "min_p", "repetition_penalty"):
+        assert getattr(params, name) == upstream[name].default, name
+    # None = "the voice's own exaggeration" / "derive the budget from the text".
+    assert params.exaggeration is None
+    assert params.max_new_tokens is None
+    assert params.seed == 0
+
+
+@pytest.mark.parametrize("name", FIELDS)
+def test_range_bounds_are_accepted(name):
+    low, high = RANGES[name]
+    for value in (low, high):
+        params = GenerationParams(**{name: value})
+        assert getattr(params, name) == value
+
+
+def test_values_are_normalised_to_their_type():
+    params = GenerationParams(temperature=1, seed=7.0, max_new_tokens=30.0, exaggeration=1)
+    assert type(params.temperature) is float and params.temperature == 1.0
+    assert type(params.exaggeration) is float
+    assert type(params.seed) is int and params.seed == 7
+    assert type(params.max_new_tokens) is int and params.max_new_tokens == 30
+
+
+def test_params_are_frozen():
+    params = GenerationParams()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.temperature = 2.0  # type: ignore[misc]
+
+
+def _bad_values(name):
+    low, high = RANGES[name]
+    span = high - low
+    values = [
+        ("below", low - max(1, span) if name in INTEGER_FIELDS else low - 0.01 * span - 1e-6),
+        ("above", high + max(1, span) if name in INTEGER_FIELDS else high + 0.01 * span + 1e-6),
+        ("nan", math.nan),
+        ("inf", math.inf),
+        ("-inf", -math.inf),
+        ("string", "0.5"),
+        ("bool", True),
+        ("list", [1]),
+    ]
+    if name not in OPTIONAL_FIELDS:
+        values.append(("none", None))
+    if name in INTEGER_FIELDS:
+        values.append(("fraction", low + 0.5))
+    return [pytest.param(name, value, label, id=f"{name}-{label}") for label, value in values]
+
+
+@pytest.mark.parametrize("name,value,label", [p for n in FIELDS for p in _bad_values(n)])
+def test_bad_values_are_refused_naming_setting_and_range(name, value, label):
+    low, high = RANGES[name]
+    with pytest.raises(ValueError) as info:
+        GenerationParams(**{name: value})
+    message = str(info.value)
+    assert message.startswith(f"{name} must be"), message
+    if label == "fraction":
+        assert "whole number" in message and repr(value) in message, message
+    else:
+        assert f"between {low} and {high}" in message, message
+
+
+def test_nan_is_refused_for_every_float_setting():
+    # NaN compares false with everything, so a plain "low <= x <= high" check lets it in.
+    for name in FIELDS:
+        if name in INTEGER_FIELDS:
+            continue
+        with pytest.raises(ValueError, match=name):
+            GenerationParams(**{name: float("nan")})
+
+
+def test_check_number_direct():
+    check_number("x", 0.5, 0, 1)
+    check_number("n", 3, 1, 5, integer=True)
+    with pytest.raises(ValueError, match=r"^x must be a number between 0 and 1"):
+        check_number("x", "a", 0, 1)
+    with pytest.raises(ValueError, match=r"^n must be a whole number"):
+        check_number("n", 2.5, 1, 5, integer=True)
+
+
+def test_default_max_new_tokens_bounds():
+    low, high = RANGES["max_new_tokens"]
+    floor = default_max_new_tokens("")
+    assert floor == 50  # two seconds of speech even for the shortest text
+    assert default_max_new_tokens("Hi.") == floor
+    # 2.5 tokens per character plus a second of slack.
+    assert default_max_new_tokens("a" * 100) == 275
+    assert default_max_new_tokens("a" * MAX_TEXT_CHARS) == high
+    assert default_max_new_tokens("a" * 10 * MAX_TEXT_CHARS) == high
+    budgets = [default_max_new_tokens("a" * n) for n in range(0, MAX_TEXT_CHARS + 1, 7)]
+    assert all(low <= b <= high for b in budgets)
+    assert budgets == sorted(budgets)  # more text never gets fewer tokens
+    assert GenerationParams(max_new_tokens=default_max_new_tokens("a" * 500))  # in range
+
+
+def test_presets():
+    assert set(PRESETS) == {"baseline", "cached"}
+    assert DEFAULT_PRESET in PRESETS
+    assert get_preset("baseline") == OptimizationConfig(cached_conditionals=False)
+    assert get_preset("cached").cached_conditionals is True
+    assert get_preset("cached") != get_preset("baseline")
+
+
+@pytest.mark.parametrize("name", ["turbo", "", "Baseline"])
+def test_unknown_preset_lists_the_available_ones(name):
+    with pytest.raises(ValueError) as info:
+        get_preset(name)
+    message = str(info.value)
+    assert repr(name) in message
+    assert "available: baseline, cached" in message
+
+
+def test_numpy_numbers_are_accepted_as_plain_ones():
+    import numpy as np
+
+    params = GenerationParams(seed=np.int64(3), temperature=np.float32(0.5),
+                              max_new_tokens=np.int32(40))
+    assert params.seed == 3 and type(params.seed) is int
+    assert type(params.temperature) is float and type(params.max_new_tokens) is int

@@ -1,0 +1,327 @@
+import numpy as np
+import pytest
+import torch
+from conftest import SHIPPED
+
+from chatterbox_demo import manager as manager_mod
+from chatterbox_demo import pipeline
+from chatterbox_demo.config import (
+    MAX_TEXT_CHARS,
+    GenerationParams,
+    default_max_new_tokens,
+    get_preset,
+)
+from chatterbox_demo.manager import ModelManager, TextError, check_text, pick_device
+from chatterbox_demo.voices import VoiceError
+
+TEXT = "Hello there, this is a short test."
+DOCUMENTED = {"audio_seconds", "sample_rate", "weights", "voice", "timings", "rtf"}
+EXTRAS = {"weights_identity", "device", "preset", "params"}
+TIMINGS = {"conditioning_s", "t3_s", "t3_tokens", "t3_tokens_per_s", "s3gen_s", "watermark_s",
+           "total_s"}
+
+
+def small(seed=0, tokens=12, **kwargs):
+    return GenerationParams(seed=seed, max_new_tokens=tokens, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def first(tiny_manager):
+    return tiny_manager.generate(TEXT, "calm-mid", small(seed=1))
+
+
+def test_generate_returns_float32_audio_and_the_report(first, tiny_manager):
+    wav, report = first.wav, first.report
+    assert isinstance(wav, np.ndarray) and wav.dtype == np.float32 and wav.ndim == 1
+    assert wav.size > 0 and np.isfinite(wav).all()
+    assert first.sample_rate == report["sample_rate"] == 24000
+    assert set(report) == DOCUMENTED | EXTRAS
+    assert set(report["voice"]) == {"name", "source"}
+    assert set(report["timings"]) == TIMINGS
+    assert report["voice"] == {"name": "calm-mid", "source": "memory"}
+    assert report["weights"] == "tiny"
+    assert report["weights_identity"] == tiny_manager.loaded.identity
+    assert report["device"] == "cpu" and report["preset"] == "cached"
+    assert report["audio_seconds"] == pytest.approx(len(wav) / 24000, abs=1e-3)
+
+    t = report["timings"]
+    assert isinstance(t["t3_tokens"], int) and 1 <= t["t3_tokens"] <= 12
+    for key in TIMINGS - {"t3_tokens"}:
+        assert isinstance(t[key], float) and t[key] >= 0, key
+    assert t["t3_s"] > 0 and t["s3gen_s"] > 0
+    assert t["t3_tokens_per_s"] == pytest.approx(t["t3_tokens"] / t["t3_s"], rel=0.05)
+    stages = t["conditioning_s"] + t["t3_s"] + t["s3gen_s"] + t["watermark_s"]
+    assert stages <= t["total_s"] + 1e-3
+    assert report["rtf"] == pytest.approx(t["total_s"] / report["audio_seconds"], rel=0.01)
+    assert report["params"]["seed"] == 1 and report["params"]["max_new_tokens"] == 12
+    assert report["params"]["exaggeration"] == 0.5  # the voice's own, since params had None
+
+
+def test_same_seed_same_audio_other_seed_other_audio(first, tiny_manager):
+    again = tiny_manager.generate(TEXT, "calm-mid", small(seed=1))
+    assert np.array_equal(again.wav, first.wav)
+    other = tiny_manager.generate(TEXT, "calm-mid", small(seed=2))
+    n = min(len(other.wav), len(first.wav))
+    assert not np.array_equal(other.wav[:n], first.wav[:n])
+
+
+def test_exaggeration_reaches_t3(tiny_manager, monkeypatch):
+    # With random weights a changed exaggeration rarely changes the sampled tokens, so
+    # check what T3 is given rather than the audio.
+    t3 = tiny_manager.loaded.tts.t3
+    seen = []
+    real = t3.inference
+
+    def spy(**kwargs):
+        seen.append(float(kwargs["t3_cond"].emotion_adv.reshape(-1)[0]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(t3, "inference", spy)
+    loud = tiny_manager.generate(TEXT, "calm-mid", small(seed=1, tokens=6, exaggeration=1.5))
+    own = tiny_manager.generate(TEXT, "calm-mid", small(seed=1, tokens=6))
+    assert seen == [1.5, 0.5]
+    assert loud.report["params"]["exaggeration"] == 1.5
+    assert own.report["params"]["exaggeration"] == 0.5
+
+
+def test_voice_changes_the_audio(first, tiny_manager):
+    other_voice = tiny_manager.generate(TEXT, "narrator-low", small(seed=1))
+    assert other_voice.report["voice"]["name"] == "narrator-low"
+    n = min(len(other_voice.wav), len(first.wav))
+    assert not np.array_equal(other_voice.wav[:n], first.wav[:n])
+
+
+def test_generation_leaves_cached_conditionals_untouched(tiny_manager):
+    voice = tiny_manager.library.get("calm-mid")
+    conds, _ = tiny_manager.library.conditionals(voice)
+    before = {k: v.clone() for k, v in conds.gen.items() if torch.is_tensor(v)}
+    emotion = conds.t3.emotion_adv.clone()
+    tiny_manager.generate(TEXT, "calm-mid", small(seed=4, exaggeration=2.0))
+    assert torch.equal(conds.t3.emotion_adv, emotion)
+    for key, value in before.items():
+        assert conds.gen[key].dtype == value.dtype and torch.equal(conds.gen[key], value), key
+
+
+@pytest.mark.parametrize("budget", [3, 9])
+def test_max_new_tokens_bounds_t3_tokens(tiny_manager, budget):
+    result = tiny_manager.generate(TEXT, "calm-mid", small(seed=3, tokens=budget))
+    assert 1 <= result.report["timings"]["t3_tokens"] <= budget
+    assert result.report["params"]["max_new_tokens"] == budget
+
+
+@pytest.mark.parametrize(
+    "sampled,valid",
+    [([[]], 0), ([[6561 + 1]], 0), ([[17]], 1), ([[17, 6561 + 1]], 1), ([[17, 6900]], 1),
+     ([[17, 23]], 2), ([[17, 23, 6561 + 1, 40]], 2)],
+)
+def test_too_few_speech_tokens_is_a_generation_error(tiny_manager, monkeypatch, sampled,
+                                                     valid):
+    # S3Gen cannot decode a single speech token (upstream fails with a tensor size
+    # mismatch); the user gets GenerationError, which the UI and CLI report as one line.
+    t3 = tiny_manager.loaded.tts.t3
+    monkeypatch.setattr(t3, "inference",
+                        lambda **kwargs: torch.tensor(sampled, dtype=torch.long).reshape(1, -1))
+    if valid < 2:
+        with pytest.raises(pipeline.GenerationError, match="stopped before producing any"):
+            tiny_manager.generate(TEXT, "calm-mid", small())
+    else:
+        result = tiny_manager.generate(TEXT, "calm-mid", small())
+        assert result.report["timings"]["t3_tokens"] == len(sampled[0])
+        # Two mel frames of 480 samples a token, less one when the reference clip's mel
+        # length is odd.
+        assert len(result.wav) in ((2 * valid - 1) * 480, 2 * valid * 480)
+
+
+def test_one_token_budget_is_refused_cleanly(tiny_manager):
+    # The smallest budget the settings allow must not crash inside S3Gen.
+    with pytest.raises(pipeline.GenerationError):
+        tiny_manager.generate(TEXT, "calm-mid", small(tokens=1))
+
+
+def test_default_token_budget_comes_from_the_text(tiny_manager, monkeypatch):
+    seen = []
+    real_run = pipeline.run
+
+    def spy(tts, text, conds, exaggeration, params, max_new_tokens):
+        seen.append(max_new_tokens)
+        return real_run(tts, text, conds, exaggeration, params, 4)  # keep the test fast
+
+    monkeypatch.setattr(pipeline, "run", spy)
+    result = tiny_manager.generate(TEXT, "calm-mid", GenerationParams(seed=0))
+    assert seen == [default_max_new_tokens(TEXT)]
+    assert result.report["params"]["max_new_tokens"] == default_max_new_tokens(TEXT)
+
+
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("", "Enter some text"),
+        ("    ", "Enter some text"),
+        ("\n\t \r\n", "Enter some text"),
+        ("\x00\x01\x02", "Enter some text"),
+        ("...!?", "letters or digits"),
+        ("— – … ¿¡", "letters or digits"),
+        ("x" * (MAX_TEXT_CHARS + 1), f"the limit is {MAX_TEXT_CHARS}"),
+        (None, "must be a string"),
+        (b"bytes", "must be a string"),
+        ("bad \ud800 surrogate", "unpaired surrogates"),
+    ],
+)
+def test_bad_text_raises_without_touching_the_model(tmp_path, monkeypatch, text, words):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was used")
+
+    monkeypatch.setattr(manager_mod.weights, "load", no_model)
+    monkeypatch.setattr(pipeline, "run", no_model)
+    fresh = ModelManager("tiny", device="cpu", cache_dir=tmp_path, shipped_voices=None)
+    with pytest.raises(TextError, match=words):
+        fresh.generate(text, "calm-mid", small())
+    assert fresh.loaded is None
+    assert not tmp_path.joinpath("voices.json").exists()
+
+
+def test_text_error_on_a_loaded_manager_runs_nothing(tiny_manager, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was used")
+
+    monkeypatch.setattr(pipeline, "run", no_model)
+    monkeypatch.setattr(tiny_manager._library, "conditionals", no_model)
+    with pytest.raises(TextError):
+        tiny_manager.generate("  ?!  ", "calm-mid")
+
+
+def test_check_text_accepts_and_cleans():
+    assert check_text("x" * MAX_TEXT_CHARS) == "x" * MAX_TEXT_CHARS
+    assert check_text("  hi\x07 there\n") == "hi  there"
+    assert check_text("42") == "42"
+    assert check_text("Ça va?") == "Ça va?"
+    assert issubclass(TextError, ValueError)
+
+
+def test_baseline_preset_recomputes_every_call(tiny_manager, monkeypatch):
+    library = tiny_manager.library
+    calls = []
+    real = library.compute
+
+    def counting(path, exaggeration):
+        calls.append(path)
+        return real(path, exaggeration)
+
+    monkeypatch.setattr(library, "compute", counting)
+    baseline = get_preset("baseline")
+    for _ in range(2):
+        result = tiny_manager.generate(TEXT, "bright-high", small(seed=5, tokens=6),
+                                       config=baseline)
+        assert result.report["voice"]["source"] == "computed"
+        assert result.report["preset"] == "baseline"
+        assert result.report["timings"]["conditioning_s"] > 0
+    assert len(calls) == 2
+    cached = tiny_manager.generate(TEXT, "bright-high", small(seed=5, tokens=6))
+    assert cached.report["voice"]["source"] == "memory"
+    assert cached.report["preset"] == "cached"
+    assert len(calls) == 2
+    assert np.array_equal(cached.wav, result.wav)  # the same conditionals either way
+
+
+def test_apply_preset(tiny_manager, monkeypatch):
+    monkeypatch.setattr(tiny_manager, "config", tiny_manager.config)
+    monkeypatch.setattr(tiny_manager, "preset", tiny_manager.preset)
+    assert tiny_manager.apply_preset("baseline").cached_conditionals is False
+    assert tiny_manager.status()["preset"] == "baseline"
+    result = tiny_manager.generate(TEXT, "calm-mid", small(tokens=6))
+    assert result.report["voice"]["source"] == "computed"
+    assert result.report["preset"] == "baseline"
+    with pytest.raises(ValueError, match="available: baseline, cached"):
+        tiny_manager.apply_preset("warp")
+    assert tiny_manager.preset == "baseline"  # a refused preset changes nothing
+
+
+def test_voice_file_for_trusted_callers(tiny_manager, make_wav):
+    path = make_wav("adhoc.wav", seed=21)
+    one = tiny_manager.generate(TEXT, voice_file=path, params=small(seed=6, tokens=6))
+    assert one.report["voice"] == {"name": "adhoc.wav", "source": "computed"}
+    two = tiny_manager.generate(TEXT, voice_file=path, params=small(seed=6, tokens=6))
+    assert two.report["voice"] == {"name": "adhoc.wav", "source": "memory"}
+    assert np.array_equal(one.wav, two.wav)
+    assert tiny_manager.library.names() == list(SHIPPED)  # not added to the library
+
+
+def test_default_voice_is_the_first_listed(tiny_manager):
+    result = tiny_manager.generate(TEXT, None, small(tokens=6))
+    assert result.report["voice"]["name"] == tiny_manager.library.names()[0] == SHIPPED[0]
+
+
+def test_unknown_voice_lists_the_available_ones(tiny_manager):
+    with pytest.raises(VoiceError) as info:
+        tiny_manager.generate(TEXT, "nobody", small())
+    message = str(info.value)
+    assert message.startswith("Unknown voice 'nobody'; available: ")
+    for name in SHIPPED:
+        assert name in message
+
+
+def test_status(tiny_manager):
+    status = tiny_manager.status()
+    assert status["weights"] == "tiny" and status["device"] == "cpu"
+    assert status["weights_identity"] == tiny_manager.loaded.identity
+    assert "noise" in status["banner"]
+
+
+def test_load_is_once_and_reports_progress(tiny_manager):
+    seen = []
+    assert tiny_manager.load(lambda f, m: seen.append(m)) is tiny_manager.loaded
+    assert seen == []  # already loaded: returns at once
+
+
+def test_fresh_manager_reports_load_progress(make_manager):
+    seen = []
+    fresh = make_manager(load=False)
+    assert fresh.loaded is None
+    fresh.load(lambda fraction, message: seen.append((fraction, message)))
+    assert seen[0][0] < seen[-1][0] == 1.0 and seen[-1][1] == "Ready"
+    assert [f for f, _ in seen] == sorted(f for f, _ in seen)
+    assert fresh.list_voices()[0].name == SHIPPED[0]
+
+
+def test_unknown_weights_spec_fails_before_loading():
+    with pytest.raises(ValueError, match="Unknown weights source 'nope'"):
+        ModelManager("nope", device="cpu")
+
+
+def test_pick_device_auto_is_cpu_here():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert pick_device("auto") == "cpu"
+    assert pick_device(None) == "cpu"
+    assert pick_device(" CPU ") == "cpu"
+
+
+def test_pick_device_refuses_unavailable(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto") == "cpu"
+    for name in ("cuda", "mps"):
+        with pytest.raises(ValueError) as info:
+            pick_device(name)
+        assert str(info.value) == f"Device {name!r} is not available here; use cpu or auto."
+    with pytest.raises(ValueError, match="Unknown device 'tpu'; available: auto, cuda, mps, cpu"):
+        pick_device("tpu")
+    with pytest.raises(ValueError, match="'cuda' is not available"):
+        ModelManager("tiny", device="cuda")
+
+
+def test_pick_device_prefers_cuda_when_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto") == "cuda"
+    assert pick_device("cuda") == "cuda"
+
+
+def test_instance_reads_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setattr(ModelManager, "_instance", None)
+    monkeypatch.setenv("CHATTERBOX_WEIGHTS", "tiny")
+    monkeypatch.setenv("CHATTERBOX_DEVICE", "cpu")
+    monkeypatch.setenv("CHATTERBOX_DEMO_CACHE", str(tmp_path))
+    one = ModelManager.instance()
+    assert one is ModelManager.instance()  # one per process
+    assert (one.weights_spec, one.device, one.cache_dir) == ("tiny", "cpu", tmp_path)
+    assert one.loaded is None  # lazy: nothing is built until first use

@@ -1,0 +1,472 @@
+import hashlib
+import json
+import pathlib
+import shutil
+import unicodedata
+from pathlib import Path
+
+import pytest
+import torch
+from chatterbox.tts import Conditionals
+from conftest import SHIPPED, VOICES_DIR
+
+from chatterbox_demo.voices import (
+    BUILTIN_NAME,
+    MAX_NAME_CHARS,
+    VoiceError,
+    VoiceLibrary,
+    check_name,
+    name_key,
+)
+
+
+@pytest.fixture
+def compute(tiny_manager):
+    """The manager's real conditionals computation, counting its calls."""
+
+    def counting(path, exaggeration):
+        counting.calls.append((Path(path).name, exaggeration))
+        return tiny_manager._compute_conditionals(path, exaggeration)
+
+    counting.calls = []
+    return counting
+
+
+@pytest.fixture
+def make_library(tiny_manager, compute, tmp_path):
+    def factory(cache_dir: Path | None = None, shipped: bool = False,
+                copy_shipped_conds: bool = True) -> VoiceLibrary:
+        cache_dir = cache_dir or tmp_path / "cache"
+        if shipped and copy_shipped_conds and not (cache_dir / "conds").exists():
+            # The session has computed these already; copying saves the recomputation.
+            shutil.copytree(tiny_manager.cache_dir / "conds", cache_dir / "conds")
+        library = VoiceLibrary(cache_dir, tiny_manager.loaded.identity, compute, "cpu")
+        if shipped:
+            library.register_shipped(VOICES_DIR)
+        return library
+
+    return factory
+
+
+@pytest.fixture
+def clip(make_wav):
+    return make_wav("ann.wav", seconds=2.0, sample_rate=16000, seed=1)
+
+
+def snapshot(library: VoiceLibrary):
+    """Everything a refused call must leave alone: the listing, the index file's bytes and
+    the stored audio copies."""
+    listing = [(v.name, v.kind, v.sha256, v.exaggeration, v.audio) for v in library.list()]
+    index = library.index_path.read_bytes() if library.index_path.exists() else None
+    audio = sorted(p.name for p in library.audio_dir.iterdir()) \
+        if library.audio_dir.exists() else []
+    return listing, index, audio
+
+
+def index_entries(library):
+    return json.loads(library.index_path.read_text())["voices"]
+
+
+def _equal_conds(a: Conditionals, b: Conditionals) -> bool:
+    pairs = [(a.t3.speaker_emb, b.t3.speaker_emb),
+             (a.t3.cond_prompt_speech_tokens, b.t3.cond_prompt_speech_tokens)]
+    pairs += [(a.gen[k], b.gen[k]) for k in a.gen if torch.is_tensor(a.gen[k])]
+    return a.gen.keys() == b.gen.keys() and all(torch.equal(x.cpu(), y.cpu()) for x, y in pairs)
+
+
+# --- add / list / rename / remove -----------------------------------------------------------
+
+
+def test_add_list_rename_remove(make_library, clip, compute):
+    library = make_library(shipped=True)
+    assert compute.calls == []  # shipped conditionals came from the copied cache
+    voice = library.add("Ann", clip, exaggeration=0.7)
+    assert (voice.name, voice.kind, voice.exaggeration) == ("Ann", "user", 0.7)
+    assert voice.sha256 == hashlib.sha256(clip.read_bytes()).hexdigest()
+    assert voice.seconds == 2.0
+    stored = Path(voice.audio)
+    assert stored == library.audio_dir / f"{voice.sha256}.wav"
+    assert stored.read_bytes() == clip.read_bytes()
+    assert compute.calls == [(stored.name, 0.7)]  # conditionals made once, at add time
+
+    assert library.names() == [*SHIPPED, "Ann"]  # shipped first, then user voices
+    assert library.get("ann") == voice == library.get("ANN")
+    entries = index_entries(library)
+    assert entries == [{"name": "Ann", "exaggeration": 0.7, "sha256": voice.sha256,
+                        "audio": str(stored), "seconds": 2.0}]
+    assert json.loads(library.index_path.read_text())["version"] == 1
+
+    renamed = library.rename("ann", "Bea")
+    assert renamed.name == "Bea" and renamed.sha256 == voice.sha256
+    assert library.names() == [*SHIPPED, "Bea"]
+    with pytest.raises(VoiceError, match="Unknown voice 'Ann'; available: .*Bea"):
+        library.get("Ann")
+    assert library.rename("bea", "BEA").name == "BEA"  # a case-only change of its own name
+    assert [e["name"] for e in index_entries(library)] == ["BEA"]
+
+    # A new process sees the same library.
+    again = make_library(shipped=True)
+    assert [(v.name, v.kind) for v in again.list()] == [
+        *((name, "shipped") for name in SHIPPED), ("BEA", "user")]
+
+    removed = library.remove("bea")
+    assert removed.name == "BEA"
+    assert library.names() == list(SHIPPED)
+    assert index_entries(library) == []
+    assert stored.exists()  # kept: re-adding the clip later is instant
+    with pytest.raises(VoiceError, match="Unknown voice"):
+        library.remove("BEA")
+    calls = len(compute.calls)
+    library.add("Ann again", clip)
+    assert len(compute.calls) == calls  # same content: its conditionals are reused
+
+
+def test_added_voice_survives_deletion_of_the_upload(make_library, clip, compute):
+    library = make_library()
+    voice = library.add("temp upload", clip)
+    clip.unlink()  # Gradio deletes its temporary upload files
+    conds, source = library.conditionals(voice)
+    assert source == "memory" and conds is not None
+    fresh = make_library()
+    conds, source = fresh.conditionals(fresh.get("temp upload"), cached=False)
+    assert source == "computed" and compute.calls[-1][0] == Path(voice.audio).name
+
+
+def test_list_orders_kinds_then_names(make_library, make_wav):
+    library = make_library(shipped=True)
+    for name, seed in (("zed", 1), ("Alpha", 2), ("mike", 3)):
+        library.add(name, make_wav(f"{name}.wav", seed=seed))
+    assert library.names() == [*SHIPPED, "Alpha", "mike", "zed"]
+
+
+# --- shipped and built-in voices ------------------------------------------------------------
+
+
+def test_shipped_voices(make_library, compute):
+    library = make_library(shipped=True, copy_shipped_conds=False)
+    voices = library.list()
+    assert [(v.name, v.kind) for v in voices] == [(name, "shipped") for name in SHIPPED]
+    for voice in voices:
+        path = VOICES_DIR / f"{voice.name}.wav"
+        assert voice.audio == str(path)
+        assert voice.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert 1.0 <= voice.seconds <= 10.0
+        assert (library.conds_dir / f"{voice.sha256}.pt").is_file()  # precomputed
+    assert sorted(name for name, _ in compute.calls) == sorted(f"{n}.wav" for n in SHIPPED)
+    assert not library.index_path.exists()  # shipped voices are not written to the index
+
+    before = snapshot(library)
+    for name in SHIPPED:
+        with pytest.raises(VoiceError, match="ships with the app and cannot be removed"):
+            library.remove(name)
+        with pytest.raises(VoiceError, match="ships with the app and cannot be renamed"):
+            library.rename(name.upper(), "mine now")
+        assert snapshot(library) == before
+
+    # Registered again on the same cache: nothing recomputed.
+    calls = len(compute.calls)
+    make_library(shipped=True, copy_shipped_conds=False)
+    assert len(compute.calls) == calls
+
+
+def test_builtin_voice(make_library, tiny_manager, ref_wav):
+    library = make_library(shipped=True)
+    library.register_builtin(None)  # weights without conds.pt: no built-in voice
+    assert BUILTIN_NAME not in library.names()
+    conds = tiny_manager._compute_conditionals(ref_wav, 0.3)
+    library.register_builtin(conds)
+    voice = library.list()[0]
+    assert (voice.name, voice.kind, voice.sha256) == (BUILTIN_NAME, "builtin", None)
+    assert voice.exaggeration == pytest.approx(0.3)
+    got, source = library.conditionals(voice)
+    assert got is conds and source == "memory"
+    before = snapshot(library)
+    with pytest.raises(VoiceError, match="ships with the weights and cannot be removed"):
+        library.remove("Builtin")
+    with pytest.raises(VoiceError, match="'builtin' exists"):
+        library.add("BUILTIN", ref_wav)
+    assert snapshot(library) == before
+
+
+# --- refused names --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        ("Ann", "ANN"),
+        ("Ann", "ann"),
+        ("Ann", "  ann  "),
+        ("Café", "Cafe\u0301"),  # NFC vs NFD
+        ("CAFÉ", "cafe\u0301"),
+        ("fish", "\ufb01sh"),  # the "fi" ligature: NFKC
+        ("Straße", "STRASSE"),  # casefold
+        ("Ⅻ", "XII"),  # roman numeral: NFKC
+    ],
+)
+def test_duplicate_names_are_refused(make_library, make_wav, first, second):
+    library = make_library()
+    library.add(first, make_wav("one.wav", seed=1))
+    before = snapshot(library)
+    with pytest.raises(VoiceError) as info:
+        library.add(second, make_wav("two.wav", seed=2))
+    assert f"A voice named {unicodedata.normalize('NFC', first)!r} exists" in str(info.value)
+    assert snapshot(library) == before
+    assert name_key(first) == name_key(check_name(second))
+
+
+def test_duplicates_of_shipped_names_and_renames_onto_others_are_refused(make_library, clip,
+                                                                         make_wav):
+    library = make_library(shipped=True)
+    library.add("Ann", clip)
+    library.add("Bob", make_wav("bob.wav", seed=5))
+    before = snapshot(library)
+    with pytest.raises(VoiceError, match="'calm-mid' exists"):
+        library.add("CALM-MID", make_wav("x.wav", seed=6))
+    with pytest.raises(VoiceError, match="'Bob' exists"):
+        library.rename("Ann", "bob")
+    with pytest.raises(VoiceError, match="'narrator-low' exists"):
+        library.rename("Ann", "Narrator-Low")
+    assert snapshot(library) == before
+
+
+BAD_NAMES = [
+    pytest.param("", "Give the voice a name", id="empty"),
+    pytest.param("   ", "Give the voice a name", id="spaces"),
+    pytest.param("\t\n ", "Give the voice a name", id="whitespace"),
+    pytest.param(None, "Give the voice a name", id="none"),
+    pytest.param(42, "Give the voice a name", id="not-a-string"),
+    pytest.param("x" * (MAX_NAME_CHARS + 1), "limited to 64 characters", id="65-chars"),
+    pytest.param("../x", "looks like a path", id="dotdot"),
+    pytest.param("/abs", "looks like a path", id="absolute"),
+    pytest.param("a/b", "looks like a path", id="slash"),
+    pytest.param("a\\b", "looks like a path", id="backslash"),
+    pytest.param(".hidden", "looks like a path", id="dotfile"),
+    pytest.param("..", "looks like a path", id="dotdot-only"),
+    pytest.param("a\x00b", "control characters", id="nul"),
+    pytest.param("red\x1b[31m", "control characters", id="escape"),
+    pytest.param("two\nlines", "control characters", id="newline"),
+    pytest.param("del\x7f", "control characters", id="del"),
+    pytest.param("zero\u200bwidth", "control characters", id="zero-width"),
+    pytest.param("bidi\u202eevil", "control characters", id="bidi-override"),
+]
+
+
+@pytest.mark.parametrize("name,words", BAD_NAMES)
+def test_bad_names_are_refused_and_change_nothing(make_library, clip, name, words):
+    library = make_library(shipped=True)
+    library.add("keeper", clip)
+    before = snapshot(library)
+    with pytest.raises(VoiceError, match=words):
+        library.add(name, clip)
+    assert snapshot(library) == before
+    with pytest.raises(VoiceError, match=words):
+        library.rename("keeper", name)
+    assert snapshot(library) == before
+
+
+def test_name_length_limit_and_trimming(make_library, clip):
+    library = make_library()
+    assert library.add("x" * MAX_NAME_CHARS, clip).name == "x" * MAX_NAME_CHARS
+    assert library.add("  Padded Name  ", clip).name == "Padded Name"
+    assert library.add("Ann 2 (café)", clip).name == "Ann 2 (café)"
+    assert check_name("Cafe\u0301") == "Café"  # stored in NFC
+
+
+# --- refused audio and settings -------------------------------------------------------------
+
+
+def _bad_audio(tmp_path, make_wav, kind):
+    if kind == "missing":
+        return tmp_path / "missing.wav"
+    if kind == "none":
+        return None
+    if kind == "empty":
+        (tmp_path / "empty.wav").write_bytes(b"")
+        return tmp_path / "empty.wav"
+    if kind == "text":
+        (tmp_path / "notes.wav").write_text("not audio\n" * 50)
+        return tmp_path / "notes.wav"
+    if kind == "silent":
+        return make_wav("silent.wav", kind="silence")
+    if kind == "short":
+        return make_wav("short.wav", seconds=0.4)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind,words",
+    [("missing", "does not exist"), ("none", "No audio file given"), ("empty", "is empty"),
+     ("text", "not a readable audio file"), ("silent", "is silent"),
+     ("short", "at least 1 s")],
+)
+def test_bad_audio_is_refused_and_changes_nothing(make_library, make_wav, clip, tmp_path,
+                                                  compute, kind, words):
+    library = make_library(shipped=True)
+    library.add("keeper", clip)
+    before, calls = snapshot(library), len(compute.calls)
+    with pytest.raises(VoiceError, match=words):
+        library.add("new voice", _bad_audio(tmp_path, make_wav, kind))
+    assert snapshot(library) == before
+    assert len(compute.calls) == calls
+
+
+@pytest.mark.parametrize("value", [-0.1, 2.5, float("nan"), "loud", None])
+def test_bad_exaggeration_is_refused(make_library, clip, compute, value):
+    library = make_library()
+    before = snapshot(library)
+    with pytest.raises(ValueError, match="exaggeration must be"):
+        library.add("Ann", clip, exaggeration=value)
+    assert snapshot(library) == before and compute.calls == []
+
+
+def test_failed_index_write_changes_nothing(make_library, clip, make_wav, monkeypatch):
+    library = make_library()
+    library.add("keeper", clip)
+    before = snapshot(library)
+    real_write_text = pathlib.Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        if self.name.startswith(".voices.json.tmp"):
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", disk_full)
+    with pytest.raises(VoiceError, match="No space left on device.*nothing was changed"):
+        library.rename("keeper", "renamed")
+    with pytest.raises(VoiceError, match="nothing was changed"):
+        library.remove("keeper")
+    assert snapshot(library) == before
+
+
+@pytest.mark.parametrize("broken", [
+    "{ this is not json",
+    '{"version": 1, "voices": [{"name": "no hash or settings"}]}',
+    '{"version": 1}',
+])
+def test_corrupt_index_is_moved_aside(make_library, clip, broken):
+    library = make_library()
+    library.add("Ann", clip)
+    library.index_path.write_text(broken)
+    fresh = make_library()
+    assert fresh.names() == []
+    assert (fresh.cache_dir / "voices.json.corrupt").read_text() == broken
+    fresh.add("Ann", clip)  # and the library works again
+    assert [e["name"] for e in index_entries(fresh)] == ["Ann"]
+
+
+# --- the conditionals cache -----------------------------------------------------------------
+
+
+def test_conditionals_computed_then_memory_then_disk(make_library, make_wav, compute,
+                                                      monkeypatch):
+    library = make_library()
+    path = make_wav("adhoc.wav", seed=9)
+    first, source = library.conditionals_for_file(path, 0.5)
+    assert source == "computed" and len(compute.calls) == 1
+    second, source = library.conditionals_for_file(path, 0.5)
+    assert source == "memory" and second is first and len(compute.calls) == 1
+
+    # A new library (a new process) on the same cache reads the file and computes nothing;
+    # every read of the cache is tensors-only.
+    loads = []
+    real_load = torch.load
+
+    def spy_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy_load)
+    fresh = make_library()
+    from_disk, source = fresh.conditionals_for_file(path, 0.5)
+    assert source == "disk" and len(compute.calls) == 1
+    assert loads == [True]
+    assert _equal_conds(from_disk, first)
+    assert fresh.conditionals_for_file(path, 0.5)[1] == "memory"
+
+    # cached=False is upstream's behaviour: recompute on every call.
+    assert fresh.conditionals_for_file(path, 0.5, cached=False)[1] == "computed"
+    assert fresh.conditionals_for_file(path, 0.5, cached=False)[1] == "computed"
+    assert len(compute.calls) == 3
+
+
+def test_library_voice_from_disk_in_a_new_library(make_library, clip, compute):
+    library = make_library()
+    voice = library.add("Ann", clip)
+    assert library.conditionals(voice)[1] == "memory"
+    assert len(compute.calls) == 1
+    fresh = make_library()
+    conds, source = fresh.conditionals(fresh.get("ann"))
+    assert source == "disk" and len(compute.calls) == 1
+    assert _equal_conds(conds, library.conditionals(voice)[0])
+    assert fresh.conditionals(fresh.get("ann"), cached=False)[1] == "computed"
+    assert len(compute.calls) == 2
+
+
+def test_cache_is_per_weights(tiny_manager, clip, compute, tmp_path):
+    one = VoiceLibrary(tmp_path, tiny_manager.loaded.identity, compute)
+    one.add("Ann", clip)
+    other = VoiceLibrary(tmp_path, "some other weights", compute)
+    assert other.conds_dir != one.conds_dir
+    assert other.conditionals(other.get("Ann"))[1] == "computed"  # never another model's
+
+
+def test_missing_source_audio_and_cache(make_library, clip):
+    library = make_library()
+    voice = library.add("Ann", clip)
+    Path(voice.audio).unlink()
+    (library.conds_dir / f"{voice.sha256}.pt").unlink()
+    fresh = make_library()
+    with pytest.raises(VoiceError, match="source audio .* is gone; add it again"):
+        fresh.conditionals(fresh.get("Ann"))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_corrupt_cache_file_is_moved_aside_and_recomputed(make_library, clip, compute, damage):
+    library = make_library()
+    voice = library.add("Ann", clip)
+    cache_file = library.conds_dir / f"{voice.sha256}.pt"
+    good = cache_file.read_bytes()
+    bad = {"garbage": b"\x00not a torch file\xff" * 10, "truncated": good[: len(good) // 2],
+           "empty": b""}[damage]
+    cache_file.write_bytes(bad)
+
+    fresh = make_library()
+    conds, source = fresh.conditionals(fresh.get("Ann"))
+    assert source == "computed" and len(compute.calls) == 2
+    aside = cache_file.with_name(cache_file.name + ".corrupt")
+    assert aside.read_bytes() == bad
+    assert Conditionals.load(cache_file) is not None  # rewritten and readable
+    assert _equal_conds(conds, library.conditionals(voice)[0])
+    assert make_library().conditionals(voice)[1] == "disk"
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): code execution, creating the marker."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_cache_files_are_never_unpickled_with_code(make_library, clip, compute, tmp_path):
+    # The payload is live: a plain (weights_only=False) load runs it.
+    control = tmp_path / "control-marker"
+    torch.save({"t3": _Payload(control), "gen": {}}, tmp_path / "control.pt")
+    torch.load(tmp_path / "control.pt", weights_only=False)
+    assert control.exists()
+
+    library = make_library()
+    voice = library.add("Ann", clip)
+    marker = tmp_path / "pwned-marker"
+    cache_file = library.conds_dir / f"{voice.sha256}.pt"
+    torch.save({"t3": _Payload(marker), "gen": {}}, cache_file)
+
+    fresh = make_library()
+    conds, source = fresh.conditionals(fresh.get("Ann"))
+    assert not marker.exists(), "a cache file's pickled code was executed"
+    assert source == "computed" and len(compute.calls) == 2
+    assert cache_file.with_name(cache_file.name + ".corrupt").exists()
+    assert isinstance(conds, Conditionals)
