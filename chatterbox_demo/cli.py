@@ -13,8 +13,9 @@ import os
 import sys
 from pathlib import Path
 
+from . import bench
 from .audio import write_wav
-from .config import RANGES, GenerationParams
+from .config import PRESETS, RANGES, GenerationParams, check_number, get_preset
 from .manager import DEVICES, ModelManager, check_text
 from .pipeline import GenerationError
 from .voices import name_key
@@ -53,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--temperature", type=float, default=0.8)
     synth.add_argument("--preset", default=None, help="optimization preset (default: cached)")
 
+    bench = commands.add_parser("bench", parents=[common],
+                                help="measure presets side by side in one process")
+    bench.add_argument("--presets", default="baseline,cached,cpu-fast",
+                       help=f"comma-separated, from: {', '.join(PRESETS)}")
+    bench.add_argument("--tokens", type=int, default=100,
+                       help="speech tokens per run, stop token ignored (25 per second)")
+    bench.add_argument("--repeats", type=int, default=1)
+    bench.add_argument("--text", default=None)
+    bench.add_argument("--voice", default=None)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--no-fidelity", action="store_true",
+                       help="skip the agreement-with-fp32 measurements")
+    bench.add_argument("--markdown", type=Path, default=None, help="write a markdown table")
+    bench.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart")
+
     voices = commands.add_parser("voices", help="list, add, rename or remove voices")
     actions = voices.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", parents=[common], help="add a voice from an audio file")
@@ -90,6 +106,8 @@ def run(args: argparse.Namespace) -> str:
     )
     if args.command == "synth":
         return synth(manager, args)
+    if args.command == "bench":
+        return run_bench(manager, args)
     if args.action == "add":
         voice = manager.add_voice(args.name, args.path, args.exaggeration)
         return _dump(voice_row(voice)) if args.json else f"added voice {voice.name!r}"
@@ -129,6 +147,24 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
             f" conditioning {t['conditioning_s']:.2f} s ({report['voice']['source']}),"
             f" T3 {t['t3_s']:.2f} s ({t['t3_tokens']} tokens), S3Gen {t['s3gen_s']:.2f} s,"
             f" watermark {t['watermark_s']:.2f} s")
+
+
+def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
+    presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+    for name in presets:
+        get_preset(name)  # an unknown name fails before minutes of measuring
+    check_number("--tokens", args.tokens, 2, RANGES["max_new_tokens"][1], integer=True)
+    check_number("--repeats", args.repeats, 1, 100, integer=True)
+    result = bench.run(manager, presets, text=args.text or bench.DEFAULT_TEXT,
+                       voice=args.voice, tokens=args.tokens, repeats=args.repeats,
+                       seed=args.seed, with_fidelity=not args.no_fidelity,
+                       log=lambda line: print(line, file=sys.stderr, flush=True))
+    markdown = bench.to_markdown(result)
+    if args.markdown:
+        args.markdown.write_text(markdown)
+    if args.plot:
+        bench.plot(result, args.plot)
+    return _dump(result) if args.json else markdown
 
 
 def voice_row(voice) -> dict:

@@ -1,57 +1,69 @@
-"""A/B comparison: the same text, voice, seed and token budget under two configurations."""
+"""A/B comparison: the same text, voice, seed and token budget under two configurations,
+measured with the benchmark's own function."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .bench import measure
 from .config import GenerationParams, OptimizationConfig, default_max_new_tokens
 from .manager import ModelManager, Synthesis, check_text
 
-# (report key, label) in display order; the speedup column is A's time over B's.
-STAGES = (
-    ("conditioning_s", "conditioning (s)"),
-    ("t3_s", "T3 (s)"),
-    ("s3gen_s", "S3Gen (s)"),
-    ("watermark_s", "watermark (s)"),
-    ("total_s", "total (s)"),
+# (row key, label, higher is better) in display order.
+FIGURES = (
+    ("conditioning_s", "conditioning (s)", False),
+    ("t3_s", "T3 (s)", False),
+    ("s3gen_s", "S3Gen (s)", False),
+    ("watermark_s", "watermark (s)", False),
+    ("total_s", "total (s)", False),
+    ("t3_tokens_per_s", "T3 tokens/s", True),
+    ("rtf", "RTF", False),
+    ("warmup_s", "warm-up (s)", False),
+    ("peak_mem_mb", "peak memory (MB)", False),
 )
 
 
 @dataclass
 class Comparison:
-    a: Synthesis
-    b: Synthesis
+    a: dict  # bench.measure rows
+    b: dict
+
+    @property
+    def audio_a(self) -> Synthesis:
+        return self.a["synthesis"]
+
+    @property
+    def audio_b(self) -> Synthesis:
+        return self.b["synthesis"]
 
     @property
     def speedup(self) -> float | None:
         """How many times faster B ran end to end than A."""
-        b_total = self.b.report["timings"]["total_s"]
-        return self.a.report["timings"]["total_s"] / b_total if b_total > 0 else None
+        return _ratio(self.a["total_s"], self.b["total_s"])
 
     def rows(self) -> list[list]:
-        """Stage, A, B, speedup rows: the table the UI shows and the API returns."""
-        ta, tb = self.a.report["timings"], self.b.report["timings"]
-        rows = [[label, ta[key], tb[key], _ratio(ta[key], tb[key])] for key, label in STAGES]
-        rows.append(["T3 tokens/s", ta["t3_tokens_per_s"], tb["t3_tokens_per_s"],
-                     _ratio(tb["t3_tokens_per_s"], ta["t3_tokens_per_s"])])
-        rows.append(["RTF", self.a.report["rtf"], self.b.report["rtf"],
-                     _ratio(self.a.report["rtf"], self.b.report["rtf"])])
-        return rows
+        """Figure, A, B, B's speedup over A: the table the UI shows and the API returns."""
+        table = []
+        for key, label, higher_better in FIGURES:
+            a, b = self.a.get(key), self.b.get(key)
+            table.append([label, a, b, _ratio(b, a) if higher_better else _ratio(a, b)])
+        return table
 
 
-def _ratio(slow, fast) -> float | None:
-    if slow is None or fast is None or fast <= 0:
+def _ratio(numerator, denominator) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
         return None
-    return round(slow / fast, 2)
+    return round(numerator / denominator, 2)
 
 
 def compare(manager: ModelManager, text: str, voice: str | None, params: GenerationParams,
-            config_a: OptimizationConfig, config_b: OptimizationConfig) -> Comparison:
+            config_a: OptimizationConfig, config_b: OptimizationConfig,
+            repeats: int = 1) -> Comparison:
     """Run A then B. The token budget is fixed before either runs, so both sides do the
     same amount of work even when ``params`` leaves it to be derived from the text."""
     text = check_text(text)
     if params.max_new_tokens is None:
         params = replace(params, max_new_tokens=default_max_new_tokens(text))
-    a = manager.generate(text, voice, params, config_a)
-    b = manager.generate(text, voice, params, config_b)
+    a = measure(manager, config_a, text, voice, params, repeats, warmup=False)
+    b = measure(manager, config_b, text, voice, params, repeats, warmup=False)
     return Comparison(a, b)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 # (low, high) bounds per generation setting; the UI sliders use the same numbers.
 RANGES = {
@@ -75,22 +75,120 @@ def default_max_new_tokens(text: str) -> int:
     return max(2 * SPEECH_TOKENS_PER_SECOND, min(high, int(len(text) * 2.5) + 25))
 
 
+PRECISIONS = ("fp32", "fp16", "bf16")
+T3_QUANTS = ("none", "int8-dynamic", "int8-weight-only")
+S3GEN_QUANTS = ("none", "int8-dynamic")
+T3_DECODERS = ("stock", "fast")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune",
+                 "max-autotune-no-cudagraphs")
+UPSTREAM_CFM_STEPS = 10
+
+
 @dataclass(frozen=True)
 class OptimizationConfig:
-    """How the pipeline runs. Each field is one switch; ``baseline`` is the stock path."""
+    """How the pipeline runs. Each field is one switch; the defaults are the stock path.
+
+    Fields that change weights (precision, quantization, compile) make the manager build a
+    model variant from its pristine fp32 copy; the others only change how a call runs.
+    """
 
     # Reuse the voice library's conditionals (memory, then disk) instead of recomputing
     # them from the reference audio on every call as stock generate(audio_prompt_path=...)
     # does. Saves the whole conditioning stage (seconds on a CPU).
-    cached_conditionals: bool = True
+    cached_conditionals: bool = False
+    # T3 weights and activations. bf16 halves the bytes each decode step reads (T3 decode is
+    # memory-bound); CPUs without native bf16 gain less. fp16 is for GPUs.
+    t3_dtype: str = "fp32"
+    # int8-dynamic: torch.ao dynamic quantization of T3's Linear layers (CPU kernels only):
+    # a quarter of the fp32 bytes per token. int8-weight-only: torchao, GPU and CPU.
+    t3_quant: str = "none"
+    # stock: the package's T3.inference untouched. fast: our static-cache decode loop with
+    # SDPA and on-device sampling (same sampling semantics); see fast_t3.py.
+    t3_decoder: str = "stock"
+    # Precision of S3Gen's CFM estimator only; the vocoder, STFT, S3 tokenizer and voice
+    # encoder stay fp32 (there is no bf16 STFT and they cost little).
+    s3gen_dtype: str = "fp32"
+    # int8 dynamic quantization of the CFM estimator's Linear layers (CPU).
+    s3gen_quant: str = "none"
+    # Euler steps in the CFM; fewer is faster and changes the audio (upstream: 10).
+    cfm_steps: int = UPSTREAM_CFM_STEPS
+    # Classifier-free guidance inside the CFM doubles its batch; off halves the work and
+    # changes the audio.
+    cfm_cfg: bool = True
+    # torch.compile of the hot parts (T3 decode step, CFM estimator, HiFT), warmed up when
+    # the configuration is applied.
+    compile_mode: str = "off"
+    # torch intra-op threads; None keeps torch's default (one per core).
+    cpu_threads: int | None = None
+    # CUDA only: TF32 matmuls and cuDNN autotuning.
+    tf32: bool = False
+    cudnn_benchmark: bool = False
 
+    def __post_init__(self) -> None:
+        for name, choices in (("t3_dtype", PRECISIONS), ("t3_quant", T3_QUANTS),
+                              ("t3_decoder", T3_DECODERS), ("s3gen_dtype", PRECISIONS),
+                              ("s3gen_quant", S3GEN_QUANTS), ("compile_mode", COMPILE_MODES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)} "
+                                 f"(got {getattr(self, name)!r})")
+        check_number("cfm_steps", self.cfm_steps, 1, 50, integer=True)
+        if self.cpu_threads is not None:
+            check_number("cpu_threads", self.cpu_threads, 1, 256, integer=True)
+        if self.t3_quant != "none" and self.t3_dtype != "fp32":
+            raise ValueError("T3 quantization works from fp32 weights; set t3_dtype to fp32")
+
+    @property
+    def changes_output(self) -> bool:
+        """True when the audio is meant to differ from upstream's (fewer CFM steps or no
+        CFG in the CFM), as opposed to differing by numerics only."""
+        return self.cfm_steps != UPSTREAM_CFM_STEPS or not self.cfm_cfg
+
+    def variant_key(self) -> tuple:
+        """The fields that need their own copy of the weights."""
+        return (self.t3_dtype, self.t3_quant, self.s3gen_dtype, self.s3gen_quant,
+                self.compile_mode)
+
+
+BASELINE = OptimizationConfig()
+_CACHED = OptimizationConfig(cached_conditionals=True)
 
 PRESETS: dict[str, OptimizationConfig] = {
-    # Exactly the upstream path: conditionals recomputed per call.
-    "baseline": OptimizationConfig(cached_conditionals=False),
-    "cached": OptimizationConfig(cached_conditionals=True),
+    # Exactly the upstream path: fp32, stock decoder, conditionals recomputed per call.
+    "baseline": BASELINE,
+    "cached": _CACHED,
+    # One optimization each, on top of cached conditionals, so its own effect shows.
+    "fast-decoder": replace(_CACHED, t3_decoder="fast"),
+    "t3-bf16": replace(_CACHED, t3_dtype="bf16", t3_decoder="fast"),
+    "t3-int8": replace(_CACHED, t3_quant="int8-dynamic", t3_decoder="fast"),
+    "s3gen-bf16": replace(_CACHED, s3gen_dtype="bf16"),
+    "s3gen-int8": replace(_CACHED, s3gen_quant="int8-dynamic"),
+    # Everything that keeps upstream semantics, for a CPU.
+    "cpu-fast": replace(_CACHED, t3_decoder="fast", t3_quant="int8-dynamic",
+                        s3gen_quant="int8-dynamic"),
+    # cpu-fast plus knobs that change the audio: fewer CFM steps, no CFG in the CFM.
+    "cpu-turbo": replace(_CACHED, t3_decoder="fast", t3_quant="int8-dynamic",
+                         s3gen_quant="int8-dynamic", cfm_steps=6, cfm_cfg=False),
+    # For a CUDA GPU: bf16 T3 with the fast decoder, fp16 CFM estimator, TF32.
+    "gpu-fast": replace(_CACHED, t3_decoder="fast", t3_dtype="bf16", s3gen_dtype="fp16",
+                        tf32=True, cudnn_benchmark=True),
+}
+# One line per preset for the UI and docs: what it changes and where it helps.
+PRESET_DESCRIPTIONS = {
+    "baseline": "the stock upstream path: fp32, stock decoder, conditionals recomputed per call",
+    "cached": "baseline + the voice library's cached conditionals",
+    "fast-decoder": "cached + our static-cache T3 decode loop (SDPA, on-device sampling)",
+    "t3-bf16": "fast-decoder with T3 in bf16 (half the bytes per token)",
+    "t3-int8": "fast-decoder with T3's Linear layers in int8 (CPU)",
+    "s3gen-bf16": "cached + S3Gen's CFM estimator in bf16",
+    "s3gen-int8": "cached + S3Gen's CFM estimator Linear layers in int8 (CPU)",
+    "cpu-fast": "fast decoder, int8 T3 and int8 CFM estimator: fastest with upstream semantics "
+                "on a CPU",
+    "cpu-turbo": "cpu-fast + 6 CFM steps without CFG: faster, audio differs from upstream",
+    "gpu-fast": "fast decoder, bf16 T3, fp16 CFM estimator, TF32: for CUDA GPUs",
 }
 DEFAULT_PRESET = "cached"
+# What the app starts on, per device: the fastest preset that keeps upstream semantics.
+DEVICE_PRESETS = {"cpu": "cpu-fast", "cuda": "gpu-fast", "mps": "cached"}
 
 
 def get_preset(name: str) -> OptimizationConfig:

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,9 @@ from chatterbox.tts import Conditionals
 
 from . import pipeline, weights
 from .config import (
+    BASELINE,
     DEFAULT_PRESET,
+    DEVICE_PRESETS,
     MAX_TEXT_CHARS,
     PRESETS,
     GenerationParams,
@@ -31,6 +34,7 @@ from .config import (
     default_max_new_tokens,
     get_preset,
 )
+from .optimizations import apply_runtime_settings, build_s3gen, build_t3, unavailable_reason
 from .voices import Voice, VoiceLibrary
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,9 @@ log = logging.getLogger(__name__)
 SHIPPED_VOICES = Path(__file__).resolve().parent.parent / "voices"
 DEFAULT_CACHE = Path.home() / ".cache" / "chatterbox-demo"
 DEVICES = ("auto", "cuda", "mps", "cpu")
+# Built variants kept per component (T3, S3Gen) besides the pristine fp32 ones. A full-size
+# fp32 T3 copy is 2.1 GB, int8 0.6 GB; three of each fit the 24 GB this project targets.
+MAX_VARIANTS = 3
 
 Progress = Callable[[float, str], None]
 
@@ -107,8 +114,14 @@ class ModelManager:
         self.lock = threading.RLock()
         self.loaded: weights.LoadedWeights | None = None
         self._library: VoiceLibrary | None = None
-        self.preset = DEFAULT_PRESET
-        self.config: OptimizationConfig = get_preset(DEFAULT_PRESET)
+        # The fastest preset that keeps upstream semantics on this device; applied (and
+        # its variant built) when the model loads.
+        self.preset = DEVICE_PRESETS.get(self.device, DEFAULT_PRESET)
+        self.config: OptimizationConfig = get_preset(self.preset)
+        # Built model variants, least recently used first: key -> module.
+        self._t3_variants: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
+        self._s3gen_variants: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
+        self.notices: list[str] = []  # things the UI should say (evictions, fallbacks)
 
     # --- the process-wide instance ------------------------------------------------------
 
@@ -154,6 +167,14 @@ class ModelManager:
                 progress(0.7, "Preparing the shipped voices")
                 library.register_shipped(self.shipped_voices)
             self._library = library
+            progress(0.9, f"Preparing the {self.preset} preset")
+            try:
+                self.apply(self.config, self.preset)
+            except Exception as exc:  # the model still works on the stock path
+                log.warning("Preset %s failed to build (%s); using baseline", self.preset, exc)
+                self.notices.append(f"{self.preset} could not be built here ({exc}); "
+                                    "started on baseline")
+                self.preset, self.config = "baseline", BASELINE
             progress(1.0, "Ready")
             return loaded
 
@@ -185,11 +206,57 @@ class ModelManager:
 
     # --- configuration --------------------------------------------------------------------
 
+    def unavailable_presets(self) -> dict[str, str]:
+        """Preset name -> why it cannot run on this device, for those that cannot."""
+        reasons = {name: unavailable_reason(config, self.device)
+                   for name, config in PRESETS.items()}
+        return {name: reason for name, reason in reasons.items() if reason}
+
     def apply_preset(self, name: str) -> OptimizationConfig:
-        config = get_preset(name)
+        return self.apply(get_preset(name), name)
+
+    def apply(self, config: OptimizationConfig, name: str | None = None) -> OptimizationConfig:
+        """Make ``config`` the active configuration, building its model variant from the
+        pristine fp32 weights (never from disk) if it is not cached. Voices are untouched.
+        Runs under the lock: a generation never sees a half-built variant."""
+        reason = unavailable_reason(config, self.device)
+        if reason:
+            raise ValueError(f"This configuration cannot run on {self.device}: {reason}")
         with self.lock:
-            self.preset, self.config = name, config
+            self.load()
+            self.variant(config)
+            self.preset = name or self._preset_name(config)
+            self.config = config
         return config
+
+    def variant(self, config: OptimizationConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The (t3, s3gen) pair ``config`` runs on, built and cached on first use."""
+        with self.lock:
+            tts = self.load().tts
+            apply_runtime_settings(config, self.device)
+            t3 = self._cached_variant(self._t3_variants, "T3", (config.t3_dtype,
+                                      config.t3_quant, config.compile_mode),
+                                      lambda: build_t3(tts.t3, config))
+            s3gen = self._cached_variant(self._s3gen_variants, "S3Gen", (config.s3gen_dtype,
+                                         config.s3gen_quant, config.compile_mode),
+                                         lambda: build_s3gen(tts.s3gen, config))
+            return t3, s3gen
+
+    def _cached_variant(self, cache: OrderedDict, label: str, key: tuple, build):
+        if key in cache:
+            cache.move_to_end(key)
+        else:
+            started = time.perf_counter()
+            cache[key] = build()
+            log.info("Built %s variant %s in %.1f s", label, key,
+                     time.perf_counter() - started)
+        module = cache[key]
+        while len(cache) > MAX_VARIANTS:  # the one just used is last, so never dropped
+            old_key, _ = cache.popitem(last=False)
+            self.notices.append(f"{label} variant {'/'.join(old_key)} was dropped to bound "
+                                "memory; using it again rebuilds it")
+            log.info(self.notices[-1])
+        return module
 
     # --- voices ---------------------------------------------------------------------------
 
@@ -214,7 +281,8 @@ class ModelManager:
     def generate(self, text: str, voice: str | None = None,
                  params: GenerationParams | None = None,
                  config: OptimizationConfig | None = None,
-                 voice_file: str | os.PathLike | None = None) -> Synthesis:
+                 voice_file: str | os.PathLike | None = None,
+                 ignore_stop: bool = False) -> Synthesis:
         """Speak ``text`` in ``voice`` (a library name) or the clip at ``voice_file``.
 
         ``voice_file`` is for trusted callers (the CLI); the UI and API pass names only.
@@ -225,6 +293,9 @@ class ModelManager:
             loaded = self.load()
             config = config or self.config
             library = self._library
+            build_started = time.perf_counter()
+            t3, s3gen = self.variant(config)  # built outside the timed region
+            build_s = time.perf_counter() - build_started
             started = time.perf_counter()
             if voice_file is not None:
                 exaggeration = 0.5 if params.exaggeration is None else params.exaggeration
@@ -239,7 +310,8 @@ class ModelManager:
                 voice_name = chosen.name
             conditioning_s = time.perf_counter() - started
             max_new_tokens = params.max_new_tokens or default_max_new_tokens(text)
-            stages = pipeline.run(loaded.tts, text, conds, exaggeration, params, max_new_tokens)
+            stages = pipeline.run(loaded.tts, text, conds, exaggeration, params, max_new_tokens,
+                                  config, t3=t3, s3gen=s3gen, ignore_stop=ignore_stop)
             total_s = time.perf_counter() - started
         audio_seconds = len(stages.wav) / stages.sample_rate
         report = {
@@ -259,6 +331,7 @@ class ModelManager:
                 "s3gen_s": round(stages.s3gen_s, 4),
                 "watermark_s": round(stages.watermark_s, 4),
                 "total_s": round(total_s, 4),
+                "build_s": round(build_s, 4),  # variant build/warm-up, apart from the rest
             },
             "rtf": round(total_s / audio_seconds, 3) if audio_seconds else None,
             "params": {**asdict(params), "exaggeration": exaggeration,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +20,9 @@ from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE, drop_invalid_tokens
 from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.tts import ChatterboxTTS, Conditionals, punc_norm
 
-from .config import GenerationParams
+from .config import BASELINE, GenerationParams, OptimizationConfig
+from .fast_t3 import FastT3Decoder
+from .optimizations import cfm_without_cfg
 
 
 class GenerationError(RuntimeError):
@@ -57,49 +59,80 @@ def timed(device, into: dict, key: str):
         into[key] = time.perf_counter() - start
 
 
+@contextmanager
+def suppress_stop_token(t3):
+    """Make the stop token impossible to sample, for either decoder, by masking its logit
+    at the speech head. Benchmarks use it so every row decodes the same number of tokens."""
+    stop = t3.hp.stop_speech_token
+
+    def mask_stop(module, inputs, output):
+        # Finite, not -inf: CFG subtracts the two rows, and -inf - -inf is NaN. exp(-1e4)
+        # is 0 in every float type, so the token still cannot be drawn.
+        output[..., stop] = -1e4
+        return output
+
+    handle = t3.speech_head.register_forward_hook(mask_stop)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def t3_cond_for(conds: Conditionals, exaggeration: float, device) -> T3Cond:
-    """A fresh T3Cond per call: T3 caches the prompt embedding on the object it is given,
-    and a cached embedding must never leak from one model variant into another."""
+def t3_cond_for(conds: Conditionals, exaggeration: float, device,
+                dtype: torch.dtype = torch.float32) -> T3Cond:
+    """A fresh T3Cond per call, in the T3's precision: T3 caches the prompt embedding on
+    the object it is given, and a cached embedding must never leak from one model variant
+    into another."""
     base = conds.t3
     return T3Cond(
         speaker_emb=base.speaker_emb,
         cond_prompt_speech_tokens=base.cond_prompt_speech_tokens,
         emotion_adv=exaggeration * torch.ones(1, 1, 1),
-    ).to(device=device)
+    ).to(device=device, dtype=dtype)
 
 
 def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
-        params: GenerationParams, max_new_tokens: int) -> StageResult:
-    """Text plus ready conditionals to watermarked audio, timing T3, S3Gen and watermark."""
+        params: GenerationParams, max_new_tokens: int,
+        config: OptimizationConfig = BASELINE, t3=None, s3gen=None,
+        ignore_stop: bool = False) -> StageResult:
+    """Text plus ready conditionals to watermarked audio, timing T3, S3Gen and watermark.
+
+    ``t3`` and ``s3gen`` are the model variant to run (default: the ones inside ``tts``);
+    ``config`` picks the decoder and the CFM settings. ``ignore_stop`` makes T3 produce
+    exactly ``max_new_tokens`` tokens, so benchmark rows compare like with like.
+    """
+    t3 = t3 or tts.t3
+    s3gen = s3gen or tts.s3gen
     device = tts.device
     times: dict[str, float] = {}
-    t3_cond = t3_cond_for(conds, exaggeration, device)
+    t3_cond = t3_cond_for(conds, exaggeration, device, t3.speech_emb.weight.dtype)
 
     text_tokens = tts.tokenizer.text_to_tokens(punc_norm(text)).to(device)
-    if params.cfg_weight > 0.0:
-        text_tokens = torch.cat([text_tokens, text_tokens], dim=0)  # row 2 is unconditional
-    text_tokens = F.pad(text_tokens, (1, 0), value=tts.t3.hp.start_text_token)
-    text_tokens = F.pad(text_tokens, (0, 1), value=tts.t3.hp.stop_text_token)
+    # Row 2 is the unconditional one. Upstream skips it when cfg_weight is 0, but its
+    # T3.inference then fails (it always builds a batch of 2); with the row present and a
+    # weight of 0 the guided logits are exactly the conditional ones, so keep it.
+    text_tokens = torch.cat([text_tokens, text_tokens], dim=0)
+    text_tokens = F.pad(text_tokens, (1, 0), value=t3.hp.start_text_token)
+    text_tokens = F.pad(text_tokens, (0, 1), value=t3.hp.stop_text_token)
 
     seed_everything(params.seed)
     with torch.inference_mode():
-        with timed(device, times, "t3"):
-            speech_tokens = tts.t3.inference(
-                t3_cond=t3_cond,
-                text_tokens=text_tokens,
-                max_new_tokens=max_new_tokens,
-                temperature=params.temperature,
-                cfg_weight=params.cfg_weight,
-                repetition_penalty=params.repetition_penalty,
-                min_p=params.min_p,
-                top_p=params.top_p,
-            )
+        sampling = dict(t3_cond=t3_cond, text_tokens=text_tokens,
+                        max_new_tokens=max_new_tokens, temperature=params.temperature,
+                        cfg_weight=params.cfg_weight,
+                        repetition_penalty=params.repetition_penalty, min_p=params.min_p,
+                        top_p=params.top_p)
+        with timed(device, times, "t3"), suppress_stop_token(t3) if ignore_stop else nullcontext():
+            if config.t3_decoder == "fast":
+                speech_tokens = FastT3Decoder(t3).generate(**sampling)
+            else:
+                speech_tokens = t3.inference(**sampling)
         sampled = int(speech_tokens.shape[-1])
         speech_tokens = drop_invalid_tokens(speech_tokens[0])
         speech_tokens = speech_tokens[speech_tokens < SPEECH_VOCAB_SIZE].to(device)
@@ -114,7 +147,9 @@ def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
             # A shallow copy: S3Gen casts the dict's tensors in place, which would
             # silently change the cached conditionals.
             ref_dict = dict(conds.gen)
-            wav, _ = tts.s3gen.inference(speech_tokens=speech_tokens, ref_dict=ref_dict)
+            with cfm_without_cfg(s3gen) if not config.cfm_cfg else nullcontext():
+                wav, _ = s3gen.inference(speech_tokens=speech_tokens, ref_dict=ref_dict,
+                                         n_cfm_timesteps=config.cfm_steps)
         wav = wav.squeeze(0).detach().float().cpu().numpy()
     with timed("cpu", times, "watermark"):
         wav = tts.watermarker.apply_watermark(wav, sample_rate=tts.sr)

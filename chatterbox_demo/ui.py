@@ -15,7 +15,14 @@ import threading
 import gradio as gr
 
 from .compare import compare
-from .config import DEFAULT_PRESET, PRESETS, RANGES, GenerationParams, get_preset
+from .config import (
+    DEFAULT_PRESET,
+    PRESET_DESCRIPTIONS,
+    PRESETS,
+    RANGES,
+    GenerationParams,
+    get_preset,
+)
 from .manager import ModelManager
 from .pipeline import GenerationError
 
@@ -25,10 +32,6 @@ USER_ERRORS = (ValueError, FileNotFoundError, GenerationError)
 MODEL_SLOT = "model"  # concurrency_id shared by every event that runs the model
 QUEUE_MAX = 32
 TITLE = "Chatterbox TTS: clone, synthesize, compare"
-PRESET_HELP = {
-    "baseline": "stock upstream path: conditionals recomputed from the clip on every call",
-    "cached": "baseline + the voice library's cached conditionals",
-}
 
 
 def user_errors(fn):
@@ -75,6 +78,9 @@ def header_html() -> str:
     ]
     line = " &nbsp;·&nbsp; ".join(parts)
     banner = ""
+    for notice in manager().notices[-3:]:
+        banner += (f"<div class='notice' style='padding:4px 12px;margin-bottom:4px;"
+                   f"border-radius:6px;background:#e7f1ff;'>{html.escape(notice)}</div>")
     if status["banner"]:
         banner = (f"<div id='offline-banner' style='padding:8px 12px;margin-bottom:6px;"
                   f"border-radius:6px;background:#fff3cd;color:#664d03;'>"
@@ -209,8 +215,8 @@ def run_compare(text: str, voice: str, seed: int, max_new_tokens: int, preset_a:
                f"{'faster' if speedup >= 1 else 'slower'} than A "
                f"(**{html.escape(preset_a)}**) end to end."
                if speedup else "No timing to compare.")
-    return ((result.a.sample_rate, result.a.wav), (result.b.sample_rate, result.b.wav),
-            result.rows(), summary)
+    a, b = result.audio_a, result.audio_b
+    return (a.sample_rate, a.wav), (b.sample_rate, b.wav), result.rows(), summary
 
 
 # --- layout --------------------------------------------------------------------------------
@@ -240,8 +246,18 @@ def _setting_sliders():
 
 
 def _preset_dropdown(label: str, value: str) -> gr.Dropdown:
-    return gr.Dropdown(list(PRESETS), value=value, label=label,
-                       info="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
+    return gr.Dropdown(list(PRESETS), value=value, label=label)
+
+
+def presets_markdown() -> str:
+    """Every preset, what it does, and whether it can run on this device (and why not)."""
+    reasons = manager().unavailable_presets()
+    lines = ["| preset | what it does | here |", "|---|---|---|"]
+    for name in PRESETS:
+        reason = reasons.get(name)
+        here = f"unavailable: {html.escape(reason)}" if reason else "available"
+        lines.append(f"| `{name}` | {html.escape(PRESET_DESCRIPTIONS[name])} | {here} |")
+    return "\n".join(lines)
 
 
 def build_demo() -> gr.Blocks:
@@ -301,6 +317,8 @@ def build_demo() -> gr.Blocks:
                 with gr.Column():
                     preset_b = _preset_dropdown("B", DEFAULT_PRESET)
                     audio_b = gr.Audio(label="B", type="numpy", interactive=False)
+            with gr.Accordion("What the presets do", open=False):
+                presets_info = gr.Markdown()
             ab_btn = gr.Button("Run A then B", variant="primary")
             ab_summary = gr.Markdown()
             ab_table = gr.Dataframe(headers=["", "A", "B", "speedup (A/B)"],
@@ -309,7 +327,8 @@ def build_demo() -> gr.Blocks:
         refresh = dict(fn=refresh_voice_pickers, inputs=[voice, ab_voice],
                        outputs=[voice, ab_voice, mine], api_visibility="private", queue=False)
 
-        demo.load(startup, outputs=[header, table], api_visibility="private",
+        demo.load(startup, outputs=[header, table, preset, preset_b, presets_info],
+                  api_visibility="private",
                   concurrency_id=MODEL_SLOT).then(**refresh)
         add_btn.click(add_voice, [audio_in, name_in, voice_exag], [voice_status, table],
                       api_name="add_voice", concurrency_id=MODEL_SLOT).then(**refresh)
@@ -333,8 +352,8 @@ def build_demo() -> gr.Blocks:
 
 @user_errors
 def startup(progress=gr.Progress()):
-    ensure_loaded(progress)
-    return header_html(), voice_table()
+    m = ensure_loaded(progress)
+    return header_html(), voice_table(), m.preset, m.preset, presets_markdown()
 
 
 def launch(demo: gr.Blocks, **kwargs) -> None:

@@ -70,6 +70,9 @@ def tiny_manager(session_cache):
     manager = ModelManager("tiny", device="cpu", cache_dir=session_cache,
                            shipped_voices=VOICES_DIR)
     manager.load()
+    # The app starts on the device's fastest preset; these tests exercise the stock
+    # pipeline unless they switch (and switch back) themselves.
+    manager.apply_preset("cached")
     return manager
 
 

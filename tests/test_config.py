@@ -126,9 +126,9 @@ def test_default_max_new_tokens_bounds():
 
 
 def test_presets():
-    assert set(PRESETS) == {"baseline", "cached"}
+    assert {"baseline", "cached", "cpu-fast", "gpu-fast"} <= set(PRESETS)
     assert DEFAULT_PRESET in PRESETS
-    assert get_preset("baseline") == OptimizationConfig(cached_conditionals=False)
+    assert get_preset("baseline") == OptimizationConfig()
     assert get_preset("cached").cached_conditionals is True
     assert get_preset("cached") != get_preset("baseline")
 

@@ -197,8 +197,11 @@ def local_manager(tiny_checkpoint, tmp_path_factory):
                            cache_dir=tmp_path_factory.mktemp("local-cache"),
                            shipped_voices=VOICES_DIR)
     manager.load()
+    manager.apply_preset("cached")  # the same pipeline as tiny_manager's, bit for bit
     yield manager
     manager.loaded = manager._library = None
+    manager._t3_variants.clear()
+    manager._s3gen_variants.clear()
     gc.collect()
 
 

@@ -1,0 +1,240 @@
+"""The benchmark: presets measured one after another in one process, like with like.
+
+Every row uses the same text, voice, seed and number of speech tokens (the stop token is
+masked, so T3 always decodes exactly ``tokens``). Warm-up (building the variant, compiling,
+one short generation) is timed apart from the steady-state repeats, whose median and
+minimum are reported. The A/B tab calls :func:`measure` too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from chatterbox.tts import punc_norm
+
+from . import fidelity
+from .config import GenerationParams, get_preset
+from .manager import ModelManager, Synthesis
+from .optimizations import module_bytes, unavailable_reason
+
+DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog, then rests in the warm "
+                "afternoon sun.")
+STAGES = ("conditioning_s", "t3_s", "s3gen_s", "watermark_s", "total_s")
+WARMUP_TOKENS = 8
+
+
+def machine_info(manager: ModelManager) -> dict:
+    device = manager.device
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "weights": manager.loaded.source if manager.loaded else manager.weights_spec,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def peak_memory_mb(device: str) -> float | None:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def measure(manager: ModelManager, config, text: str, voice: str | None,
+            params: GenerationParams, repeats: int = 1, ignore_stop: bool = False,
+            warmup: bool = True) -> dict:
+    """Build ``config``'s variant, warm it up with one short generation (when ``warmup``),
+    then run it ``repeats`` times; one flat row of figures plus the last result's audio
+    under ``"synthesis"``. ``warmup_s`` is the build plus warm-up time."""
+    device = manager.device
+    started = time.perf_counter()
+    t3, _ = manager.variant(config)
+    if warmup:
+        short = replace(params, max_new_tokens=min(WARMUP_TOKENS, params.max_new_tokens or 8))
+        manager.generate(text, voice, short, config, ignore_stop=True)
+    warmup_s = time.perf_counter() - started
+
+    reset_peak_memory(device)
+    runs: list[Synthesis] = [manager.generate(text, voice, params, config,
+                                              ignore_stop=ignore_stop)
+                             for _ in range(repeats)]
+    last = runs[-1].report
+    row = {"device": device, "t3_dtype": config.t3_dtype, "t3_quant": config.t3_quant,
+           "t3_decoder": config.t3_decoder, "warmup_s": round(warmup_s, 3)}
+    for stage in STAGES:
+        values = [r.report["timings"][stage] for r in runs]
+        row[stage] = round(statistics.median(values), 4)
+        row[stage.replace("_s", "_min_s")] = round(min(values), 4)
+    tokens = last["timings"]["t3_tokens"]
+    row["t3_tokens"] = tokens
+    row["t3_tokens_per_s"] = round(tokens / row["t3_s"], 2) if row["t3_s"] else None
+    # Each decode step reads every transformer weight once, so bytes x tokens/s is the
+    # bandwidth achieved, to hold against the machine's.
+    weight_bytes = module_bytes(t3.tfmr) + module_bytes(t3.speech_head)
+    row["t3_weights_mb"] = round(weight_bytes / 2**20, 1)
+    row["t3_gb_per_s"] = (round(weight_bytes * row["t3_tokens_per_s"] / 1e9, 2)
+                          if row["t3_tokens_per_s"] else None)
+    row["audio_seconds"] = last["audio_seconds"]
+    row["rtf"] = round(row["total_s"] / last["audio_seconds"], 3) if last["audio_seconds"] \
+        else None
+    row["peak_mem_mb"] = round(peak_memory_mb(device) or 0, 1)
+    row["voice_source"] = last["voice"]["source"]
+    row["synthesis"] = runs[-1]
+    return row
+
+
+def fidelity_row(manager: ModelManager, config, text: str, voice: str | None,
+                 speech_tokens: torch.Tensor) -> dict:
+    """T3 logits and S3Gen mel agreement of ``config`` with fp32 stock, same inputs."""
+    tts = manager.load().tts
+    t3, s3gen = manager.variant(config)
+    conds, _ = manager.library.conditionals(manager.library.get(voice)) if voice else \
+        manager.library.conditionals(manager.library.list()[0])
+    text_tokens = tts.tokenizer.text_to_tokens(punc_norm(text))
+    text_tokens = F.pad(F.pad(text_tokens, (1, 0), value=t3.hp.start_text_token),
+                        (0, 1), value=t3.hp.stop_text_token)
+    result = fidelity.measure(tts.t3, tts.s3gen, t3, s3gen, conds, text_tokens, speech_tokens,
+                              config.cfm_steps, config.cfm_cfg)
+    return {"logits_cosine": round(result.logits_cosine, 5),
+            "top1_agreement": round(result.top1_agreement, 4),
+            "mel_snr_db": round(result.mel_snr_db, 2)}
+
+
+def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
+        voice: str | None = None, tokens: int = 100, repeats: int = 1, seed: int = 0,
+        with_fidelity: bool = True, log=print) -> dict:
+    """Measure each preset in turn; a preset that fails becomes a row with its error."""
+    manager.load()
+    voice = voice or manager.library.names()[0]
+    params = GenerationParams(seed=seed, max_new_tokens=tokens)
+    # One fixed token sequence for every fidelity row: valid speech tokens from the seed.
+    generator = torch.Generator().manual_seed(seed)
+    fixed_tokens = torch.randint(0, 6561, (tokens,), generator=generator)
+    rows = []
+    for name in presets:
+        log(f"[bench] {name} ...")
+        row = {"preset": name}
+        try:
+            config = get_preset(name)
+            reason = unavailable_reason(config, manager.device)
+            if reason:
+                raise ValueError(f"unavailable on {manager.device}: {reason}")
+            row.update(measure(manager, config, text, voice, params, repeats,
+                               ignore_stop=True))
+            del row["synthesis"]
+            if with_fidelity:
+                row.update(fidelity_row(manager, config, text, voice, fixed_tokens))
+        except Exception as exc:  # report and go on to the next preset
+            row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+        log(f"[bench] {name}: " + (row.get("error") or
+                                   f"total {row['total_s']:.2f} s, T3 {row['t3_tokens_per_s']} "
+                                   f"tokens/s, S3Gen {row['s3gen_s']:.2f} s"))
+    first = next((r for r in rows if "total_s" in r), None)
+    for row in rows:
+        if first and "total_s" in row:
+            row["speedup"] = round(first["total_s"] / row["total_s"], 2)
+            row["t3_speedup"] = round(first["t3_s"] / row["t3_s"], 2)
+            row["s3gen_speedup"] = round(first["s3gen_s"] / row["s3gen_s"], 2)
+    return {"machine": machine_info(manager),
+            "settings": {"text": text, "voice": voice, "tokens": tokens, "repeats": repeats,
+                         "seed": seed},
+            "rows": rows}
+
+
+MARKDOWN_COLUMNS = (
+    ("preset", "preset"), ("warmup_s", "warm-up s"), ("conditioning_s", "cond. s"),
+    ("t3_s", "T3 s"), ("t3_tokens_per_s", "T3 tok/s"), ("t3_gb_per_s", "T3 GB/s"),
+    ("s3gen_s", "S3Gen s"), ("watermark_s", "wm s"), ("total_s", "total s"), ("rtf", "RTF"),
+    ("peak_mem_mb", "peak MB"), ("t3_weights_mb", "T3 weights MB"),
+    ("logits_cosine", "logits cos"), ("top1_agreement", "top-1"),
+    ("mel_snr_db", "mel SNR dB"), ("speedup", "speedup"),
+)
+
+
+def to_markdown(result: dict) -> str:
+    m, s = result["machine"], result["settings"]
+    lines = [f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}"
+             + (f" ({m['gpu']})" if "gpu" in m else "")
+             + f", weights {m['weights']}; {s['tokens']} speech tokens, {s['repeats']} "
+             "repeat(s), medians", "",
+             "| " + " | ".join(label for _, label in MARKDOWN_COLUMNS) + " |",
+             "|" + "---|" * len(MARKDOWN_COLUMNS)]
+    for row in result["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['preset']} | error: {row['error']} |")
+            continue
+        lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in MARKDOWN_COLUMNS)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    return "" if value is None else str(value)
+
+
+def write_json(result: dict, path: Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+def plot(result: dict, path: Path) -> None:
+    """Stacked per-stage seconds per preset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "total_s" in r]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.2), 4))
+    bottom = [0.0] * len(rows)
+    for stage in STAGES[:-1]:
+        values = [r[stage] for r in rows]
+        ax.bar([r["preset"] for r in rows], values, bottom=bottom, label=stage[:-2])
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_ylabel("seconds (median)")
+    ax.set_title(f"{result['settings']['tokens']} speech tokens on {result['machine']['device']}")
+    ax.legend()
+    plt.xticks(rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,162 @@
+"""A faster T3 decode loop with the same sampling semantics as the package's ``T3.inference``.
+
+What it changes, and why:
+
+- a static KV cache written in place (no per-step ``torch.cat`` of HF's dynamic cache), and
+  attention over the used part of it only;
+- no attention or hidden-state outputs, so PyTorch's SDPA kernel runs instead of the eager
+  fallback that ``output_attentions=True`` forces;
+- CFG, repetition penalty, temperature, min-p, top-p and the multinomial draw all stay on
+  the device; the stop token is looked for every ``stop_check_every`` steps, not after each
+  token, so the host never waits on the device per token;
+- it calls T3's own modules (``tfmr.layers``, ``speech_emb``, ``speech_head``...), so every
+  transform applied to them (precision, int8, compile) applies here too.
+
+The prompt is built exactly as upstream builds it, including its quirk of feeding the
+start-of-speech embedding twice (once from ``prepare_input_embeds``, once as "BOS").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from chatterbox.models.t3 import T3
+from chatterbox.models.t3.modules.cond_enc import T3Cond
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+class StaticKVCache:
+    """Keys and values for every layer, preallocated for ``max_len`` positions."""
+
+    def __init__(self, n_layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device):
+        shape = (n_layers, batch, heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+
+def _layer_forward(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, start: int) -> torch.Tensor:
+    """One Llama decoder layer over ``x`` (B, T, D) placed at positions start..start+T-1."""
+    attn = layer.self_attn
+    batch, steps, _ = x.shape
+    h = layer.input_layernorm(x)
+    shape = (batch, steps, -1, attn.head_dim)
+    q = attn.q_proj(h).view(shape).transpose(1, 2)
+    k = attn.k_proj(h).view(shape).transpose(1, 2)
+    v = attn.v_proj(h).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    end = start + steps
+    k_cache[:, :, start:end] = k
+    v_cache[:, :, start:end] = v
+    # The prefill starts at 0 so a causal mask over the whole slice is right; a single
+    # decode step attends to everything before it and needs no mask.
+    out = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
+                                         is_causal=steps > 1, scale=attn.scaling)
+    x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+class FastT3Decoder:
+    """Decode speech tokens from a T3 with a static cache and on-device sampling."""
+
+    def __init__(self, t3: T3, stop_check_every: int = 16):
+        self.t3 = t3
+        self.stop_check_every = stop_check_every
+
+    @property
+    def dtype(self) -> torch.dtype:
+        # Embeddings are never quantized, so they carry the compute precision.
+        return self.t3.speech_emb.weight.dtype
+
+    def forward(self, embeds: torch.Tensor, cache: StaticKVCache, start: int) -> torch.Tensor:
+        """Run the transformer over ``embeds`` at ``start``; returns speech logits of the
+        last position, (B, vocab)."""
+        tfmr = self.t3.tfmr
+        steps = embeds.shape[1]
+        positions = torch.arange(start, start + steps, device=embeds.device).unsqueeze(0)
+        cos, sin = tfmr.rotary_emb(embeds, positions)
+        x = embeds
+        for i, layer in enumerate(tfmr.layers):
+            x = _layer_forward(layer, x, cos, sin, cache.k[i], cache.v[i], start)
+        x = tfmr.norm(x[:, -1:])
+        return self.t3.speech_head(x)[:, -1].float()
+
+    @torch.inference_mode()
+    def generate(self, *, t3_cond: T3Cond, text_tokens: torch.Tensor, max_new_tokens: int,
+                 temperature: float = 0.8, cfg_weight: float = 0.5,
+                 repetition_penalty: float = 1.2, min_p: float = 0.05, top_p: float = 1.0,
+                 stop_on_eos: bool = True) -> torch.Tensor:
+        """Same arguments and result as ``T3.inference``: (1, n) sampled tokens, ending
+        with the stop token when one was drawn. ``text_tokens`` is the (2, L) CFG batch."""
+        t3, hp = self.t3, self.t3.hp
+        device = t3.device
+        text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=device)
+        start_token = hp.start_speech_token * torch.ones_like(text_tokens[:, :1])
+        embeds, _ = t3.prepare_input_embeds(t3_cond=t3_cond, text_tokens=text_tokens,
+                                            speech_tokens=start_token, cfg_weight=cfg_weight)
+        bos = t3.speech_emb(start_token[:1]) + t3.speech_pos_emb.get_fixed_embedding(0)
+        embeds = torch.cat([embeds, bos.expand(embeds.shape[0], -1, -1)], dim=1)
+        embeds = embeds.to(self.dtype)
+
+        batch, prefix = embeds.shape[:2]
+        attn = t3.tfmr.layers[0].self_attn
+        cache = StaticKVCache(len(t3.tfmr.layers), batch, t3.cfg.num_attention_heads,
+                              prefix + max_new_tokens, attn.head_dim, self.dtype, device)
+        logits = self.forward(embeds, cache, 0)
+
+        # Tokens seen so far (BOS included, as upstream's repetition penalty sees it).
+        seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=device)
+        seen[0, hp.start_speech_token] = True
+        tokens = torch.empty(max_new_tokens, dtype=torch.long, device=device)
+        pos_emb = t3.speech_pos_emb.emb.weight  # row i is get_fixed_embedding(i)
+        cfg = torch.tensor(cfg_weight, device=device)
+        produced = max_new_tokens
+        checked = 0
+        for step in range(max_new_tokens):
+            next_token = sample_token(logits, seen, cfg, temperature, repetition_penalty,
+                                      min_p, top_p)
+            tokens[step] = next_token[0, 0]
+            seen.scatter_(1, next_token, True)
+            done = step + 1 == max_new_tokens
+            if stop_on_eos and (done or (step + 1) % self.stop_check_every == 0):
+                hits = (tokens[checked: step + 1] == hp.stop_speech_token).nonzero()
+                if hits.numel():
+                    produced = checked + int(hits[0, 0]) + 1
+                    break
+                checked = step + 1
+            if done:
+                break
+            embed = t3.speech_emb(next_token) + pos_emb[step + 1]
+            logits = self.forward(embed.expand(batch, -1, -1).to(self.dtype), cache,
+                                  prefix + step)
+        return tokens[:produced].unsqueeze(0)
+
+
+def sample_token(logits: torch.Tensor, seen: torch.Tensor, cfg: torch.Tensor,
+                 temperature: float, repetition_penalty: float, min_p: float,
+                 top_p: float) -> torch.Tensor:
+    """One draw with upstream's processors, in upstream's order, without leaving the device.
+
+    ``logits`` is the (2, V) CFG batch (row 0 conditional) or (1, V) without CFG.
+    """
+    cond = logits[0:1]
+    if logits.shape[0] > 1:
+        cond = cond + cfg * (cond - logits[1:2])
+    # Repetition penalty on every token seen (HF's gather/scatter, as a mask).
+    penalised = torch.where(cond < 0, cond * repetition_penalty, cond / repetition_penalty)
+    scores = torch.where(seen, penalised, cond)
+    if temperature != 1.0:
+        scores = scores / temperature
+    if min_p > 0.0:
+        probs = scores.softmax(dim=-1)
+        threshold = min_p * probs.amax(dim=-1, keepdim=True)
+        scores = scores.masked_fill(probs < threshold, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        remove_sorted = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove_sorted[..., -1:] = False
+        remove = remove_sorted.scatter(1, order, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    return torch.multinomial(scores.softmax(dim=-1), num_samples=1)

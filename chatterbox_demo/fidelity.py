@@ -1,0 +1,78 @@
+"""How closely an optimized model agrees with the fp32 stock one, on identical inputs.
+
+The real weights are not reachable everywhere this runs, so quality is measured as
+agreement with fp32 rather than by listening: T3's teacher-forced logits over a fixed token
+sequence (cosine similarity, top-1 agreement) and S3Gen's mel spectrogram for the same
+speech tokens and noise (SNR in dB).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from chatterbox.tts import Conditionals
+
+from .optimizations import cfm_without_cfg
+from .pipeline import t3_cond_for
+
+
+@dataclass
+class Fidelity:
+    logits_cosine: float  # mean over positions of the cosine of speech logits; 1 is identical
+    top1_agreement: float  # share of positions whose most likely token is the same
+    mel_snr_db: float  # fp32 mel power over difference power; inf when identical
+
+
+def teacher_forced_logits(t3, conds: Conditionals, text_tokens: torch.Tensor,
+                          speech_tokens: torch.Tensor) -> torch.Tensor:
+    """Speech logits (T, vocab) for ``speech_tokens`` given the text, in one forward pass."""
+    device = t3.speech_emb.weight.device
+    cond = t3_cond_for(conds, float(conds.t3.emotion_adv.reshape(-1)[0]), device,
+                       t3.speech_emb.weight.dtype)
+    text = text_tokens.to(device).view(1, -1)
+    speech = speech_tokens.to(device).view(1, -1)
+    with torch.inference_mode():
+        out = t3.forward(t3_cond=cond, text_tokens=text,
+                         text_token_lens=torch.tensor([text.shape[1]], device=device),
+                         speech_tokens=speech,
+                         speech_token_lens=torch.tensor([speech.shape[1]], device=device))
+    return out.speech_logits[0].float()
+
+
+def mel(s3gen, conds: Conditionals, speech_tokens: torch.Tensor, steps: int, cfg: bool,
+        seed: int = 0) -> torch.Tensor:
+    """S3Gen's output mel for ``speech_tokens`` with the CFM noise drawn from ``seed``."""
+    torch.manual_seed(seed)
+    with cfm_without_cfg(s3gen) if not cfg else nullcontext():
+        out = s3gen.flow_inference(speech_tokens.view(1, -1), ref_dict=dict(conds.gen),
+                                   n_cfm_timesteps=steps, finalize=True)
+    return out.float()
+
+
+def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    noise = (reference - other).pow(2).sum().item()
+    signal = reference.pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    cosine = F.cosine_similarity(reference, other, dim=-1).mean().item()
+    top1 = (reference.argmax(-1) == other.argmax(-1)).float().mean().item()
+    return cosine, top1
+
+
+def measure(pristine_t3, pristine_s3gen, t3, s3gen, conds: Conditionals,
+            text_tokens: torch.Tensor, speech_tokens: torch.Tensor, cfm_steps: int,
+            cfm_cfg: bool) -> Fidelity:
+    """Agreement of (t3, s3gen, CFM settings) with the pristine fp32 pair at upstream
+    settings (10 steps, CFG on), on the same tokens and noise."""
+    cosine, top1 = compare_logits(
+        teacher_forced_logits(pristine_t3, conds, text_tokens, speech_tokens),
+        teacher_forced_logits(t3, conds, text_tokens, speech_tokens))
+    valid = speech_tokens[speech_tokens < 6561]
+    reference = mel(pristine_s3gen, conds, valid, 10, True)
+    return Fidelity(cosine, top1, snr_db(reference, mel(s3gen, conds, valid, cfm_steps, cfm_cfg)))

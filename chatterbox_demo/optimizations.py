@@ -1,0 +1,190 @@
+"""Model transforms, one function per optimization, and what can run where.
+
+Each ``apply_*`` takes a module and returns the transformed module; its docstring says
+whether it mutates its argument. The manager calls them on deep copies of its pristine
+fp32 model, never on the pristine copy itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from contextlib import contextmanager
+
+import torch
+from chatterbox.models.s3gen import S3Gen
+from chatterbox.models.t3 import T3
+from torch import nn
+
+from .config import OptimizationConfig
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
+
+
+def unavailable_reason(config: OptimizationConfig, device: str) -> str | None:
+    """Why ``config`` cannot run on ``device``, or None when it can. Shown in the UI next to
+    the option, and raised by the manager: nothing is silently ignored."""
+    reasons = []
+    if device != "cpu":
+        if config.t3_quant == "int8-dynamic":
+            reasons.append("T3 int8-dynamic: torch.ao dynamic quantization has CPU kernels only")
+        if config.s3gen_quant == "int8-dynamic":
+            reasons.append("S3Gen int8-dynamic: torch.ao dynamic quantization has CPU kernels "
+                           "only")
+    if config.t3_quant == "int8-weight-only" and not HAS_TORCHAO:
+        reasons.append("T3 int8-weight-only needs torchao, which is not installed")
+    if device == "cpu":
+        if config.t3_dtype == "fp16":
+            reasons.append("T3 fp16: no fast fp16 kernels on a CPU; use bf16")
+        if config.s3gen_dtype == "fp16":
+            reasons.append("S3Gen fp16: no fast fp16 kernels on a CPU; use bf16")
+    if device != "cuda" and (config.tf32 or config.cudnn_benchmark):
+        reasons.append("TF32 and cudnn.benchmark are CUDA settings")
+    if config.compile_mode in ("reduce-overhead", "max-autotune") and device != "cuda":
+        reasons.append(f"compile mode {config.compile_mode} captures CUDA graphs; on "
+                       f"{device} use default or max-autotune-no-cudagraphs")
+    return "; ".join(reasons) or None
+
+
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+def apply_runtime_settings(config: OptimizationConfig, device: str) -> None:
+    """Process-wide torch settings a configuration asks for (threads; TF32 and cuDNN
+    autotuning on CUDA). Mutates global torch state, as these settings are global."""
+    torch.set_num_threads(config.cpu_threads or DEFAULT_THREADS)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = config.tf32
+        torch.backends.cudnn.allow_tf32 = config.tf32
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
+
+
+def without_patched_model(t3: T3) -> T3:
+    """``T3.inference`` registers a ``patched_model`` wrapper that shares T3's modules; drop
+    it so copies and state dicts hold T3 itself only (it is rebuilt on every call).
+    Mutates ``t3``."""
+    if "patched_model" in t3._modules:
+        del t3._modules["patched_model"]
+    return t3
+
+
+def apply_t3_precision(t3: T3, dtype: str) -> T3:
+    """Cast T3's weights to ``dtype``. Mutates ``t3``."""
+    return t3.to(DTYPES[dtype])
+
+
+def apply_t3_int8_dynamic(t3: T3) -> T3:
+    """int8 dynamic quantization (torch.ao) of the transformer's Linear layers: weights
+    stored as int8, activations quantized per call. CPU only. The speech head (1.5% of the
+    weights) stays float: upstream reads ``T3.device`` from its weight. Mutates ``t3``."""
+    from torch.ao.quantization import quantize_dynamic
+
+    t3.tfmr = quantize_dynamic(t3.tfmr, {nn.Linear}, dtype=torch.qint8)
+    return t3
+
+
+def apply_t3_int8_weight_only(t3: T3) -> T3:
+    """int8 weight-only quantization (torchao) of the transformer's Linear layers.
+    Mutates ``t3``."""
+    from torchao.quantization import int8_weight_only, quantize_
+
+    quantize_(t3.tfmr, int8_weight_only())
+    return t3
+
+
+def apply_s3gen_precision(s3gen: S3Gen, dtype: str) -> S3Gen:
+    """Cast only the CFM estimator; upstream's solver casts its inputs to the estimator's
+    dtype and the result back. Mutates ``s3gen``."""
+    s3gen.flow.decoder.estimator.to(DTYPES[dtype])
+    return s3gen
+
+
+def apply_s3gen_int8_dynamic(s3gen: S3Gen) -> S3Gen:
+    """int8 dynamic quantization of the CFM estimator's Linear layers. CPU only.
+    Mutates ``s3gen``."""
+    from torch.ao.quantization import quantize_dynamic
+
+    decoder = s3gen.flow.decoder
+    decoder.estimator = quantize_dynamic(decoder.estimator, {nn.Linear}, dtype=torch.qint8)
+    return s3gen
+
+
+def apply_compile(module: nn.Module, mode: str) -> nn.Module:
+    """Compile ``module``'s forward in place (shapes vary per call, so dynamic).
+    Mutates ``module``."""
+    options = {} if mode == "default" else {"mode": mode}
+    module.forward = torch.compile(module.forward, dynamic=True, **options)
+    return module
+
+
+def build_t3(pristine: T3, config: OptimizationConfig) -> T3:
+    """The T3 a configuration needs: the pristine module itself when nothing changes its
+    weights, else a transformed copy."""
+    if (config.t3_dtype, config.t3_quant, config.compile_mode) == ("fp32", "none", "off"):
+        return pristine
+    t3 = copy.deepcopy(without_patched_model(pristine))
+    if config.t3_dtype != "fp32":
+        apply_t3_precision(t3, config.t3_dtype)
+    if config.t3_quant == "int8-dynamic":
+        apply_t3_int8_dynamic(t3)
+    elif config.t3_quant == "int8-weight-only":
+        apply_t3_int8_weight_only(t3)
+    if config.compile_mode != "off":
+        for layer in t3.tfmr.layers:
+            apply_compile(layer, config.compile_mode)
+    return t3.eval()
+
+
+def build_s3gen(pristine: S3Gen, config: OptimizationConfig) -> S3Gen:
+    """The S3Gen a configuration needs, shared or copied like :func:`build_t3`."""
+    if (config.s3gen_dtype, config.s3gen_quant, config.compile_mode) == ("fp32", "none", "off"):
+        return pristine
+    s3gen = copy.deepcopy(pristine)
+    if config.s3gen_dtype != "fp32":
+        apply_s3gen_precision(s3gen, config.s3gen_dtype)
+    if config.s3gen_quant == "int8-dynamic":
+        apply_s3gen_int8_dynamic(s3gen)
+    if config.compile_mode != "off":
+        apply_compile(s3gen.flow.decoder.estimator, config.compile_mode)
+        apply_compile(s3gen.mel2wav, config.compile_mode)
+    return s3gen.eval()
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of parameters and buffers, counting int8 packed weights of quantized Linear
+    layers (which are not parameters) too."""
+    total = sum(t.numel() * t.element_size() for t in module.parameters())
+    total += sum(t.numel() * t.element_size() for t in module.buffers())
+    for sub in module.modules():
+        packed = getattr(sub, "_packed_params", None)
+        if packed is not None and hasattr(sub, "weight") and callable(sub.weight):
+            weight = sub.weight()
+            total += weight.numel() * weight.element_size()
+    return total
+
+
+@contextmanager
+def cfm_without_cfg(s3gen: S3Gen):
+    """Run S3Gen's CFM without the unconditional half of its batch (no CFG inside the CFM).
+    Mutates ``s3gen`` until the block exits, then restores upstream's solver; callers hold
+    the manager's lock, so no other call sees the change."""
+    decoder = s3gen.flow.decoder
+    decoder.solve_euler = _euler_without_cfg.__get__(decoder)
+    try:
+        yield
+    finally:
+        del decoder.solve_euler
+
+
+def _euler_without_cfg(self, x, t_span, mu, mask, spks, cond, meanflow=False):
+    """Upstream's fixed-step Euler solver at batch B (no CFG), same casts as upstream."""
+    in_dtype = x.dtype
+    dtype = self.estimator.dtype
+    x, t_span, mu, mask, spks, cond = (v.to(dtype) if torch.is_tensor(v) else v
+                                       for v in (x, t_span, mu, mask, spks, cond))
+    for t, r in zip(t_span[:-1], t_span[1:], strict=True):
+        t_in = t.unsqueeze(0).expand(x.shape[0])
+        dxdt = self.estimator.forward(x=x, mask=mask, mu=mu, t=t_in, spks=spks, cond=cond)
+        x = x + (r - t) * dxdt
+    return x.to(in_dtype)

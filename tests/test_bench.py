@@ -1,0 +1,62 @@
+"""The benchmark: like-with-like rows, errors as rows, the documented JSON shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from chatterbox_demo import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KEYS = {"preset", "t3_tokens_per_s", "total_s", "s3gen_s", "conditioning_s", "rtf",
+            "peak_mem_mb", "speedup", "warmup_s", "t3_s", "watermark_s", "t3_gb_per_s",
+            "logits_cosine", "top1_agreement", "mel_snr_db"}
+
+
+def test_rows_compare_like_with_like_and_a_failure_is_a_row(tiny_manager):
+    try:
+        result = bench.run(tiny_manager, ["baseline", "gpu-fast", "cpu-fast"],
+                           voice="calm-mid", tokens=12, repeats=2, log=lambda line: None)
+    finally:
+        tiny_manager.apply_preset("cached")
+    baseline, gpu, fast = result["rows"]
+    assert ROW_KEYS <= set(baseline) and ROW_KEYS <= set(fast)
+    # The stop token is masked: every row decodes exactly the budget.
+    assert baseline["t3_tokens"] == fast["t3_tokens"] == 12
+    assert baseline["speedup"] == 1.0
+    assert fast["speedup"] == round(baseline["total_s"] / fast["total_s"], 2)
+    assert baseline["voice_source"] == "computed" and fast["voice_source"] == "memory"
+    assert "unavailable on cpu" in gpu["error"] and "total_s" not in gpu
+    assert baseline["mel_snr_db"] == float("inf") and baseline["logits_cosine"] == 1.0
+    assert fast["t3_weights_mb"] < baseline["t3_weights_mb"]
+    assert result["machine"]["device"] == "cpu" and result["settings"]["tokens"] == 12
+    markdown = bench.to_markdown(result)
+    assert markdown.count("\n| ") == 4  # header and three rows
+    assert "| gpu-fast | error:" in markdown
+
+
+def test_cli_bench_writes_json_markdown_and_plot(tmp_path, session_cache):
+    md, png = tmp_path / "bench.md", tmp_path / "bench.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatterbox_demo", "bench", "--weights", "tiny",
+         "--presets", "cached,cpu-turbo", "--tokens", "10", "--no-fidelity", "--json",
+         "--markdown", str(md), "--plot", str(png)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CHATTERBOX_DEMO_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert [r["preset"] for r in result["rows"]] == ["cached", "cpu-turbo"]
+    assert {"machine", "rows"} <= set(result)
+    assert "cpu-turbo" in md.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_refuses_an_unknown_preset_before_measuring():
+    proc = subprocess.run([sys.executable, "-m", "chatterbox_demo", "bench", "--weights",
+                           "tiny", "--presets", "baseline,warp-speed"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: Unknown preset 'warp-speed'")

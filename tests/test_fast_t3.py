@@ -1,0 +1,148 @@
+"""The fast T3 decoder computes what the stock one does, and samples the same way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TopPLogitsWarper,
+)
+
+from chatterbox_demo.fast_t3 import FastT3Decoder, StaticKVCache, sample_token
+from chatterbox_demo.pipeline import t3_cond_for
+
+VOCAB = 8194
+START, STOP = 6561, 6562
+
+
+@pytest.fixture(scope="module")
+def model(tiny_manager):
+    tts = tiny_manager.load().tts
+    voice = tiny_manager.library.get("calm-mid")
+    conds, _ = tiny_manager.library.conditionals(voice)
+    return tts, conds
+
+
+def text_batch(tts, text="Hello world, a test.") -> torch.Tensor:
+    tokens = tts.tokenizer.text_to_tokens(text)
+    tokens = torch.cat([tokens, tokens])
+    return F.pad(F.pad(tokens, (1, 0), value=255), (0, 1), value=0)
+
+
+def prefix_embeds(t3, conds, text_tokens) -> torch.Tensor:
+    cond = t3_cond_for(conds, 0.5, "cpu")
+    start = START * torch.ones_like(text_tokens[:, :1])
+    embeds, _ = t3.prepare_input_embeds(t3_cond=cond, text_tokens=text_tokens,
+                                        speech_tokens=start, cfg_weight=0.5)
+    bos = t3.speech_emb(start[:1]) + t3.speech_pos_emb.get_fixed_embedding(0)
+    return torch.cat([embeds, bos.expand(2, -1, -1)], dim=1)
+
+
+def test_teacher_forced_logits_match_the_hf_model(model):
+    """Prefill and 12 decode steps through our static cache against HF's dynamic cache
+    with upstream's flags (eager attention outputs): the same logits."""
+    tts, conds = model
+    t3 = tts.t3
+    with torch.inference_mode():
+        embeds = prefix_embeds(t3, conds, text_batch(tts))
+        reference = t3.tfmr(inputs_embeds=embeds, use_cache=True, output_attentions=True,
+                            output_hidden_states=True)
+        past = reference.past_key_values
+        decoder = FastT3Decoder(t3)
+        cache = StaticKVCache(len(t3.tfmr.layers), 2, 16, embeds.shape[1] + 16, 64,
+                              torch.float32, "cpu")
+        ours = decoder.forward(embeds, cache, 0)
+        expected = t3.speech_head(reference.hidden_states[-1])[:, -1]
+        assert torch.allclose(ours, expected, atol=1e-4)
+        for step in range(12):
+            token = torch.tensor([[100 + 37 * step]])
+            embed = t3.speech_emb(token) + t3.speech_pos_emb.get_fixed_embedding(step + 1)
+            embed = embed.expand(2, -1, -1)
+            out = t3.tfmr(inputs_embeds=embed, past_key_values=past, use_cache=True,
+                          output_attentions=True, output_hidden_states=True)
+            past = out.past_key_values
+            expected = t3.speech_head(out.hidden_states[-1])[:, -1]
+            ours = decoder.forward(embed, cache, embeds.shape[1] + step)
+            assert torch.allclose(ours, expected, atol=1e-4), f"step {step}"
+
+
+@pytest.mark.parametrize("temperature, repetition_penalty, min_p, top_p, cfg", [
+    (0.8, 1.2, 0.05, 1.0, 0.5),  # upstream defaults
+    (1.0, 1.0, 0.0, 1.0, 0.0),
+    (0.5, 1.5, 0.1, 0.9, 1.0),
+    (1.3, 1.1, 0.0, 0.5, 0.3),
+])
+def test_sampling_matches_upstream_processors(temperature, repetition_penalty, min_p, top_p,
+                                              cfg):
+    """Same logits, same seed: upstream's HF processor chain and ours draw the same token."""
+    generator = torch.Generator().manual_seed(7)
+    history = torch.tensor([[START, 5, 77, 77, 900]])
+    seen = torch.zeros(1, VOCAB, dtype=torch.bool)
+    seen[0, history[0]] = True
+    for trial in range(50):
+        logits = torch.randn(2, VOCAB, generator=generator) * 3
+        cond = logits[0:1] + cfg * (logits[0:1] - logits[1:2])
+        scores = RepetitionPenaltyLogitsProcessor(repetition_penalty)(history, cond.clone())
+        if temperature != 1.0:
+            scores = scores / temperature
+        scores = MinPLogitsWarper(min_p)(history, scores) if min_p > 0 else scores
+        scores = TopPLogitsWarper(top_p)(history, scores)
+        torch.manual_seed(trial)
+        expected = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)
+        torch.manual_seed(trial)
+        ours = sample_token(logits, seen, torch.tensor(cfg), temperature, repetition_penalty,
+                            min_p, top_p)
+        assert ours.item() == expected.item(), f"trial {trial}"
+
+
+def force_stop_at(t3, step_index: int):
+    """A hook making the stop token certain at decode call ``step_index`` (0 = prefill)."""
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        if calls["n"] == step_index:
+            output[..., STOP] = 1e4
+        calls["n"] += 1
+        return output
+
+    return t3.speech_head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("stop_at", [0, 5, 16, 17, 40])
+def test_stops_at_the_first_stop_token_whatever_the_check_interval(model, stop_at):
+    tts, conds = model
+    handle = force_stop_at(tts.t3, stop_at)
+    try:
+        tokens = FastT3Decoder(tts.t3, stop_check_every=16).generate(
+            t3_cond=t3_cond_for(conds, 0.5, "cpu"), text_tokens=text_batch(tts),
+            max_new_tokens=60)
+    finally:
+        handle.remove()
+    assert tokens.shape == (1, stop_at + 1)
+    assert tokens[0, -1].item() == STOP
+    assert (tokens[0, :-1] != STOP).all()
+
+
+def test_budget_is_respected_and_results_are_seeded(model):
+    tts, conds = model
+    decoder = FastT3Decoder(tts.t3)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(decoder.generate(t3_cond=t3_cond_for(conds, 0.5, "cpu"),
+                                     text_tokens=text_batch(tts), max_new_tokens=25))
+    assert runs[0].shape[1] <= 25
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_cfg_weight_zero_equals_unguided_logits():
+    logits = torch.randn(2, VOCAB)
+    seen = torch.zeros(1, VOCAB, dtype=torch.bool)
+    torch.manual_seed(0)
+    guided = sample_token(logits, seen, torch.tensor(0.0), 1.0, 1.0, 0.0, 1.0)
+    torch.manual_seed(0)
+    plain = sample_token(logits[:1], seen, torch.tensor(0.0), 1.0, 1.0, 0.0, 1.0)
+    assert guided.item() == plain.item()

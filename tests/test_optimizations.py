@@ -1,0 +1,197 @@
+"""Optimizations: what each transform changes, where it can run, how close it stays."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from chatterbox_demo import fidelity, optimizations
+from chatterbox_demo.config import BASELINE, PRESETS, GenerationParams, OptimizationConfig
+from chatterbox_demo.optimizations import (
+    build_s3gen,
+    build_t3,
+    cfm_without_cfg,
+    module_bytes,
+    unavailable_reason,
+)
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_manager):
+    return tiny_manager.load().tts
+
+
+@pytest.fixture(scope="module")
+def conds(tiny_manager):
+    return tiny_manager.library.conditionals(tiny_manager.library.get("calm-mid"))[0]
+
+
+def linear_bytes(module: nn.Module) -> int:
+    return sum(module_bytes(m) for m in module.modules()
+               if isinstance(m, nn.Linear) or type(m).__name__ == "Linear")
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def test_default_config_is_the_stock_path():
+    assert OptimizationConfig() == BASELINE == PRESETS["baseline"]
+    assert not BASELINE.cached_conditionals and BASELINE.t3_decoder == "stock"
+    assert BASELINE.cfm_steps == 10 and BASELINE.cfm_cfg
+
+
+@pytest.mark.parametrize("field, value", [
+    ("t3_dtype", "fp8"), ("t3_quant", "int4"), ("t3_decoder", "turbo"),
+    ("compile_mode", "fast"), ("cfm_steps", 0), ("cpu_threads", 0),
+])
+def test_bad_config_values_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        OptimizationConfig(**{field: value})
+
+
+def test_quantization_needs_fp32_weights():
+    with pytest.raises(ValueError, match="fp32"):
+        OptimizationConfig(t3_dtype="bf16", t3_quant="int8-dynamic")
+
+
+def test_presets_with_one_optimization_differ_from_cached_in_one_place():
+    cached = dataclasses.asdict(PRESETS["cached"])
+    for name in ("fast-decoder", "s3gen-bf16", "s3gen-int8"):
+        changed = {k for k, v in dataclasses.asdict(PRESETS[name]).items() if cached[k] != v}
+        assert len(changed) == 1, (name, changed)
+
+
+def test_cpu_fast_keeps_upstream_semantics_and_turbo_does_not():
+    assert not PRESETS["cpu-fast"].changes_output
+    assert PRESETS["cpu-turbo"].changes_output
+
+
+@pytest.mark.parametrize("config, device, words", [
+    (OptimizationConfig(t3_quant="int8-dynamic"), "cuda", "CPU kernels only"),
+    (OptimizationConfig(s3gen_quant="int8-dynamic"), "mps", "CPU kernels only"),
+    (OptimizationConfig(t3_dtype="fp16"), "cpu", "fp16"),
+    (OptimizationConfig(tf32=True), "cpu", "CUDA settings"),
+    (OptimizationConfig(compile_mode="reduce-overhead"), "cpu", "CUDA graphs"),
+])
+def test_options_that_cannot_run_say_why(config, device, words):
+    assert words in unavailable_reason(config, device)
+
+
+def test_torchao_absence_is_a_reason(monkeypatch):
+    monkeypatch.setattr(optimizations, "HAS_TORCHAO", False)
+    reason = unavailable_reason(OptimizationConfig(t3_quant="int8-weight-only"), "cuda")
+    assert "torchao" in reason
+
+
+def test_every_cpu_preset_but_gpu_fast_runs_on_cpu():
+    runnable = {name for name, c in PRESETS.items() if unavailable_reason(c, "cpu") is None}
+    assert runnable == set(PRESETS) - {"gpu-fast"}
+    assert unavailable_reason(PRESETS["gpu-fast"], "cuda") is None
+
+
+# --- transforms --------------------------------------------------------------------------------
+
+
+def test_baseline_shares_the_pristine_modules(tts):
+    assert build_t3(tts.t3, BASELINE) is tts.t3
+    assert build_s3gen(tts.s3gen, BASELINE) is tts.s3gen
+
+
+def test_bf16_copy_leaves_the_pristine_weights_alone(tts):
+    before = {k: v.clone() for k, v in tts.t3.tfmr.state_dict().items()}
+    t3 = build_t3(tts.t3, OptimizationConfig(t3_dtype="bf16"))
+    assert t3 is not tts.t3 and t3.speech_emb.weight.dtype == torch.bfloat16
+    after = tts.t3.tfmr.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v)
+               for k, v in before.items())
+
+
+def test_int8_dynamic_replaces_linear_layers_and_halves_their_memory(tts):
+    t3 = build_t3(tts.t3, OptimizationConfig(t3_quant="int8-dynamic"))
+    quantized = [m for m in t3.tfmr.modules() if "quantized" in type(m).__module__]
+    plain = [m for m in t3.tfmr.modules() if type(m) is nn.Linear]
+    assert quantized and not plain
+    # The issue's target: int8 T3 weights at least 50% smaller than fp32.
+    assert linear_bytes(t3.tfmr) <= 0.5 * linear_bytes(tts.t3.tfmr)
+
+
+def test_s3gen_precision_touches_only_the_estimator(tts):
+    s3gen = build_s3gen(tts.s3gen, OptimizationConfig(s3gen_dtype="bf16"))
+    assert next(s3gen.flow.decoder.estimator.parameters()).dtype == torch.bfloat16
+    for part in (s3gen.mel2wav, s3gen.tokenizer, s3gen.speaker_encoder, s3gen.flow.encoder):
+        assert next(part.parameters()).dtype == torch.float32
+
+
+def test_cfm_without_cfg_equals_upstream_with_zero_guidance(tts, conds):
+    """Skipping the unconditional half is exact when the guidance rate is 0, and the
+    upstream solver is back afterwards."""
+    tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(1))
+    decoder = tts.s3gen.flow.decoder
+    saved = decoder.inference_cfg_rate
+    decoder.inference_cfg_rate = 0.0
+    try:
+        expected = fidelity.mel(tts.s3gen, conds, tokens, 10, cfg=True)
+    finally:
+        decoder.inference_cfg_rate = saved
+    ours = fidelity.mel(tts.s3gen, conds, tokens, 10, cfg=False)
+    assert torch.allclose(ours, expected, atol=1e-4)
+    assert "solve_euler" not in decoder.__dict__
+    with cfm_without_cfg(tts.s3gen):
+        assert "solve_euler" in decoder.__dict__
+    assert "solve_euler" not in decoder.__dict__
+
+
+# --- fidelity promises (docs/benchmarks.md states the same thresholds) ---------------------------
+
+SEMANTICS_KEEPING = [n for n, c in PRESETS.items()
+                     if not c.changes_output and unavailable_reason(c, "cpu") is None]
+
+
+@pytest.mark.parametrize("name", SEMANTICS_KEEPING)
+def test_presets_keeping_upstream_semantics_agree_with_fp32(tiny_manager, name):
+    from chatterbox_demo.bench import fidelity_row
+
+    tokens = torch.randint(0, 6561, (40,), generator=torch.Generator().manual_seed(0))
+    row = fidelity_row(tiny_manager, PRESETS[name], "Fidelity check.", "calm-mid", tokens)
+    assert row["logits_cosine"] >= 0.999
+    # Random weights give nearly flat logits, where near-ties make top-1 the most fragile
+    # figure; real weights are far more peaked.
+    assert row["top1_agreement"] >= 0.8
+    assert row["mel_snr_db"] >= 25.0
+
+
+def test_manager_switches_without_reloading_and_keeps_voices(tiny_manager, monkeypatch):
+    from chatterbox_demo import weights
+
+    monkeypatch.setattr(weights, "load", lambda *a, **k: pytest.fail("weights reloaded"))
+    voices = tiny_manager.library.names()
+    try:
+        for name in ("t3-int8", "baseline", "cpu-fast", "cached"):
+            tiny_manager.apply_preset(name)
+            assert tiny_manager.preset == name and tiny_manager.config == PRESETS[name]
+            assert tiny_manager.library.names() == voices
+            result = tiny_manager.generate("Switch check.", "calm-mid",
+                                           GenerationParams(max_new_tokens=10))
+            assert result.report["preset"] == name
+    finally:
+        tiny_manager.apply_preset("cached")
+
+
+def test_unavailable_config_is_refused_and_changes_nothing(tiny_manager):
+    before = (tiny_manager.preset, tiny_manager.config)
+    with pytest.raises(ValueError, match="cannot run on cpu.*CUDA settings"):
+        tiny_manager.apply_preset("gpu-fast")
+    assert (tiny_manager.preset, tiny_manager.config) == before
+
+
+def test_variant_cache_is_bounded_and_says_so(tiny_manager, monkeypatch):
+    from chatterbox_demo import manager as manager_module
+
+    monkeypatch.setattr(manager_module, "MAX_VARIANTS", 1)
+    tiny_manager.variant(PRESETS["t3-bf16"])
+    tiny_manager.variant(PRESETS["t3-int8"])
+    assert len(tiny_manager._t3_variants) == 1
+    assert any("dropped to bound memory" in notice for notice in tiny_manager.notices)
