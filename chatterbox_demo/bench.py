@@ -123,17 +123,21 @@ def measure(manager: ModelManager, config, text: str, voice: str | None,
     return row
 
 
-def fidelity_row(manager: ModelManager, config, text: str, voice: str | None,
-                 speech_tokens: torch.Tensor) -> dict:
-    """T3 logits and S3Gen mel agreement of ``config`` with fp32 stock, same inputs."""
+def fidelity_row(manager: ModelManager, config, text: str, voice: str,
+                 speech_tokens: torch.Tensor, references: dict | None = None) -> dict:
+    """T3 logits and S3Gen mel agreement of ``config`` with fp32 stock, same inputs.
+    ``references`` caches the fp32 outputs across rows of one run."""
     tts = manager.load().tts
     t3, s3gen = manager.variant(config)
-    conds, _ = manager.library.conditionals(manager.library.get(voice)) if voice else \
-        manager.library.conditionals(manager.library.list()[0])
+    conds, _ = manager.library.conditionals(manager.library.get(voice))
     text_tokens = tts.tokenizer.text_to_tokens(punc_norm(text))
     text_tokens = F.pad(F.pad(text_tokens, (1, 0), value=t3.hp.start_text_token),
                         (0, 1), value=t3.hp.stop_text_token)
-    result = fidelity.measure(tts.t3, tts.s3gen, t3, s3gen, conds, text_tokens, speech_tokens,
+    references = {} if references is None else references
+    if "ref" not in references:
+        references["ref"] = fidelity.reference(tts.t3, tts.s3gen, conds, text_tokens,
+                                               speech_tokens)
+    result = fidelity.measure(references["ref"], t3, s3gen, conds, text_tokens, speech_tokens,
                               config.cfm_steps, config.cfm_cfg)
     return {"logits_cosine": round(result.logits_cosine, 5),
             "top1_agreement": round(result.top1_agreement, 4),
@@ -151,6 +155,7 @@ def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
     generator = torch.Generator().manual_seed(seed)
     fixed_tokens = torch.randint(0, 6561, (tokens,), generator=generator)
     rows = []
+    references: dict = {}
     for name in presets:
         log(f"[bench] {name} ...")
         row = {"preset": name}
@@ -163,7 +168,8 @@ def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
                                ignore_stop=True))
             del row["synthesis"]
             if with_fidelity:
-                row.update(fidelity_row(manager, config, text, voice, fixed_tokens))
+                row.update(fidelity_row(manager, config, text, voice, fixed_tokens,
+                                        references))
         except Exception as exc:  # report and go on to the next preset
             row["error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
 from chatterbox.tts import Conditionals
 
+from .config import UPSTREAM_CFM_STEPS
 from .optimizations import cfm_without_cfg
 from .pipeline import t3_cond_for
 
@@ -65,14 +67,26 @@ def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> tuple[float,
     return cosine, top1
 
 
-def measure(pristine_t3, pristine_s3gen, t3, s3gen, conds: Conditionals,
-            text_tokens: torch.Tensor, speech_tokens: torch.Tensor, cfm_steps: int,
-            cfm_cfg: bool) -> Fidelity:
-    """Agreement of (t3, s3gen, CFM settings) with the pristine fp32 pair at upstream
-    settings (10 steps, CFG on), on the same tokens and noise."""
+@dataclass
+class Reference:
+    """The fp32 stock outputs every variant is held against, computed once per run."""
+
+    logits: torch.Tensor
+    mel: torch.Tensor
+
+
+def reference(pristine_t3, pristine_s3gen, conds: Conditionals, text_tokens: torch.Tensor,
+              speech_tokens: torch.Tensor) -> Reference:
+    valid = speech_tokens[speech_tokens < SPEECH_VOCAB_SIZE]
+    return Reference(teacher_forced_logits(pristine_t3, conds, text_tokens, speech_tokens),
+                     mel(pristine_s3gen, conds, valid, UPSTREAM_CFM_STEPS, True))
+
+
+def measure(ref: Reference, t3, s3gen, conds: Conditionals, text_tokens: torch.Tensor,
+            speech_tokens: torch.Tensor, cfm_steps: int, cfm_cfg: bool) -> Fidelity:
+    """Agreement of (t3, s3gen, CFM settings) with the fp32 stock reference (10 steps,
+    CFG on), on the same tokens and noise."""
     cosine, top1 = compare_logits(
-        teacher_forced_logits(pristine_t3, conds, text_tokens, speech_tokens),
-        teacher_forced_logits(t3, conds, text_tokens, speech_tokens))
-    valid = speech_tokens[speech_tokens < 6561]
-    reference = mel(pristine_s3gen, conds, valid, 10, True)
-    return Fidelity(cosine, top1, snr_db(reference, mel(s3gen, conds, valid, cfm_steps, cfm_cfg)))
+        ref.logits, teacher_forced_logits(t3, conds, text_tokens, speech_tokens))
+    valid = speech_tokens[speech_tokens < SPEECH_VOCAB_SIZE]
+    return Fidelity(cosine, top1, snr_db(ref.mel, mel(s3gen, conds, valid, cfm_steps, cfm_cfg)))
