@@ -58,6 +58,20 @@ def _layer_forward(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
+_COMPILED_STEPS: dict[str, object] = {}
+
+
+def layer_step(compile_mode: str):
+    """The per-layer step, compiled once per process and mode when asked: this is the
+    fast decoder's hot path, so it is what ``torch.compile`` targets."""
+    if compile_mode == "off":
+        return _layer_forward
+    if compile_mode not in _COMPILED_STEPS:
+        options = {} if compile_mode == "default" else {"mode": compile_mode}
+        _COMPILED_STEPS[compile_mode] = torch.compile(_layer_forward, dynamic=True, **options)
+    return _COMPILED_STEPS[compile_mode]
+
+
 class FastT3Decoder:
     """Decode speech tokens from a T3 with a static cache and on-device sampling."""
 
@@ -77,9 +91,10 @@ class FastT3Decoder:
         steps = embeds.shape[1]
         positions = torch.arange(start, start + steps, device=embeds.device).unsqueeze(0)
         cos, sin = tfmr.rotary_emb(embeds, positions)
+        step = layer_step(getattr(self.t3, "compile_mode", "off"))
         x = embeds
         for i, layer in enumerate(tfmr.layers):
-            x = _layer_forward(layer, x, cos, sin, cache.k[i], cache.v[i], start)
+            x = step(layer, x, cos, sin, cache.k[i], cache.v[i], start)
         x = tfmr.norm(x[:, -1:])
         return self.t3.speech_head(x)[:, -1].float()
 

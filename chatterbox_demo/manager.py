@@ -122,6 +122,8 @@ class ModelManager:
         self._t3_variants: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
         self._s3gen_variants: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
         self.notices: list[str] = []  # things the UI should say (evictions, fallbacks)
+        self._warmed: set[tuple] = set()  # compiled variants already run once
+        self.last_apply_s = 0.0  # build plus warm-up time of the last switch
 
     # --- the process-wide instance ------------------------------------------------------
 
@@ -224,10 +226,22 @@ class ModelManager:
             raise ValueError(f"This configuration cannot run on {self.device}: {reason}")
         with self.lock:
             self.load()
+            started = time.perf_counter()
             self.variant(config)
+            if config.compile_mode != "off" and config.variant_key() not in self._warmed:
+                # torch.compile compiles on first call: pay that here, not in a user's
+                # first generation, and report it apart.
+                self._warm_up(config)
+                self._warmed.add(config.variant_key())
+            self.last_apply_s = time.perf_counter() - started
             self.preset = name or self._preset_name(config)
             self.config = config
         return config
+
+    def _warm_up(self, config: OptimizationConfig) -> None:
+        voice = self._default_voice()
+        self.generate("Warming up.", voice, GenerationParams(max_new_tokens=8), config,
+                      ignore_stop=True)
 
     def variant(self, config: OptimizationConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
         """The (t3, s3gen) pair ``config`` runs on, built and cached on first use."""
@@ -253,6 +267,7 @@ class ModelManager:
         module = cache[key]
         while len(cache) > MAX_VARIANTS:  # the one just used is last, so never dropped
             old_key, _ = cache.popitem(last=False)
+            self._warmed.clear()  # a rebuilt variant compiles again: warm it up again
             self.notices.append(f"{label} variant {'/'.join(old_key)} was dropped to bound "
                                 "memory; using it again rebuilds it")
             log.info(self.notices[-1])

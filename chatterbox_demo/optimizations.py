@@ -131,8 +131,11 @@ def build_t3(pristine: T3, config: OptimizationConfig) -> T3:
     elif config.t3_quant == "int8-weight-only":
         apply_t3_int8_weight_only(t3)
     if config.compile_mode != "off":
+        # The stock decoder calls each layer's forward; the fast decoder calls its own
+        # per-layer step, which it compiles when it finds this attribute.
         for layer in t3.tfmr.layers:
             apply_compile(layer, config.compile_mode)
+        t3.compile_mode = config.compile_mode
     return t3.eval()
 
 

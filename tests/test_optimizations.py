@@ -195,3 +195,24 @@ def test_variant_cache_is_bounded_and_says_so(tiny_manager, monkeypatch):
     tiny_manager.variant(PRESETS["t3-int8"])
     assert len(tiny_manager._t3_variants) == 1
     assert any("dropped to bound memory" in notice for notice in tiny_manager.notices)
+
+
+@pytest.mark.slow
+def test_compiled_variant_warms_up_on_apply_and_agrees_with_fp32(tiny_manager):
+    """torch.compile (default mode, CPU): compiled on apply, not in the first generation,
+    and numerically the same model. Compiling costs about 2 minutes here."""
+    from chatterbox_demo.bench import fidelity_row
+
+    config = dataclasses.replace(PRESETS["fast-decoder"], compile_mode="default")
+    try:
+        tiny_manager.apply(config)
+        assert tiny_manager.last_apply_s > 1.0  # the warm-up compiled something
+        tiny_manager.apply(config)
+        assert tiny_manager.last_apply_s < 1.0  # and only once
+        result = tiny_manager.generate("Compiled.", "calm-mid", GenerationParams(max_new_tokens=12))
+        assert result.report["timings"]["build_s"] < 1.0
+        tokens = torch.randint(0, 6561, (30,), generator=torch.Generator().manual_seed(0))
+        row = fidelity_row(tiny_manager, config, "Compiled.", "calm-mid", tokens)
+        assert row["logits_cosine"] >= 0.999 and row["mel_snr_db"] >= 25.0
+    finally:
+        tiny_manager.apply_preset("cached")

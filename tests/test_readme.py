@@ -29,7 +29,8 @@ def test_every_cli_example_parses(line):
 
 
 def test_every_weights_value_in_the_table_is_accepted():
-    values = re.findall(r"^\| `([^`]+)`", README, flags=re.MULTILINE)
+    section = README.split("## Weights", 1)[1].split("\n## ", 1)[0]
+    values = re.findall(r"^\| `([^`]+)`", section, flags=re.MULTILINE)
     assert {"auto", "hub", "local:DIR", "random", "tiny"} <= set(values)
     for value in values:
         weights.parse_source(value)
@@ -53,3 +54,10 @@ def test_spaces_front_matter_matches_the_pinned_gradio():
     pinned = re.search(r"^gradio==(\S+)", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
     assert f"sdk_version: {pinned.group(1)}" in front
     assert "app_file: app.py" in front and "sdk: gradio" in front
+
+
+def test_readme_lists_every_preset():
+    from chatterbox_demo.config import PRESETS
+
+    for name in PRESETS:
+        assert f"`{name}`" in README, name
