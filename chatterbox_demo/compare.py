@@ -46,7 +46,9 @@ class Comparison:
         table = []
         for key, label, higher_better in FIGURES:
             a, b = self.a.get(key), self.b.get(key)
-            table.append([label, a, b, _ratio(b, a) if higher_better else _ratio(a, b)])
+            speedup = _ratio(b, a) if higher_better else _ratio(a, b)
+            # A zero on either side (a stage B skipped entirely) has no meaningful ratio.
+            table.append([label, a, b, "–" if speedup is None else speedup])
         return table
 
 
