@@ -138,7 +138,7 @@ def fidelity_row(manager: ModelManager, config, text: str, voice: str,
         references["ref"] = fidelity.reference(tts.t3, tts.s3gen, conds, text_tokens,
                                                speech_tokens)
     result = fidelity.measure(references["ref"], t3, s3gen, conds, text_tokens, speech_tokens,
-                              config.cfm_steps, config.cfm_cfg)
+                              config.cfm_steps, config.cfm_cfg, config.prompt_seconds)
     return {"logits_cosine": round(result.logits_cosine, 5),
             "top1_agreement": round(result.top1_agreement, 4),
             "mel_snr_db": round(result.mel_snr_db, 2)}
@@ -146,8 +146,9 @@ def fidelity_row(manager: ModelManager, config, text: str, voice: str,
 
 def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
         voice: str | None = None, tokens: int = 100, repeats: int = 1, seed: int = 0,
-        with_fidelity: bool = True, log=print) -> dict:
-    """Measure each preset in turn; a preset that fails becomes a row with its error."""
+        with_fidelity: bool = True, log=print, configs: dict | None = None) -> dict:
+    """Measure each preset in turn; a preset that fails becomes a row with its error.
+    ``configs`` maps extra names (the sweep's points) to configurations."""
     manager.load()
     voice = voice or manager.library.names()[0]
     params = GenerationParams(seed=seed, max_new_tokens=tokens)
@@ -160,7 +161,7 @@ def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
         log(f"[bench] {name} ...")
         row = {"preset": name}
         try:
-            config = get_preset(name)
+            config = configs[name] if configs and name in configs else get_preset(name)
             reason = unavailable_reason(config, manager.device)
             if reason:
                 raise ValueError(f"unavailable on {manager.device}: {reason}")
@@ -241,6 +242,29 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"{result['settings']['tokens']} speech tokens on {result['machine']['device']}")
     ax.legend()
     plt.xticks(rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_tradeoff(result: dict, path: Path) -> None:
+    """S3Gen seconds against mel SNR per row: what each audio-changing knob buys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "s3gen_s" in r and "mel_snr_db" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        snr = min(row["mel_snr_db"], 60.0)  # identical output plots at the top, not at inf
+        ax.scatter(row["s3gen_s"], snr)
+        ax.annotate(row["preset"], (row["s3gen_s"], snr), textcoords="offset points",
+                    xytext=(5, 4), fontsize=9)
+    ax.set_xlabel("S3Gen seconds (median)")
+    ax.set_ylabel("mel SNR against fp32 upstream, dB (60 = identical)")
+    ax.set_title(f"Speed and fidelity, {result['settings']['tokens']} speech tokens")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

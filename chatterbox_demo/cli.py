@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import bench
 from .audio import write_wav
-from .config import PRESETS, RANGES, GenerationParams, check_number, get_preset
+from .config import PRESETS, RANGES, SWEEP, GenerationParams, check_number, get_preset
 from .manager import DEVICES, ModelManager, check_text
 from .pipeline import GenerationError
 from .voices import name_key
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--no-fidelity", action="store_true",
                        help="skip the agreement-with-fp32 measurements")
+    bench.add_argument("--sweep", action="store_true",
+                       help="measure the speed-fidelity sweep (CFM steps, CFG in the CFM, "
+                            "reference prompt length) instead of --presets")
     bench.add_argument("--markdown", type=Path, default=None, help="write a markdown table")
     bench.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart")
 
@@ -151,19 +154,22 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
 
 def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
     presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+    if args.sweep:
+        presets = list(SWEEP)
     for name in presets:
-        get_preset(name)  # an unknown name fails before minutes of measuring
+        if name not in SWEEP:
+            get_preset(name)  # an unknown name fails before minutes of measuring
     check_number("--tokens", args.tokens, 2, RANGES["max_new_tokens"][1], integer=True)
     check_number("--repeats", args.repeats, 1, 100, integer=True)
     result = bench.run(manager, presets, text=args.text or bench.DEFAULT_TEXT,
                        voice=args.voice, tokens=args.tokens, repeats=args.repeats,
-                       seed=args.seed, with_fidelity=not args.no_fidelity,
+                       seed=args.seed, with_fidelity=not args.no_fidelity, configs=SWEEP,
                        log=lambda line: print(line, file=sys.stderr, flush=True))
     markdown = bench.to_markdown(result)
     if args.markdown:
         args.markdown.write_text(markdown)
     if args.plot:
-        bench.plot(result, args.plot)
+        (bench.plot_tradeoff if args.sweep else bench.plot)(result, args.plot)
     return _dump(result) if args.json else markdown
 
 

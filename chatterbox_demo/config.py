@@ -115,6 +115,10 @@ class OptimizationConfig:
     # Classifier-free guidance inside the CFM doubles its batch; off halves the work and
     # changes the audio.
     cfm_cfg: bool = True
+    # Seconds of the reference clip S3Gen conditions on (upstream: all of its 10 s). The
+    # CFM's cost grows with prompt plus output frames, so a shorter prompt is faster; it
+    # changes the audio.
+    prompt_seconds: float | None = None
     # torch.compile of the hot parts (T3 decode step, CFM estimator, HiFT), warmed up when
     # the configuration is applied.
     compile_mode: str = "off"
@@ -132,6 +136,8 @@ class OptimizationConfig:
                 raise ValueError(f"{name} must be one of {', '.join(choices)} "
                                  f"(got {getattr(self, name)!r})")
         check_number("cfm_steps", self.cfm_steps, 1, 50, integer=True)
+        if self.prompt_seconds is not None:
+            check_number("prompt_seconds", self.prompt_seconds, 0.5, 10.0)
         if self.cpu_threads is not None:
             check_number("cpu_threads", self.cpu_threads, 1, 256, integer=True)
         if self.t3_quant != "none" and self.t3_dtype != "fp32":
@@ -141,7 +147,8 @@ class OptimizationConfig:
     def changes_output(self) -> bool:
         """True when the audio is meant to differ from upstream's (fewer CFM steps or no
         CFG in the CFM), as opposed to differing by numerics only."""
-        return self.cfm_steps != UPSTREAM_CFM_STEPS or not self.cfm_cfg
+        return (self.cfm_steps != UPSTREAM_CFM_STEPS or not self.cfm_cfg
+                or self.prompt_seconds is not None)
 
     def variant_key(self) -> tuple:
         """The fields that need their own copy of the weights."""
@@ -191,6 +198,19 @@ PRESET_DESCRIPTIONS = {
 DEFAULT_PRESET = "cached"
 # What the app starts on, per device: the fastest preset that keeps upstream semantics.
 DEVICE_PRESETS = {"cpu": "cpu-fast", "cuda": "gpu-fast", "mps": "cached"}
+
+
+# The points of the speed-fidelity sweep (`bench --sweep`): cpu-fast with one knob that
+# changes the audio moved at a time.
+SWEEP = {
+    "cfm-10-steps": replace(PRESETS["cpu-fast"]),
+    "cfm-8-steps": replace(PRESETS["cpu-fast"], cfm_steps=8),
+    "cfm-6-steps": replace(PRESETS["cpu-fast"], cfm_steps=6),
+    "cfm-4-steps": replace(PRESETS["cpu-fast"], cfm_steps=4),
+    "cfm-no-cfg": replace(PRESETS["cpu-fast"], cfm_cfg=False),
+    "prompt-6s": replace(PRESETS["cpu-fast"], prompt_seconds=6.0),
+    "prompt-3s": replace(PRESETS["cpu-fast"], prompt_seconds=3.0),
+}
 
 
 def get_preset(name: str) -> OptimizationConfig:

@@ -19,7 +19,7 @@ from chatterbox.tts import Conditionals
 
 from .config import UPSTREAM_CFM_STEPS
 from .optimizations import cfm_without_cfg
-from .pipeline import t3_cond_for
+from .pipeline import t3_cond_for, trim_prompt
 
 
 @dataclass
@@ -46,16 +46,21 @@ def teacher_forced_logits(t3, conds: Conditionals, text_tokens: torch.Tensor,
 
 
 def mel(s3gen, conds: Conditionals, speech_tokens: torch.Tensor, steps: int, cfg: bool,
-        seed: int = 0) -> torch.Tensor:
+        seed: int = 0, prompt_seconds: float | None = None) -> torch.Tensor:
     """S3Gen's output mel for ``speech_tokens`` with the CFM noise drawn from ``seed``."""
     torch.manual_seed(seed)
     with cfm_without_cfg(s3gen) if not cfg else nullcontext():
-        out = s3gen.flow_inference(speech_tokens.view(1, -1), ref_dict=dict(conds.gen),
+        out = s3gen.flow_inference(speech_tokens.view(1, -1),
+                                   ref_dict=trim_prompt(conds.gen, prompt_seconds),
                                    n_cfm_timesteps=steps, finalize=True)
     return out.float()
 
 
 def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    # A different reference-prompt length can shift the output by one mel frame (upstream
+    # derives the output length from prompt tokens x 2 minus prompt mel frames).
+    frames = min(reference.shape[-1], other.shape[-1])
+    reference, other = reference[..., :frames], other[..., :frames]
     noise = (reference - other).pow(2).sum().item()
     signal = reference.pow(2).sum().item()
     return math.inf if noise == 0 else 10 * math.log10(signal / noise)
@@ -83,10 +88,12 @@ def reference(pristine_t3, pristine_s3gen, conds: Conditionals, text_tokens: tor
 
 
 def measure(ref: Reference, t3, s3gen, conds: Conditionals, text_tokens: torch.Tensor,
-            speech_tokens: torch.Tensor, cfm_steps: int, cfm_cfg: bool) -> Fidelity:
+            speech_tokens: torch.Tensor, cfm_steps: int, cfm_cfg: bool,
+            prompt_seconds: float | None = None) -> Fidelity:
     """Agreement of (t3, s3gen, CFM settings) with the fp32 stock reference (10 steps,
     CFG on), on the same tokens and noise."""
     cosine, top1 = compare_logits(
         ref.logits, teacher_forced_logits(t3, conds, text_tokens, speech_tokens))
     valid = speech_tokens[speech_tokens < SPEECH_VOCAB_SIZE]
-    return Fidelity(cosine, top1, snr_db(ref.mel, mel(s3gen, conds, valid, cfm_steps, cfm_cfg)))
+    other = mel(s3gen, conds, valid, cfm_steps, cfm_cfg, prompt_seconds=prompt_seconds)
+    return Fidelity(cosine, top1, snr_db(ref.mel, other))

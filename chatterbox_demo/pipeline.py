@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE, drop_invalid_tokens
+from chatterbox.models.s3tokenizer import S3_TOKEN_RATE, SPEECH_VOCAB_SIZE, drop_invalid_tokens
 from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.tts import ChatterboxTTS, Conditionals, punc_norm
 
@@ -57,6 +57,20 @@ def timed(device, into: dict, key: str):
     finally:
         sync(device)
         into[key] = time.perf_counter() - start
+
+
+def trim_prompt(gen: dict, seconds: float | None) -> dict:
+    """A copy of S3Gen's reference dict keeping its first ``seconds`` (all when None).
+    Always a copy: S3Gen casts the dict's tensors in place, which would silently change
+    the cached conditionals."""
+    ref = dict(gen)
+    if seconds is None:
+        return ref
+    tokens = int(seconds * S3_TOKEN_RATE)  # 25 prompt tokens per second
+    ref["prompt_token"] = ref["prompt_token"][:, :tokens]
+    ref["prompt_token_len"] = torch.clamp(ref["prompt_token_len"], max=tokens)
+    ref["prompt_feat"] = ref["prompt_feat"][:, : 2 * tokens]  # 2 mel frames per token
+    return ref
 
 
 @contextmanager
@@ -144,9 +158,7 @@ def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
                 "or a larger token budget."
             )
         with timed(device, times, "s3gen"):
-            # A shallow copy: S3Gen casts the dict's tensors in place, which would
-            # silently change the cached conditionals.
-            ref_dict = dict(conds.gen)
+            ref_dict = trim_prompt(conds.gen, config.prompt_seconds)
             with cfm_without_cfg(s3gen) if not config.cfm_cfg else nullcontext():
                 wav, _ = s3gen.inference(speech_tokens=speech_tokens, ref_dict=ref_dict,
                                          n_cfm_timesteps=config.cfm_steps)

@@ -60,3 +60,36 @@ def test_cli_bench_refuses_an_unknown_preset_before_measuring():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: Unknown preset 'warp-speed'")
+
+
+def test_trim_prompt_keeps_the_first_seconds_and_never_aliases():
+    import torch
+
+    from chatterbox_demo.pipeline import trim_prompt
+
+    gen = {"prompt_token": torch.arange(250).view(1, -1), "prompt_token_len": torch.tensor([250]),
+           "prompt_feat": torch.zeros(1, 500, 80), "prompt_feat_len": None,
+           "embedding": torch.ones(1, 192)}
+    trimmed = trim_prompt(gen, 3.0)
+    assert trimmed["prompt_token"].shape == (1, 75) and trimmed["prompt_token_len"].item() == 75
+    assert trimmed["prompt_feat"].shape == (1, 150, 80)
+    assert gen["prompt_token"].shape == (1, 250)  # the cached dict is untouched
+    full = trim_prompt(gen, None)
+    assert full is not gen and full["prompt_token"] is gen["prompt_token"]
+
+
+def test_sweep_points_change_the_output_and_are_measured(tiny_manager):
+    from chatterbox_demo.config import SWEEP
+
+    assert not SWEEP["cfm-10-steps"].changes_output
+    assert all(c.changes_output for n, c in SWEEP.items() if n != "cfm-10-steps")
+    try:
+        result = bench.run(tiny_manager, ["cfm-10-steps", "cfm-4-steps", "prompt-3s"],
+                           voice="calm-mid", tokens=10, configs=SWEEP, log=lambda line: None)
+    finally:
+        tiny_manager.apply_preset("cached")
+    rows = {r["preset"]: r for r in result["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    # Same model, upstream settings: as close to fp32 as cpu-fast is; the knobs move further.
+    assert rows["cfm-4-steps"]["mel_snr_db"] < rows["cfm-10-steps"]["mel_snr_db"]
+    assert rows["prompt-3s"]["mel_snr_db"] < rows["cfm-10-steps"]["mel_snr_db"]
