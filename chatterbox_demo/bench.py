@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
 from chatterbox.tts import punc_norm
 
 from . import fidelity
@@ -154,7 +155,7 @@ def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
     params = GenerationParams(seed=seed, max_new_tokens=tokens)
     # One fixed token sequence for every fidelity row: valid speech tokens from the seed.
     generator = torch.Generator().manual_seed(seed)
-    fixed_tokens = torch.randint(0, 6561, (tokens,), generator=generator)
+    fixed_tokens = torch.randint(0, SPEECH_VOCAB_SIZE, (tokens,), generator=generator)
     rows = []
     references: dict = {}
     for name in presets:
@@ -224,13 +225,19 @@ def write_json(result: dict, path: Path) -> None:
     Path(path).write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 
-def plot(result: dict, path: Path) -> None:
-    """Stacked per-stage seconds per preset."""
+def _pyplot():
+    """matplotlib's pyplot on a file-only backend (no display here), imported on demand."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(result: dict, path: Path) -> None:
+    """Stacked per-stage seconds per preset."""
+    plt = _pyplot()
     rows = [r for r in result["rows"] if "total_s" in r]
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.2), 4))
     bottom = [0.0] * len(rows)
@@ -249,11 +256,7 @@ def plot(result: dict, path: Path) -> None:
 
 def plot_tradeoff(result: dict, path: Path) -> None:
     """S3Gen seconds against mel SNR per row: what each audio-changing knob buys."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = [r for r in result["rows"] if "s3gen_s" in r and "mel_snr_db" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:
