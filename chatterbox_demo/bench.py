@@ -17,14 +17,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
-from chatterbox.tts import punc_norm
 
 from . import fidelity
 from .config import GenerationParams, get_preset
 from .manager import ModelManager, Synthesis
 from .optimizations import module_bytes, unavailable_reason
+from .pipeline import padded_text_tokens
 
 DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog, then rests in the warm "
                 "afternoon sun.")
@@ -131,9 +130,7 @@ def fidelity_row(manager: ModelManager, config, text: str, voice: str,
     tts = manager.load().tts
     t3, s3gen = manager.variant(config)
     conds, _ = manager.library.conditionals(manager.library.get(voice))
-    text_tokens = tts.tokenizer.text_to_tokens(punc_norm(text))
-    text_tokens = F.pad(F.pad(text_tokens, (1, 0), value=t3.hp.start_text_token),
-                        (0, 1), value=t3.hp.stop_text_token)
+    text_tokens = padded_text_tokens(tts, t3, text)
     references = {} if references is None else references
     if "ref" not in references:
         references["ref"] = fidelity.reference(tts.t3, tts.s3gen, conds, text_tokens,

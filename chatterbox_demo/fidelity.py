@@ -9,7 +9,6 @@ speech tokens and noise (SNR in dB).
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
 from chatterbox.tts import Conditionals
 
 from .config import UPSTREAM_CFM_STEPS
-from .optimizations import cfm_without_cfg
+from .optimizations import cfm_guidance
 from .pipeline import t3_cond_for, trim_prompt
 
 
@@ -49,7 +48,7 @@ def mel(s3gen, conds: Conditionals, speech_tokens: torch.Tensor, steps: int, cfg
         seed: int = 0, prompt_seconds: float | None = None) -> torch.Tensor:
     """S3Gen's output mel for ``speech_tokens`` with the CFM noise drawn from ``seed``."""
     torch.manual_seed(seed)
-    with cfm_without_cfg(s3gen) if not cfg else nullcontext():
+    with cfm_guidance(s3gen, cfg):
         out = s3gen.flow_inference(speech_tokens.view(1, -1),
                                    ref_dict=trim_prompt(conds.gen, prompt_seconds),
                                    n_cfm_timesteps=steps, finalize=True)

@@ -168,10 +168,13 @@ def module_bytes(module: nn.Module) -> int:
 
 
 @contextmanager
-def cfm_without_cfg(s3gen: S3Gen):
-    """Run S3Gen's CFM without the unconditional half of its batch (no CFG inside the CFM).
-    Mutates ``s3gen`` until the block exits, then restores upstream's solver; callers hold
-    the manager's lock, so no other call sees the change."""
+def cfm_guidance(s3gen: S3Gen, enabled: bool):
+    """Run S3Gen's CFM with CFG (``enabled``, upstream: nothing changes) or without the
+    unconditional half of its batch. Mutates ``s3gen`` until the block exits, then restores
+    upstream's solver; callers hold the manager's lock, so no other call sees the change."""
+    if enabled:
+        yield
+        return
     decoder = s3gen.flow.decoder
     decoder.solve_euler = _euler_without_cfg.__get__(decoder)
     try:

@@ -22,7 +22,7 @@ from chatterbox.tts import ChatterboxTTS, Conditionals, punc_norm
 
 from .config import BASELINE, GenerationParams, OptimizationConfig
 from .fast_t3 import FastT3Decoder
-from .optimizations import cfm_without_cfg
+from .optimizations import cfm_guidance
 
 
 class GenerationError(RuntimeError):
@@ -111,6 +111,14 @@ def t3_cond_for(conds: Conditionals, exaggeration: float, device,
     ).to(device=device, dtype=dtype)
 
 
+def padded_text_tokens(tts: ChatterboxTTS, t3, text: str) -> torch.Tensor:
+    """Upstream's text preparation: punctuation normalised, tokenized, between T3's start
+    and stop tokens; (1, L) on the model's device."""
+    tokens = tts.tokenizer.text_to_tokens(punc_norm(text)).to(tts.device)
+    tokens = F.pad(tokens, (1, 0), value=t3.hp.start_text_token)
+    return F.pad(tokens, (0, 1), value=t3.hp.stop_text_token)
+
+
 def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
         params: GenerationParams, max_new_tokens: int,
         config: OptimizationConfig = BASELINE, t3=None, s3gen=None,
@@ -127,13 +135,11 @@ def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
     times: dict[str, float] = {}
     t3_cond = t3_cond_for(conds, exaggeration, device, t3.speech_emb.weight.dtype)
 
-    text_tokens = tts.tokenizer.text_to_tokens(punc_norm(text)).to(device)
+    text_tokens = padded_text_tokens(tts, t3, text)
     # Row 2 is the unconditional one. Upstream skips it when cfg_weight is 0, but its
     # T3.inference then fails (it always builds a batch of 2); with the row present and a
     # weight of 0 the guided logits are exactly the conditional ones, so keep it.
     text_tokens = torch.cat([text_tokens, text_tokens], dim=0)
-    text_tokens = F.pad(text_tokens, (1, 0), value=t3.hp.start_text_token)
-    text_tokens = F.pad(text_tokens, (0, 1), value=t3.hp.stop_text_token)
 
     seed_everything(params.seed)
     with torch.inference_mode():
@@ -159,7 +165,7 @@ def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
             )
         with timed(device, times, "s3gen"):
             ref_dict = trim_prompt(conds.gen, config.prompt_seconds)
-            with cfm_without_cfg(s3gen) if not config.cfm_cfg else nullcontext():
+            with cfm_guidance(s3gen, config.cfm_cfg):
                 wav, _ = s3gen.inference(speech_tokens=speech_tokens, ref_dict=ref_dict,
                                          n_cfm_timesteps=config.cfm_steps)
         wav = wav.squeeze(0).detach().float().cpu().numpy()

@@ -13,7 +13,7 @@ from chatterbox_demo.config import BASELINE, PRESETS, GenerationParams, Optimiza
 from chatterbox_demo.optimizations import (
     build_s3gen,
     build_t3,
-    cfm_without_cfg,
+    cfm_guidance,
     module_bytes,
     unavailable_reason,
 )
@@ -125,7 +125,7 @@ def test_s3gen_precision_touches_only_the_estimator(tts):
         assert next(part.parameters()).dtype == torch.float32
 
 
-def test_cfm_without_cfg_equals_upstream_with_zero_guidance(tts, conds):
+def test_cfm_without_guidance_equals_upstream_with_zero_guidance(tts, conds):
     """Skipping the unconditional half is exact when the guidance rate is 0, and the
     upstream solver is back afterwards."""
     tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(1))
@@ -139,7 +139,7 @@ def test_cfm_without_cfg_equals_upstream_with_zero_guidance(tts, conds):
     ours = fidelity.mel(tts.s3gen, conds, tokens, 10, cfg=False)
     assert torch.allclose(ours, expected, atol=1e-4)
     assert "solve_euler" not in decoder.__dict__
-    with cfm_without_cfg(tts.s3gen):
+    with cfm_guidance(tts.s3gen, enabled=False):
         assert "solve_euler" in decoder.__dict__
     assert "solve_euler" not in decoder.__dict__
 
