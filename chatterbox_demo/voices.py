@@ -25,7 +25,7 @@ from pathlib import Path
 
 from chatterbox.tts import Conditionals
 
-from .audio import AudioError, ReferenceClip, load_reference
+from .audio import EXTENSIONS, AudioError, ReferenceClip, load_reference
 from .config import RANGES, check_number
 
 log = logging.getLogger(__name__)
@@ -239,8 +239,8 @@ class VoiceLibrary:
                         path, exc)
 
     def _store_audio(self, clip: ReferenceClip) -> Path:
-        suffix = clip.path.suffix.lower() if clip.path.suffix.lower() in (
-            ".wav", ".flac", ".mp3", ".ogg") else ".wav"
+        suffix = clip.path.suffix.lower()
+        suffix = suffix if suffix in EXTENSIONS else ".wav"
         target = self.audio_dir / f"{clip.sha256}{suffix}"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
