@@ -10,13 +10,21 @@ What it changes, and why:
   the device; the stop token is looked for every ``stop_check_every`` steps, not after each
   token, so the host never waits on the device per token;
 - it calls T3's own modules (``tfmr.layers``, ``speech_emb``, ``speech_head``...), so every
-  transform applied to them (precision, int8, compile) applies here too.
+  transform applied to them (precision, int8, compile) applies here too;
+- on CUDA (``cuda_graphs``) the single-token step is captured as a CUDA graph per bucket of
+  cache length, so one token costs one graph launch instead of hundreds of kernel launches.
+  A graph needs fixed shapes and addresses: the position is a device tensor, new keys and
+  values are written with ``index_copy_`` at it, and attention reads the first ``bucket``
+  cache positions under a mask of the used ones. That step runs eagerly too (``bucketed``),
+  which is how it is checked on a CPU.
 
 The prompt is built exactly as upstream builds it, including its quirk of feeding the
 start-of-speech embedding twice (once from ``prepare_input_embeds``, once as "BOS").
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +66,32 @@ def _layer_forward(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
+def _layer_forward_at(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, pos: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+    """One decoder layer for one token at the device-tensor position ``pos`` (shape (1,)),
+    attending to the cache positions ``mask`` (1, 1, 1, bucket) allows. Shapes and addresses
+    do not depend on the position, so the step can be captured as a CUDA graph."""
+    attn = layer.self_attn
+    batch = x.shape[0]
+    h = layer.input_layernorm(x)
+    shape = (batch, 1, -1, attn.head_dim)
+    q = attn.q_proj(h).view(shape).transpose(1, 2)
+    k = attn.k_proj(h).view(shape).transpose(1, 2)
+    v = attn.v_proj(h).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
+    bucket = mask.shape[-1]
+    out = F.scaled_dot_product_attention(q, k_cache[:, :, :bucket], v_cache[:, :, :bucket],
+                                         attn_mask=mask, scale=attn.scaling)
+    x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
 _COMPILED_STEPS: dict[str, object] = {}
+# Per T3 module: its CUDA-graph steps (with their caches), dropped with the module.
+_GRAPH_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def layer_step(compile_mode: str):
@@ -72,12 +105,23 @@ def layer_step(compile_mode: str):
     return _COMPILED_STEPS[compile_mode]
 
 
-class FastT3Decoder:
-    """Decode speech tokens from a T3 with a static cache and on-device sampling."""
+STEP_MODES = ("plain", "bucketed", "cuda-graph")
+BUCKET = 64  # cache positions per CUDA graph: attention reads at most 63 unused ones
 
-    def __init__(self, t3: T3, stop_check_every: int = 16):
+
+class FastT3Decoder:
+    """Decode speech tokens from a T3 with a static cache and on-device sampling.
+
+    ``step_mode``: ``plain`` slices the cache to the used length (any device); ``bucketed``
+    is the CUDA-graph-ready step run eagerly; ``cuda-graph`` captures it (CUDA only).
+    """
+
+    def __init__(self, t3: T3, stop_check_every: int = 16, step_mode: str = "plain"):
+        if step_mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be one of {', '.join(STEP_MODES)}")
         self.t3 = t3
         self.stop_check_every = stop_check_every
+        self.step_mode = step_mode
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,6 +142,49 @@ class FastT3Decoder:
         x = tfmr.norm(x[:, -1:])
         return self.t3.speech_head(x)[:, -1].float()
 
+    def forward_at(self, embed: torch.Tensor, cache: StaticKVCache, pos: torch.Tensor,
+                   bucket: int) -> torch.Tensor:
+        """One token (B, 1, D) at device position ``pos`` (shape (1,)), attending to the
+        first ``bucket`` cache positions; returns (B, vocab) logits. Graph-capturable."""
+        tfmr = self.t3.tfmr
+        cos, sin = tfmr.rotary_emb(embed, pos.view(1, 1))
+        used = torch.arange(bucket, device=embed.device) <= pos
+        mask = used.view(1, 1, 1, bucket)
+        x = embed
+        for i, layer in enumerate(tfmr.layers):
+            x = _layer_forward_at(layer, x, cos, sin, cache.k[i], cache.v[i], pos, mask)
+        return self.t3.speech_head(tfmr.norm(x))[:, -1].float()
+
+    def _new_cache(self, batch: int, length: int) -> StaticKVCache:
+        t3 = self.t3
+        return StaticKVCache(len(t3.tfmr.layers), batch, t3.cfg.num_attention_heads, length,
+                             t3.tfmr.layers[0].self_attn.head_dim, self.dtype, t3.device)
+
+    def _cache_and_step(self, batch: int, length: int):
+        """A cache for ``length`` positions and ``step(embed, position) -> logits`` for the
+        decode loop, per ``step_mode``."""
+        if self.step_mode == "plain":
+            cache = self._new_cache(batch, length)
+            return cache, lambda embed, position: self.forward(embed, cache, position)
+        if self.step_mode == "bucketed":
+            cache = self._new_cache(batch, length)
+
+            def step(embed, position):
+                pos = torch.tensor([position], device=embed.device)
+                return self.forward_at(embed, cache, pos, bucket_for(position, cache.max_len))
+            return cache, step
+        # Graphs hold the cache's addresses, so the cache and its graphs live as long as
+        # this T3 and serve every later call that fits: stale entries past the current
+        # position are masked out, and the prefill overwrites the start.
+        steps = _GRAPH_STEPS.setdefault(self.t3, {})
+        rounded = -(-length // 256) * 256
+        key = (batch, self.dtype)
+        if key not in steps or steps[key].cache.max_len < length:
+            steps[key] = CudaGraphStep(self, self._new_cache(batch, rounded), batch)
+        graph_step = steps[key]
+        graph_step.decoder = self
+        return graph_step.cache, graph_step
+
     @torch.inference_mode()
     def generate(self, *, t3_cond: T3Cond, text_tokens: torch.Tensor, max_new_tokens: int,
                  temperature: float = 0.8, cfg_weight: float = 0.5,
@@ -116,9 +203,7 @@ class FastT3Decoder:
         embeds = embeds.to(self.dtype)
 
         batch, prefix = embeds.shape[:2]
-        attn = t3.tfmr.layers[0].self_attn
-        cache = StaticKVCache(len(t3.tfmr.layers), batch, t3.cfg.num_attention_heads,
-                              prefix + max_new_tokens, attn.head_dim, self.dtype, device)
+        cache, step_fn = self._cache_and_step(batch, prefix + max_new_tokens)
         logits = self.forward(embeds, cache, 0)
 
         # Tokens seen so far (BOS included, as upstream's repetition penalty sees it).
@@ -144,9 +229,59 @@ class FastT3Decoder:
             if done:
                 break
             embed = t3.speech_emb(next_token) + pos_emb[step + 1]
-            logits = self.forward(embed.expand(batch, -1, -1).to(self.dtype), cache,
-                                  prefix + step)
+            logits = step_fn(embed.expand(batch, -1, -1).to(self.dtype), prefix + step)
         return tokens[:produced].unsqueeze(0)
+
+
+def bucket_for(position: int, max_len: int) -> int:
+    """The cache length a step at ``position`` attends over: the next multiple of BUCKET
+    that covers it, capped at the cache size."""
+    return min(max_len, (position // BUCKET + 1) * BUCKET)
+
+
+class CudaGraphStep:
+    """The single-token step as CUDA graphs, one per cache bucket, captured on first use.
+
+    Inputs are copied into static buffers and the logits read from a static output, as a
+    graph replays fixed addresses. Sampling stays outside the graph (it draws from the
+    generator, and costs a few kernels)."""
+
+    def __init__(self, decoder: FastT3Decoder, cache: StaticKVCache, batch: int):
+        t3 = decoder.t3
+        device = cache.k.device
+        self.decoder, self.cache = decoder, cache
+        self.embed = torch.zeros(batch, 1, t3.cfg.hidden_size, dtype=cache.k.dtype,
+                                 device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def __call__(self, embed: torch.Tensor, position: int) -> torch.Tensor:
+        self.embed.copy_(embed)
+        self.pos.fill_(position)
+        bucket = bucket_for(position, self.cache.max_len)
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits
+
+    def _capture(self, bucket: int):
+        def run():
+            return self.decoder.forward_at(self.embed, self.cache, self.pos, bucket)
+
+        # Warm up on a side stream (lazy kernel setup must not land in the graph). Re-running
+        # the step at the same position rewrites the same cache entries, so this is harmless.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = run()
+        self.pool = graph.pool()
+        return graph, logits
 
 
 def sample_token(logits: torch.Tensor, seen: torch.Tensor, cfg: torch.Tensor,

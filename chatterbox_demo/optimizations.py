@@ -41,6 +41,11 @@ def unavailable_reason(config: OptimizationConfig, device: str) -> str | None:
             reasons.append("S3Gen fp16: no fast fp16 kernels on a CPU; use bf16")
     if device != "cuda" and (config.tf32 or config.cudnn_benchmark):
         reasons.append("TF32 and cudnn.benchmark are CUDA settings")
+    if device != "cuda" and config.cuda_graphs:
+        reasons.append("CUDA graphs need a CUDA GPU")
+    if config.cuda_graphs and config.compile_mode in ("reduce-overhead", "max-autotune"):
+        reasons.append(f"compile mode {config.compile_mode} captures its own CUDA graphs; "
+                       "turn one of the two off")
     if config.compile_mode in ("reduce-overhead", "max-autotune") and device != "cuda":
         reasons.append(f"compile mode {config.compile_mode} captures CUDA graphs; on "
                        f"{device} use default or max-autotune-no-cudagraphs")

@@ -150,7 +150,8 @@ def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
                         top_p=params.top_p)
         with timed(device, times, "t3"), suppress_stop_token(t3) if ignore_stop else nullcontext():
             if config.t3_decoder == "fast":
-                speech_tokens = FastT3Decoder(t3).generate(**sampling)
+                step_mode = "cuda-graph" if config.cuda_graphs else "plain"
+                speech_tokens = FastT3Decoder(t3, step_mode=step_mode).generate(**sampling)
             else:
                 speech_tokens = t3.inference(**sampling)
         sampled = int(speech_tokens.shape[-1])

@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from chatterbox_demo.fast_t3 import FastT3Decoder, StaticKVCache, sample_token
+from chatterbox_demo.fast_t3 import FastT3Decoder, StaticKVCache, bucket_for, sample_token
 from chatterbox_demo.pipeline import t3_cond_for
 
 VOCAB = 8194
@@ -146,3 +146,66 @@ def test_cfg_weight_zero_equals_unguided_logits():
     torch.manual_seed(0)
     plain = sample_token(logits[:1], seen, torch.tensor(0.0), 1.0, 1.0, 0.0, 1.0)
     assert guided.item() == plain.item()
+
+
+def test_bucket_covers_the_position_and_never_passes_the_cache():
+    assert [bucket_for(p, 1000) for p in (0, 63, 64, 127, 128)] == [64, 64, 128, 128, 192]
+    assert bucket_for(990, 1000) == 1000
+
+
+def test_graph_ready_step_matches_the_plain_step_over_stale_cache(model):
+    """The CUDA-graph step (device-tensor position, masked bucket) gives the plain step's
+    logits, across bucket boundaries, even when the cache holds garbage past the position
+    (as a reused graph cache does)."""
+    tts, conds = model
+    t3 = tts.t3
+    with torch.inference_mode():
+        embeds = prefix_embeds(t3, conds, text_batch(tts))
+        prefix = embeds.shape[1]
+        plain = StaticKVCache(len(t3.tfmr.layers), 2, 16, prefix + 100, 64, torch.float32,
+                              "cpu")
+        bucketed = StaticKVCache(len(t3.tfmr.layers), 2, 16, prefix + 100, 64, torch.float32,
+                                 "cpu")
+        bucketed.k.normal_(), bucketed.v.normal_()
+        decoder = FastT3Decoder(t3)
+        decoder.forward(embeds, plain, 0)
+        decoder.forward(embeds, bucketed, 0)
+        for step in range(100):
+            token = torch.tensor([[100 + 37 * step]])
+            embed = t3.speech_emb(token) + t3.speech_pos_emb.get_fixed_embedding(step + 1)
+            embed = embed.expand(2, -1, -1)
+            position = prefix + step
+            expected = decoder.forward(embed, plain, position)
+            ours = decoder.forward_at(embed, bucketed, torch.tensor([position]),
+                                      bucket_for(position, bucketed.max_len))
+            assert torch.allclose(ours, expected, atol=1e-4), f"step {step}"
+
+
+def test_graph_ready_decoder_draws_the_same_tokens(model):
+    tts, conds = model
+    runs = {}
+    for mode in ("plain", "bucketed"):
+        torch.manual_seed(11)
+        runs[mode] = FastT3Decoder(tts.t3, step_mode=mode).generate(
+            t3_cond=t3_cond_for(conds, 0.5, "cpu"), text_tokens=text_batch(tts),
+            max_new_tokens=90, stop_on_eos=False)
+    assert runs["plain"].shape == (1, 90)
+    assert torch.equal(runs["plain"], runs["bucketed"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_decoder_draws_the_same_tokens_as_eager(model):
+    """Run on the GPU machine: the captured step against the eager one, twice, so the
+    second call reuses the captured graphs and their cache."""
+    import copy
+
+    tts, conds = model
+    t3 = copy.deepcopy(tts.t3).cuda()
+    cond = t3_cond_for(conds, 0.5, "cuda")
+    runs = []
+    for mode in ("plain", "cuda-graph", "cuda-graph"):
+        torch.manual_seed(11)
+        runs.append(FastT3Decoder(t3, step_mode=mode).generate(
+            t3_cond=cond, text_tokens=text_batch(tts).cuda(), max_new_tokens=90,
+            stop_on_eos=False))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
