@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
 
-from . import fidelity
+from . import fidelity, plots
 from .config import GenerationParams, get_preset
 from .manager import ModelManager, Synthesis
 from .optimizations import module_bytes, unavailable_reason
@@ -222,38 +222,22 @@ def write_json(result: dict, path: Path) -> None:
     Path(path).write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 
-def _pyplot():
-    """matplotlib's pyplot on a file-only backend (no display here), imported on demand."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot(result: dict, path: Path) -> None:
     """Stacked per-stage seconds per preset."""
-    plt = _pyplot()
     rows = [r for r in result["rows"] if "total_s" in r]
-    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.2), 4))
-    bottom = [0.0] * len(rows)
-    for stage in STAGES[:-1]:
-        values = [r[stage] for r in rows]
-        ax.bar([r["preset"] for r in rows], values, bottom=bottom, label=stage[:-2])
-        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
-    ax.set_ylabel("seconds (median)")
-    ax.set_title(f"{result['settings']['tokens']} speech tokens on {result['machine']['device']}")
-    ax.legend()
-    plt.xticks(rotation=30, ha="right")
+    fig = plots.stage_bars([r["preset"] for r in rows], rows,
+                           f"{result['settings']['tokens']} speech tokens on "
+                           f"{result['machine']['device']}")
+    for label in fig.axes[0].get_xticklabels():
+        label.set_rotation(30)
+        label.set_horizontalalignment("right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_tradeoff(result: dict, path: Path) -> None:
     """S3Gen seconds against mel SNR per row: what each audio-changing knob buys."""
-    plt = _pyplot()
+    plt = plots.pyplot()
     rows = [r for r in result["rows"] if "s3gen_s" in r and "mel_snr_db" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in rows:

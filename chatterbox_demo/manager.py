@@ -58,6 +58,7 @@ class Synthesis:
     wav: np.ndarray
     sample_rate: int
     report: dict = field(default_factory=dict)
+    speech_tokens: list[int] = field(default_factory=list)
 
 
 def pick_device(name: str = "auto") -> str:
@@ -352,7 +353,7 @@ class ModelManager:
             "params": {**asdict(params), "exaggeration": exaggeration,
                        "max_new_tokens": max_new_tokens},
         }
-        return Synthesis(stages.wav, stages.sample_rate, report)
+        return Synthesis(stages.wav, stages.sample_rate, report, stages.speech_tokens)
 
     def _default_voice(self) -> str:
         names = self._library.names()

@@ -90,11 +90,14 @@ def apply_t3_int8_dynamic(t3: T3) -> T3:
 
 
 def apply_t3_int8_weight_only(t3: T3) -> T3:
-    """int8 weight-only quantization (torchao) of the transformer's Linear layers.
-    Mutates ``t3``."""
-    from torchao.quantization import int8_weight_only, quantize_
+    """int8 weight-only quantization (torchao) of the transformer's Linear layers: int8
+    weights with a scale per output channel, dequantized inside the matmul; activations
+    stay in float. Mutates ``t3``."""
+    import torchao.quantization as tq
 
-    quantize_(t3.tfmr, int8_weight_only())
+    # torchao renamed its config functions to classes (Int8WeightOnlyConfig) in 0.10.
+    config = getattr(tq, "Int8WeightOnlyConfig", None) or tq.int8_weight_only
+    tq.quantize_(t3.tfmr, config())
     return t3
 
 
@@ -159,11 +162,20 @@ def build_s3gen(pristine: S3Gen, config: OptimizationConfig) -> S3Gen:
     return s3gen.eval()
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a tensor subclass (torchao's quantized weights), the sum
+    of the plain tensors inside it, not what its logical dtype would take."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
 def module_bytes(module: nn.Module) -> int:
     """Bytes of parameters and buffers, counting int8 packed weights of quantized Linear
     layers (which are not parameters) too."""
-    total = sum(t.numel() * t.element_size() for t in module.parameters())
-    total += sum(t.numel() * t.element_size() for t in module.buffers())
+    total = sum(tensor_bytes(t) for t in module.parameters())
+    total += sum(tensor_bytes(t) for t in module.buffers())
     for sub in module.modules():
         packed = getattr(sub, "_packed_params", None)
         if packed is not None and hasattr(sub, "weight") and callable(sub.weight):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ class StageResult:
     t3_tokens: int  # speech tokens sampled by T3, before invalid ones are dropped
     s3gen_s: float
     watermark_s: float
+    speech_tokens: list[int] = field(default_factory=list)  # what S3Gen rendered
 
 
 def sync(device: str | torch.device) -> None:
@@ -179,4 +180,5 @@ def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
         t3_tokens=sampled,
         s3gen_s=times["s3gen"],
         watermark_s=times["watermark"],
+        speech_tokens=speech_tokens.tolist(),
     )

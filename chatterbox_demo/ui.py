@@ -7,23 +7,38 @@ runs on the model at a time and the rest wait in the queue with their position s
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import functools
 import html
+import inspect
 import logging
+import math
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 import gradio as gr
 
-from .compare import compare
+from .compare import Comparison, compare_steps
 from .config import (
+    BASELINE,
+    COMPILE_MODES,
     DEFAULT_PRESET,
+    PRECISIONS,
     PRESET_DESCRIPTIONS,
     PRESETS,
     RANGES,
+    S3GEN_QUANTS,
+    T3_DECODERS,
+    T3_QUANTS,
     GenerationParams,
+    OptimizationConfig,
     get_preset,
 )
 from .manager import ModelManager
+from .optimizations import unavailable_reason
 from .pipeline import GenerationError
 
 log = logging.getLogger(__name__)
@@ -38,20 +53,49 @@ def user_errors(fn):
     """Turn errors a user caused into a readable message in the page; log the rest and
     show a short notice instead of a stack trace."""
 
+    def readable(exc: Exception) -> gr.Error:
+        if isinstance(exc, gr.Error):
+            return exc
+        if isinstance(exc, USER_ERRORS):
+            return gr.Error(str(exc), print_exception=False)
+        log.exception("Unexpected error in %s", fn.__name__)
+        return gr.Error(f"Something went wrong ({type(exc).__name__}); "
+                        "the server log has the details.", print_exception=False)
+
+    # Gradio streams a handler's results when it is a generator function, so the wrapper
+    # of a generator must be one too (and catch what the generator raises as it runs).
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as exc:
+                raise readable(exc) from None
+
+        return generator_wrapper
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except USER_ERRORS as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
         except Exception as exc:
-            log.exception("Unexpected error in %s", fn.__name__)
-            raise gr.Error(f"Something went wrong ({type(exc).__name__}); "
-                           "the server log has the details.", print_exception=False) from None
+            raise readable(exc) from None
 
     return wrapper
+
+
+GPU_SECONDS = 120  # ZeroGPU's per-call budget for one generation or comparison
+
+
+def gpu_task(fn):
+    """On Hugging Face ZeroGPU hardware (where the ``spaces`` package is importable) run
+    ``fn`` inside ``@spaces.GPU``, which attaches a GPU for the call; elsewhere return it
+    unchanged."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=GPU_SECONDS)(fn)
 
 
 def manager() -> ModelManager:
@@ -110,6 +154,7 @@ def list_voices() -> list[list]:
     return voice_table()
 
 
+@gpu_task
 @user_errors
 def add_voice(audio: str | None, name: str, exaggeration: float,
               progress=gr.Progress()) -> tuple[str, list[list]]:
@@ -190,6 +235,7 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+@gpu_task
 @user_errors
 def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weight: float,
                temperature: float, top_p: float, min_p: float, repetition_penalty: float,
@@ -203,20 +249,214 @@ def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weig
     return (result.sample_rate, result.wav), report_markdown(result.report), result.report
 
 
+# --- A/B compare ---------------------------------------------------------------------------
+
+# Every OptimizationConfig switch in the advanced panels, with its control. Numbers that
+# may be "unset" use 0 for it (prompt_seconds: the whole clip; cpu_threads: torch's default).
+CONFIG_CHOICES = {"t3_dtype": PRECISIONS, "t3_quant": T3_QUANTS, "t3_decoder": T3_DECODERS,
+                  "s3gen_dtype": PRECISIONS, "s3gen_quant": S3GEN_QUANTS,
+                  "compile_mode": COMPILE_MODES}
+CONFIG_FIELDS = [f.name for f in dataclasses.fields(OptimizationConfig)]
+CONFIG_HELP = {
+    "cached_conditionals": "reuse the voice library's conditionals",
+    "t3_dtype": "T3 precision", "t3_quant": "T3 quantization",
+    "t3_decoder": "T3 decode loop", "cuda_graphs": "T3 decode step as CUDA graphs",
+    "s3gen_dtype": "CFM estimator precision", "s3gen_quant": "CFM estimator quantization",
+    "cfm_steps": "CFM steps (upstream 10)", "cfm_cfg": "CFG inside the CFM",
+    "prompt_seconds": "S3Gen prompt seconds (0 = whole clip)",
+    "compile_mode": "torch.compile", "cpu_threads": "CPU threads (0 = default)",
+    "tf32": "TF32 matmuls (CUDA)", "cudnn_benchmark": "cuDNN autotuning (CUDA)",
+}
+HISTORY_HEADERS = ["time", "text", "voice", "A", "B", "repeats", "A total s", "B total s",
+                   "speedup", "B T3 tok/s", "mel SNR dB", "same tokens"]
+
+
+def option_reason(name: str, value) -> str | None:
+    """Why setting just ``name`` to ``value`` cannot run on this device, or None."""
+    extra = {"t3_decoder": "fast"} if name == "cuda_graphs" else {}
+    try:
+        config = dataclasses.replace(BASELINE, **{name: value, **extra})
+    except ValueError as exc:
+        return str(exc)
+    return unavailable_reason(config, manager().device)
+
+
+def _field_values(config: OptimizationConfig) -> list:
+    """The advanced panel's values for ``config`` (None shown as 0)."""
+    return [(getattr(config, name) or 0) if name in ("prompt_seconds", "cpu_threads")
+            else getattr(config, name) for name in CONFIG_FIELDS]
+
+
+def config_from_fields(values) -> OptimizationConfig:
+    """The advanced panel's values to a configuration; ``ValueError`` says what is wrong."""
+    fields = dict(zip(CONFIG_FIELDS, values, strict=True))
+    for name in ("prompt_seconds", "cpu_threads"):
+        fields[name] = fields[name] or None
+    for name in ("cfm_steps", "cpu_threads"):
+        fields[name] = _whole(fields[name], name) if fields[name] is not None else None
+    return OptimizationConfig(**fields)
+
+
+def config_label(config: OptimizationConfig) -> str:
+    return next((name for name, c in PRESETS.items() if c == config), "custom")
+
+
+def availability_markdown(*values) -> str:
+    """One line under an advanced panel: can this configuration run here?"""
+    try:
+        config = config_from_fields(values)
+    except ValueError as exc:
+        return f"✗ not a valid configuration: {html.escape(str(exc))}"
+    reason = unavailable_reason(config, manager().device)
+    label = html.escape(config_label(config))
+    if reason:
+        return f"✗ **{label}** cannot run on {manager().device.upper()}: {html.escape(reason)}"
+    return f"✓ **{label}** runs on {manager().device.upper()}"
+
+
+def preset_fields(name: str) -> list:
+    """A preset picked in a dropdown fills its column's advanced panel."""
+    return _field_values(get_preset(name))
+
+
+class CancelRequests:
+    """Which browser sessions have a comparison queued or running, and which of those asked
+    to cancel it. A comparison checks between its sides: the side already generating
+    finishes (the model cannot be interrupted mid-call), the next one never starts."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active: set[str] = set()
+        self._cancelled: set[str] = set()
+
+    def start(self, session: str) -> None:
+        with self._lock:
+            self._active.add(session)
+            self._cancelled.discard(session)
+
+    def cancel(self, session: str) -> bool:
+        with self._lock:
+            if session in self._active:
+                self._cancelled.add(session)
+                return True
+            return False
+
+    def is_cancelled(self, session: str) -> bool:
+        with self._lock:
+            return session in self._cancelled
+
+    def finish(self, session: str) -> None:
+        with self._lock:
+            self._active.discard(session)
+            self._cancelled.discard(session)
+
+
+CANCELS = CancelRequests()
+
+
+def cancel_compare(request: gr.Request) -> str:
+    if CANCELS.cancel(request.session_hash):
+        return "Cancelling: the side that is generating finishes, the next one will not run."
+    return "Nothing to cancel."
+
+
+@user_errors
+def collect_configs(request: gr.Request, *values) -> tuple[dict, dict]:
+    """The two advanced panels as configurations, checked before the run is queued."""
+    half = len(CONFIG_FIELDS)
+    configs = []
+    for side, side_values in (("A", values[:half]), ("B", values[half:])):
+        try:
+            config = config_from_fields(side_values)
+        except ValueError as exc:
+            raise gr.Error(f"Configuration {side}: {exc}", print_exception=False) from None
+        reason = unavailable_reason(config, manager().device)
+        if reason:
+            raise gr.Error(f"Configuration {side} cannot run on "
+                           f"{manager().device.upper()}: {reason}", print_exception=False)
+        configs.append(dataclasses.asdict(config))
+    CANCELS.start(request.session_hash)
+    return configs[0], configs[1]
+
+
+def comparison_outputs(result: Comparison, label_a: str, label_b: str) -> tuple:
+    """Audio A, audio B, table, summary, chart, spectrograms for a (partial) comparison."""
+    a = result.audio_a
+    b = result.audio_b
+    if b is None:
+        summary = f"A (**{html.escape(label_a)}**) done; running B (**{html.escape(label_b)}**)…"
+    else:
+        speedup = result.speedup
+        summary = (f"B (**{html.escape(label_b)}**) ran **{speedup:.2f}x** "
+                   f"{'faster' if speedup >= 1 else 'slower'} than A "
+                   f"(**{html.escape(label_a)}**) end to end."
+                   if speedup else "No timing to compare.")
+        summary += f"\n\n**Fidelity of B against A:** {html.escape(result.fidelity.reading())}"
+    return ((a.sample_rate, a.wav), (b.sample_rate, b.wav) if b else None, result.rows(),
+            summary, result.chart(), result.spectrograms())
+
+
+def history_row(text: str, voice: str, label_a: str, label_b: str, repeats: int,
+                result: Comparison) -> list:
+    fidelity = result.fidelity
+    snr = fidelity.mel_snr_db
+    return [time.strftime("%H:%M:%S"), text[:40], voice, label_a, label_b, repeats,
+            result.a["total_s"], result.b["total_s"], result.speedup,
+            result.b.get("t3_tokens_per_s"), "inf" if math.isinf(snr) else round(snr, 1),
+            fidelity.same_tokens]
+
+
+def history_csv(rows: list[list]) -> str:
+    """The page's run history as a CSV file Gradio can serve."""
+    path = Path(tempfile.mkdtemp(prefix="ab-history-")) / "ab-history.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(HISTORY_HEADERS)
+        writer.writerows(rows)
+    return str(path)
+
+
+@gpu_task
 @user_errors
 def run_compare(text: str, voice: str, seed: int, max_new_tokens: int, preset_a: str,
-                preset_b: str, progress=gr.Progress(track_tqdm=True)):
-    """Same text, voice, seed and token budget under presets A and B."""
+                preset_b: str, repeats: int = 1, config_a: dict | None = None,
+                config_b: dict | None = None, history: list | None = None,
+                request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+    """Same text, voice, seed and token budget under A then B (presets, or the advanced
+    panels' configurations when the page sends them); yields A's result, then both."""
+    session = request.session_hash if request else None
+    try:
+        yield from _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b,
+                                repeats, config_a, config_b, history, session, progress)
+    finally:
+        CANCELS.finish(session)
+
+
+def _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b, repeats, config_a,
+                 config_b, history, session, progress):
     m = ensure_loaded(progress)
     params = make_params(None, 0.5, 0.8, 1.0, 0.05, 1.2, seed, max_new_tokens)
-    result = compare(m, text, voice, params, get_preset(preset_a), get_preset(preset_b))
-    speedup = result.speedup
-    summary = (f"B (**{html.escape(preset_b)}**) ran **{speedup:.2f}x** "
-               f"{'faster' if speedup >= 1 else 'slower'} than A "
-               f"(**{html.escape(preset_a)}**) end to end."
-               if speedup else "No timing to compare.")
-    a, b = result.audio_a, result.audio_b
-    return (a.sample_rate, a.wav), (b.sample_rate, b.wav), result.rows(), summary
+    repeats = _whole(repeats, "repeats")
+    if not 1 <= repeats <= 5:
+        raise ValueError(f"repeats must be between 1 and 5 (got {repeats})")
+    a = OptimizationConfig(**config_a) if config_a else get_preset(preset_a)
+    b = OptimizationConfig(**config_b) if config_b else get_preset(preset_b)
+    label_a, label_b = config_label(a), config_label(b)
+    history = list(history or [])
+    steps = compare_steps(m, text, voice, params, a, b, repeats,
+                          progress=lambda fraction, message: progress(fraction, desc=message),
+                          cancelled=lambda: CANCELS.is_cancelled(session))
+    csv_file = history_csv(history) if history else None
+    for result in steps:
+        outputs = comparison_outputs(result, label_a, label_b)
+        if result.b is not None:
+            history.append(history_row(text, voice, label_a, label_b, repeats, result))
+            csv_file = history_csv(history)
+        yield (*outputs, history, history, csv_file)
+    if result.b is None:
+        audio_a, _, table, _, chart, mels = outputs
+        yield (audio_a, None, table, f"Cancelled after A (**{html.escape(label_a)}**): B did "
+               "not run.", chart, mels, history, history, csv_file)
 
 
 # --- layout --------------------------------------------------------------------------------
@@ -247,6 +487,47 @@ def _setting_sliders():
 
 def _preset_dropdown(label: str, value: str) -> gr.Dropdown:
     return gr.Dropdown(list(PRESETS), value=value, label=label)
+
+
+def _config_panel(side: str, preset: str):
+    """A preset dropdown plus an "advanced" panel with every switch; options this device
+    cannot run are marked with the reason (and refused if chosen)."""
+    dropdown = _preset_dropdown(f"{side}: preset", preset)
+    values = dict(zip(CONFIG_FIELDS, _field_values(get_preset(preset)), strict=True))
+    fields = []
+    with gr.Accordion(f"{side}: advanced (every switch)", open=False):
+        for name in CONFIG_FIELDS:
+            label = f"{name}: {CONFIG_HELP[name]}"
+            value = values[name]
+            if name in CONFIG_CHOICES:
+                choices = []
+                for option in CONFIG_CHOICES[name]:
+                    reason = option_reason(name, option)
+                    shown = f"{option} (unavailable: {reason})" if reason else option
+                    choices.append((shown, option))
+                field = gr.Dropdown(choices, value=value, label=label)
+            elif isinstance(value, bool):
+                reason = option_reason(name, True)
+                field = gr.Checkbox(value=value, label=label, interactive=reason is None,
+                                    info=f"unavailable: {reason}" if reason else None)
+            elif name == "cfm_steps":
+                field = gr.Slider(1, 50, value=value, step=1, label=label)
+            elif name == "prompt_seconds":
+                field = gr.Slider(0, 10, value=value, step=0.5, label=label)
+            else:
+                field = gr.Number(value=value, precision=0, minimum=0, label=label)
+            fields.append(field)
+    availability = gr.Markdown(availability_markdown(*_field_values(get_preset(preset))))
+    return dropdown, fields, availability
+
+
+def preset_markdown(name: str) -> str:
+    """One line under the Synthesize tab's preset picker: what it does, whether it runs."""
+    if name not in PRESETS:
+        return ""
+    reason = manager().unavailable_presets().get(name)
+    here = f" — unavailable here: {html.escape(reason)}" if reason else ""
+    return f"`{name}`: {html.escape(PRESET_DESCRIPTIONS[name])}{here}"
 
 
 def presets_markdown() -> str:
@@ -293,6 +574,8 @@ def build_demo() -> gr.Blocks:
                     with gr.Row():
                         voice = gr.Dropdown([], label="Voice", allow_custom_value=True)
                         preset = _preset_dropdown("Optimization preset", DEFAULT_PRESET)
+                    preset_line = gr.Markdown(preset_markdown(DEFAULT_PRESET),
+                                              elem_id="preset-line")
                     settings = _setting_sliders()
                     synth_btn = gr.Button("Synthesize", variant="primary")
                 with gr.Column():
@@ -310,19 +593,35 @@ def build_demo() -> gr.Blocks:
                 ab_tokens = gr.Number(value=0, precision=0, minimum=0,
                                       maximum=RANGES["max_new_tokens"][1],
                                       label="max_new_tokens (0 = from text length)")
+                ab_repeats = gr.Slider(1, 5, value=1, step=1,
+                                       label="repeats per side (medians reported)")
             with gr.Row():
-                with gr.Column():
-                    preset_a = _preset_dropdown("A", "baseline")
-                    audio_a = gr.Audio(label="A", type="numpy", interactive=False)
-                with gr.Column():
-                    preset_b = _preset_dropdown("B", DEFAULT_PRESET)
-                    audio_b = gr.Audio(label="B", type="numpy", interactive=False)
+                with gr.Column(min_width=300):
+                    preset_a, fields_a, avail_a = _config_panel("A", "baseline")
+                    audio_a = gr.Audio(label="A", type="numpy", interactive=False,
+                                       elem_id="audio-a")
+                with gr.Column(min_width=300):
+                    preset_b, fields_b, avail_b = _config_panel("B", DEFAULT_PRESET)
+                    audio_b = gr.Audio(label="B", type="numpy", interactive=False,
+                                       elem_id="audio-b")
             with gr.Accordion("What the presets do", open=False):
                 presets_info = gr.Markdown()
-            ab_btn = gr.Button("Run A then B", variant="primary")
-            ab_summary = gr.Markdown()
+            with gr.Row():
+                ab_btn = gr.Button("Run A then B", variant="primary", scale=3)
+                cancel_btn = gr.Button("Cancel", variant="stop", scale=1)
+            ab_summary = gr.Markdown(elem_id="ab-summary", label="Summary")
             ab_table = gr.Dataframe(headers=["", "A", "B", "speedup (A/B)"],
-                                    interactive=False, label="Latency")
+                                    interactive=False, label="Latency", elem_id="ab-table")
+            with gr.Row():
+                ab_chart = gr.Plot(label="Seconds per stage", elem_id="ab-chart")
+                ab_mels = gr.Plot(label="Mel spectrograms", elem_id="ab-mels")
+            history_table = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False,
+                                         label="Runs since this page was opened",
+                                         elem_id="ab-history")
+            history_file = gr.DownloadButton("Download history (CSV)", value=None,
+                                             elem_id="ab-history-csv")
+            history = gr.State([])
+            config_a_state, config_b_state = gr.State(None), gr.State(None)
 
         refresh = dict(fn=refresh_voice_pickers, inputs=[voice, ab_voice],
                        outputs=[voice, ab_voice, mine], api_visibility="private", queue=False)
@@ -336,6 +635,8 @@ def build_demo() -> gr.Blocks:
                          api_name="remove_voice", concurrency_id=MODEL_SLOT).then(**refresh)
         rename_btn.click(rename_voice, [mine, new_name], [voice_status, table],
                          api_name="rename_voice", concurrency_id=MODEL_SLOT).then(**refresh)
+        preset.change(preset_markdown, preset, preset_line, api_visibility="private",
+                      queue=False)
         # A voice's saved exaggeration becomes the slider's value when it is picked.
         voice.change(voice_exaggeration, voice, settings[0], api_visibility="private",
                      queue=False)
@@ -343,9 +644,28 @@ def build_demo() -> gr.Blocks:
                         [audio_out, timings, report], api_name="synthesize",
                         concurrency_id=MODEL_SLOT).then(header_html, outputs=header,
                                                         api_visibility="private", queue=False)
-        ab_btn.click(run_compare, [ab_text, ab_voice, ab_seed, ab_tokens, preset_a, preset_b],
-                     [audio_a, audio_b, ab_table, ab_summary], api_name="compare",
-                     concurrency_id=MODEL_SLOT)
+        for preset_dd, fields, avail in ((preset_a, fields_a, avail_a),
+                                         (preset_b, fields_b, avail_b)):
+            preset_dd.change(preset_fields, preset_dd, fields, api_visibility="private",
+                             queue=False)
+            for field in fields:
+                field.change(availability_markdown, fields, avail, api_visibility="private",
+                             queue=False)
+        # The panels are checked (and turned into configurations) before the run is
+        # queued; API callers skip that step and name presets instead.
+        ab_btn.click(
+            collect_configs, [*fields_a, *fields_b], [config_a_state, config_b_state],
+            api_visibility="private", queue=False,
+        ).success(
+            run_compare,
+            [ab_text, ab_voice, ab_seed, ab_tokens, preset_a, preset_b, ab_repeats,
+             config_a_state, config_b_state, history],
+            [audio_a, audio_b, ab_table, ab_summary, ab_chart, ab_mels, history_table,
+             history, history_file],
+            api_name="compare", concurrency_id=MODEL_SLOT,
+        )
+        cancel_btn.click(cancel_compare, None, ab_summary, api_visibility="private",
+                         queue=False)
         gr.api(list_voices, api_name="list_voices")
     return demo
 

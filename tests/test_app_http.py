@@ -2,64 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import math
 from pathlib import Path
 
 import pytest
 import soundfile as sf
+from app_server import ROOT, running_app
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-ROOT = Path(__file__).resolve().parent.parent
 VOICE_CLIP = ROOT / "voices" / "calm-mid.wav"
-START_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    cache = tmp_path_factory.mktemp("http-cache")
-    log_path = tmp_path_factory.mktemp("http-log") / "app.log"
-    env = {**os.environ, "CHATTERBOX_WEIGHTS": "tiny", "CHATTERBOX_DEMO_CACHE": str(cache),
-           "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    env.pop("GRADIO_SERVER_NAME", None)  # the default bind is what README promises
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    pytest.fail(f"app.py did not answer in {START_TIMEOUT_S} s:\n"
-                                f"{log_path.read_text()}")
-                time.sleep(0.5)
-        try:
-            yield url, port
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with running_app(tmp_path_factory.mktemp("http")) as url_and_port:
+        yield url_and_port
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +50,8 @@ def synth_args(text: str, voice: str, seed: int = 1, max_new_tokens: int = 40):
 
 def test_names_its_endpoints_and_parameters(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    for name in ("/synthesize", "/add_voice", "/list_voices", "/compare"):
+    for name in ("/synthesize", "/add_voice", "/remove_voice", "/rename_voice",
+                 "/list_voices", "/compare"):
         assert name in endpoints
     params = [p["parameter_name"] for p in endpoints["/synthesize"]["parameters"]]
     assert params[:2] == ["text", "voice"] and "seed" in params and "max_new_tokens" in params
@@ -120,13 +79,39 @@ def test_add_voice_then_use_it(client):
     assert report["voice"] == {"name": "http voice", "source": "memory"}
 
 
-def test_compare_runs_both_sides(client):
-    audio_a, audio_b, table, summary = client.predict(
-        "Compare me.", "calm-mid", 2, 30, "baseline", "cached", api_name="/compare")
+def test_rename_then_remove_a_voice(client):
+    client.predict(handle_file(str(VOICE_CLIP)), "to rename", 0.5, api_name="/add_voice")
+    status, table = client.predict("to rename", "renamed", api_name="/rename_voice")
+    assert "renamed" in status
+    names = [row[0] for row in table["data"]]
+    assert "renamed" in names and "to rename" not in names
+    status, table = client.predict("renamed", api_name="/remove_voice")
+    assert "Removed" in status
+    assert "renamed" not in [row[0] for row in client.predict(api_name="/list_voices")]
+
+
+def test_compare_runs_both_sides_with_medians_chart_and_history(client):
+    (audio_a, audio_b, table, summary, chart, mels, history,
+     csv_path) = client.predict("Compare me.", "calm-mid", 2, 30, "baseline", "cached", 2,
+                                api_name="/compare")
     assert sf.read(audio_a)[0].shape == sf.read(audio_b)[0].shape
     rows = {row[0]: row for row in table["data"]}
     assert rows["total (s)"][1] > 0 and rows["total (s)"][2] > 0
     assert "faster" in summary or "slower" in summary
+    # Both sides sample the same tokens (cached conditionals change no numerics).
+    assert "Fidelity of B against A" in summary and "identical" in summary
+    assert chart["type"] == "matplotlib" and mels["type"] == "matplotlib"
+    (row,) = history["data"]
+    assert row[3:6] == ["baseline", "cached", 2]
+    assert math.isinf(float(row[10])) and row[11] is True
+    assert Path(csv_path).read_text().splitlines()[0].startswith("time,text,voice,A,B")
+
+
+def test_compare_refuses_a_preset_this_device_cannot_run(client):
+    with pytest.raises(AppError) as info:
+        client.predict("Compare me.", "calm-mid", 0, 20, "baseline", "gpu-fast", 1,
+                       api_name="/compare")
+    assert "cannot run on cpu" in str(info.value) and "CUDA" in str(info.value)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -54,6 +54,8 @@ def test_spaces_front_matter_matches_the_pinned_gradio():
     pinned = re.search(r"^gradio==(\S+)", (ROOT / "requirements.txt").read_text(), re.MULTILINE)
     assert f"sdk_version: {pinned.group(1)}" in front
     assert "app_file: app.py" in front and "sdk: gradio" in front
+    for key in ("title:", "emoji:", "python_version:", "license:"):
+        assert key in front
 
 
 def test_readme_lists_every_preset():

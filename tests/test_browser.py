@@ -1,0 +1,133 @@
+"""The app in a real browser: Debian's headless chromium driven by Playwright, against
+``app.py`` on a free port with tiny weights. Screenshots go to ``artifacts/browser/`` (or
+``$BROWSER_ARTIFACTS``). A browser that cannot start fails the test with the reason."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from app_server import ROOT, running_app
+from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import expect, sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("BROWSER_ARTIFACTS", ROOT / "artifacts" / "browser"))
+CLIP = ROOT / "voices" / "narrator-low.wav"
+GENERATION_TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("browser")) as url_and_port:
+        yield url_and_port[0]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (`.ci/run` does)")
+    with sync_playwright() as playwright:
+        try:
+            # Root (as in CI containers) cannot use chromium's sandbox.
+            browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                                 args=["--no-sandbox"])
+        except PlaywrightError as exc:
+            pytest.fail(f"chromium did not start: {exc}")
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser, server):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1280, "height": 900},
+                                  accept_downloads=True)
+    page = context.new_page()
+    page.goto(server)
+    expect(page.locator("#status-line")).to_contain_text("tiny", timeout=60_000)
+    yield page
+    context.close()
+
+
+def shoot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def test_upload_a_voice_synthesize_and_compare(page):
+    # Voices: upload a clip under a new name.
+    page.get_by_role("tab", name="Voices").click()
+    page.locator("input[type=file]").first.set_input_files(str(CLIP))
+    page.get_by_label("Name", exact=True).fill("browser voice")
+    page.get_by_role("button", name="Add voice").click()
+    expect(page.get_by_text("Added voice")).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
+    expect(page.get_by_text("browser voice").first).to_be_visible()
+    shoot(page, "1-voices")
+
+    # Synthesize in the new voice.
+    page.get_by_role("tab", name="Synthesize").click()
+    page.get_by_label("Voice", exact=True).first.fill("browser voice")
+    page.keyboard.press("Enter")
+    page.get_by_role("button", name="Synthesize", exact=True).click()
+    audio = page.locator("audio[src*='audio.wav']")
+    expect(audio).to_have_count(1, timeout=GENERATION_TIMEOUT_MS)
+    expect(page.get_by_text("voice from")).to_be_visible()
+    shoot(page, "2-synthesize")
+
+    # A/B: baseline against cpu-fast with B's CFM at 4 steps, set in B's advanced panel.
+    page.get_by_role("tab", name="A/B Compare").click()
+    page.get_by_text("B: advanced (every switch)").click()
+    steps = page.get_by_label("cfm_steps: CFM steps (upstream 10)", exact=False)
+    steps.last.fill("4")
+    steps.last.press("Enter")
+    expect(page.get_by_text("✓ custom runs on CPU")).to_be_visible()
+    page.get_by_role("button", name="Run A then B").click()
+    summary = page.locator("#ab-summary")
+    expect(summary).to_contain_text("end to end", timeout=GENERATION_TIMEOUT_MS)
+    expect(summary).to_contain_text("Fidelity of B against A")
+    expect(page.locator("#audio-a audio[src], #audio-b audio[src]")).to_have_count(2)
+    expect(page.locator("#ab-table")).to_contain_text(re.compile(r"total \(s\)"))
+    expect(page.locator("#ab-chart img")).to_have_count(1)
+    expect(page.locator("#ab-mels img")).to_have_count(1)
+    expect(page.locator("#ab-history")).to_contain_text("custom")
+    with page.expect_download() as download:
+        page.locator("#ab-history-csv").click()
+    assert download.value.suggested_filename.endswith(".csv")
+    shoot(page, "3-compare-1280")
+
+    # A phone-width window: nothing wider than the screen.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(500)
+    width, viewport = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
+    assert width <= viewport
+    shoot(page, "4-compare-phone")
+
+
+def test_an_error_is_a_readable_message_in_the_page(page):
+    page.get_by_role("tab", name="Synthesize").click()
+    page.get_by_label("Text").first.fill("   ")
+    page.get_by_role("button", name="Synthesize", exact=True).click()
+    expect(page.get_by_text("Enter some text")).to_be_visible(timeout=30_000)
+    assert "Traceback" not in page.content()
+    shoot(page, "5-error")
+
+
+def test_cancel_stops_a_comparison_before_b(page):
+    page.get_by_role("tab", name="A/B Compare").click()
+    page.get_by_label("max_new_tokens (0 = from text length)").fill("200")
+    page.get_by_role("button", name="Run A then B").click()
+    page.get_by_role("button", name="Cancel").click()
+    summary = page.locator("#ab-summary")
+    expect(summary).to_contain_text("Cancelled after A", timeout=GENERATION_TIMEOUT_MS)
+    expect(page.locator("#audio-a audio[src]")).to_have_count(1)
+    expect(page.locator("#ab-history")).not_to_contain_text("baseline")
+    # The page is usable at once: a short run completes and is the only one in history.
+    page.get_by_label("max_new_tokens (0 = from text length)").fill("20")
+    page.get_by_role("button", name="Run A then B").click()
+    expect(summary).to_contain_text("end to end", timeout=GENERATION_TIMEOUT_MS)
+    # (Gradio draws each table twice, one copy to measure column widths: count in one.)
+    rows = page.locator("#ab-history table").first.locator("tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows).to_contain_text("baseline")

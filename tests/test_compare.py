@@ -1,0 +1,133 @@
+"""The A/B comparison: both sides alike, B's fidelity read for a listener, stopping
+between sides, and the UI's panels turned into configurations."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from chatterbox_demo import ui
+from chatterbox_demo.compare import Fidelity, audio_fidelity, compare, compare_steps
+from chatterbox_demo.config import PRESETS, GenerationParams, get_preset
+from chatterbox_demo.manager import Synthesis
+
+PARAMS = GenerationParams(seed=3, max_new_tokens=20)
+
+
+def test_same_numerics_give_identical_audio_and_say_so(tiny_manager):
+    result = compare(tiny_manager, "Compare me.", "calm-mid", PARAMS, get_preset("baseline"),
+                     get_preset("cached"))
+    assert result.a["t3_tokens"] == result.b["t3_tokens"] == 20
+    assert result.a["voice_source"] == "computed" and result.b["voice_source"] != "computed"
+    fidelity = result.fidelity
+    assert math.isinf(fidelity.mel_snr_db) and fidelity.same_tokens
+    assert fidelity.reading() == "B's audio is identical to A's."
+    rows = {row[0]: row for row in result.rows()}
+    assert rows["conditioning (s)"][3] == "–"  # B skipped the stage: no ratio
+    assert rows["total (s)"][3] == round(result.a["total_s"] / result.b["total_s"], 2)
+    assert len(result.chart().axes[0].patches) == 8  # 4 stages x 2 sides
+    assert len(result.spectrograms().axes) == 2
+
+
+def test_fewer_cfm_steps_keep_the_tokens_and_change_the_sound(tiny_manager):
+    fewer = dataclasses.replace(get_preset("cached"), cfm_steps=2)
+    fidelity = compare(tiny_manager, "Compare me.", "calm-mid", PARAMS, get_preset("cached"),
+                       fewer).fidelity
+    assert fidelity.same_tokens and not math.isinf(fidelity.mel_snr_db)
+    assert "Same speech tokens" in fidelity.reading()
+
+
+def test_different_tokens_are_named_with_where_they_part():
+    wav = np.sin(np.linspace(0, 200, 24000)).astype(np.float32)
+    a = Synthesis(wav, 24000, speech_tokens=[1, 2, 3, 4])
+    b = Synthesis(wav * 0.9, 24000, speech_tokens=[1, 2, 9, 4])
+    fidelity = audio_fidelity(a, b)
+    assert not fidelity.same_tokens and fidelity.first_difference == 2
+    assert "from token 2 on" in fidelity.reading()
+    assert Fidelity(30.0, True, None).reading().startswith("Same speech tokens and 30.0 dB")
+
+
+def test_a_cancel_between_sides_skips_b(tiny_manager):
+    steps = list(compare_steps(tiny_manager, "Compare me.", "calm-mid", PARAMS,
+                               get_preset("cached"), get_preset("cached"),
+                               cancelled=lambda: True))
+    assert len(steps) == 1 and steps[0].b is None
+    assert steps[0].rows()[0][2] is None
+
+
+def test_a_configuration_this_device_cannot_run_is_refused_before_anything_runs(
+        tiny_manager):
+    with pytest.raises(ValueError, match="Configuration B cannot run on cpu: .*CUDA"):
+        next(compare_steps(tiny_manager, "Hi.", "calm-mid", PARAMS, get_preset("cached"),
+                           get_preset("gpu-fast")))
+
+
+@pytest.fixture
+def ui_manager(tiny_manager, monkeypatch):
+    monkeypatch.setattr(ui, "manager", lambda: tiny_manager)
+    return tiny_manager
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_round_trips_through_the_advanced_panel(name, ui_manager):
+    assert ui.config_from_fields(ui.preset_fields(name)) == PRESETS[name]
+    assert ui.config_label(PRESETS[name]) == name
+
+
+def test_the_panel_marks_what_cannot_run_here_with_the_reason(ui_manager):
+    assert ui.option_reason("t3_quant", "int8-dynamic") is None
+    assert "CUDA" in ui.option_reason("cuda_graphs", True)
+    assert "bf16" in ui.option_reason("t3_dtype", "fp16")
+    assert ui.availability_markdown(*ui.preset_fields("cpu-fast")).startswith("✓ **cpu-fast**")
+    gpu = ui.availability_markdown(*ui.preset_fields("gpu-fast"))
+    assert gpu.startswith("✗ **gpu-fast** cannot run on CPU") and "CUDA" in gpu
+    values = ui.preset_fields("cached")
+    values[ui.CONFIG_FIELDS.index("cfm_steps")] = 2.5
+    assert "cfm_steps must be a whole number" in ui.availability_markdown(*values)
+
+
+def test_collect_configs_names_the_side_at_fault(ui_manager):
+    request = types.SimpleNamespace(session_hash="s1")
+    good = ui.preset_fields("cached")
+    a, b = ui.collect_configs(request, *good, *good)
+    assert a == b == dataclasses.asdict(PRESETS["cached"])
+    with pytest.raises(ui.gr.Error, match="Configuration B cannot run on CPU"):
+        ui.collect_configs(request, *good, *ui.preset_fields("gpu-fast"))
+
+
+def test_cancel_applies_to_the_asking_session_only():
+    cancels = ui.CancelRequests()
+    cancels.start("alice")
+    cancels.start("bob")
+    assert cancels.cancel("alice") and not cancels.cancel("carol")
+    assert cancels.is_cancelled("alice") and not cancels.is_cancelled("bob")
+    cancels.finish("alice")
+    assert not cancels.is_cancelled("alice") and not cancels.cancel("alice")
+
+
+def test_history_csv_has_a_header_and_a_row_per_run(tmp_path):
+    path = ui.history_csv([["12:00:00", "hi", "v", "baseline", "cached", 1, 2.0, 1.0, 2.0,
+                            50.0, "inf", True]])
+    lines = open(path, encoding="utf-8").read().splitlines()
+    assert lines[0].split(",") == ui.HISTORY_HEADERS and len(lines) == 2
+
+
+def test_gpu_work_runs_inside_spaces_gpu_when_the_package_is_there(monkeypatch):
+    calls = []
+
+    def fake_gpu(duration):
+        def decorate(fn):
+            calls.append((fn.__name__, duration))
+            return fn
+        return decorate
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=fake_gpu))
+    ui.gpu_task(test_history_csv_has_a_header_and_a_row_per_run)
+    assert calls == [("test_history_csv_has_a_header_and_a_row_per_run", ui.GPU_SECONDS)]
+    monkeypatch.setitem(sys.modules, "spaces", None)  # not installed: unchanged
+    assert ui.gpu_task(len) is len
