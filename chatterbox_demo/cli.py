@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", default=os.environ.get("CHATTERBOX_DEVICE", "auto"),
         help=f"{', '.join(DEVICES)} (default: $CHATTERBOX_DEVICE or auto)",
     )
+    source = common  # weights and device only; bench takes its own --json
+    common = argparse.ArgumentParser(add_help=False, parents=[source])
     common.add_argument("--json", action="store_true", help="print one JSON object")
 
     parser = argparse.ArgumentParser(prog="python -m chatterbox_demo",
@@ -54,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--temperature", type=float, default=0.8)
     synth.add_argument("--preset", default=None, help="optimization preset (default: cached)")
 
-    bench = commands.add_parser("bench", parents=[common],
+    bench = commands.add_parser("bench", parents=[source],
                                 help="measure presets side by side in one process")
+    bench.add_argument("--json", nargs="?", const="-", default=None, metavar="F",
+                       help="write the result as JSON to F (alone: print it)")
     bench.add_argument("--presets", default="baseline,cached,cpu-fast",
                        help=f"comma-separated, from: {', '.join(PRESETS)}")
     bench.add_argument("--tokens", type=int, default=100,
@@ -170,7 +174,11 @@ def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
         args.markdown.write_text(markdown)
     if args.plot:
         (bench.plot_tradeoff if args.sweep else bench.plot)(result, args.plot)
-    return _dump(result) if args.json else markdown
+    if args.json == "-":
+        return _dump(result)
+    if args.json:
+        bench.write_json(result, Path(args.json))
+    return markdown
 
 
 def voice_row(voice) -> dict:

@@ -10,6 +10,8 @@ import math
 import numbers
 from dataclasses import dataclass, fields, replace
 
+from . import hardware
+
 # (low, high) bounds per generation setting; the UI sliders use the same numbers.
 RANGES = {
     "exaggeration": (0.0, 2.0),
@@ -165,6 +167,18 @@ class OptimizationConfig:
 BASELINE = OptimizationConfig()
 _CACHED = OptimizationConfig(cached_conditionals=True)
 
+
+def cpu_fast(native_bf16: bool) -> OptimizationConfig:
+    """The fastest CPU configuration with upstream semantics: fast decoder and int8 T3;
+    the CFM estimator in bf16 where the CPU has bf16 instructions (measured: half of
+    S3Gen's time), else its Linear layers in int8 (bf16 emulated runs slower than fp32)."""
+    estimator = {"s3gen_dtype": "bf16"} if native_bf16 else {"s3gen_quant": "int8-dynamic"}
+    return replace(_CACHED, t3_decoder="fast", t3_quant="int8-dynamic", **estimator)
+
+
+CPU_BF16 = hardware.native_bf16()
+CPU_FAST = cpu_fast(CPU_BF16)
+
 PRESETS: dict[str, OptimizationConfig] = {
     # Exactly the upstream path: fp32, stock decoder, conditionals recomputed per call.
     "baseline": BASELINE,
@@ -173,16 +187,13 @@ PRESETS: dict[str, OptimizationConfig] = {
     "fast-decoder": replace(_CACHED, t3_decoder="fast"),
     "t3-bf16": replace(_CACHED, t3_dtype="bf16", t3_decoder="fast"),
     "t3-int8": replace(_CACHED, t3_quant="int8-dynamic", t3_decoder="fast"),
+    "t3-int8-wo": replace(_CACHED, t3_quant="int8-weight-only", t3_decoder="fast"),
     "s3gen-bf16": replace(_CACHED, s3gen_dtype="bf16"),
     "s3gen-int8": replace(_CACHED, s3gen_quant="int8-dynamic"),
-    # Everything that keeps upstream semantics, for a CPU. The CFM estimator runs in bf16
-    # rather than int8: measured here (docs/benchmarks.md) bf16 halved S3Gen's time while
-    # int8 saved about 10%.
-    "cpu-fast": replace(_CACHED, t3_decoder="fast", t3_quant="int8-dynamic",
-                        s3gen_dtype="bf16"),
+    # Everything that keeps upstream semantics, for this CPU (see cpu_fast).
+    "cpu-fast": CPU_FAST,
     # cpu-fast plus knobs that change the audio: fewer CFM steps, no CFG in the CFM.
-    "cpu-turbo": replace(_CACHED, t3_decoder="fast", t3_quant="int8-dynamic",
-                         s3gen_dtype="bf16", cfm_steps=6, cfm_cfg=False),
+    "cpu-turbo": replace(CPU_FAST, cfm_steps=6, cfm_cfg=False),
     # For a CUDA GPU: bf16 T3 with the fast decoder, fp16 CFM estimator, TF32.
     "gpu-fast": replace(_CACHED, t3_decoder="fast", t3_dtype="bf16", cuda_graphs=True,
                         s3gen_dtype="fp16", tf32=True, cudnn_benchmark=True),
@@ -194,10 +205,13 @@ PRESET_DESCRIPTIONS = {
     "fast-decoder": "cached + our static-cache T3 decode loop (SDPA, on-device sampling)",
     "t3-bf16": "fast-decoder with T3 in bf16 (half the bytes per token)",
     "t3-int8": "fast-decoder with T3's Linear layers in int8 (CPU)",
+    "t3-int8-wo": "fast-decoder with T3's Linear weights in int8, activations in float "
+                  "(torchao; CPU and GPU)",
     "s3gen-bf16": "cached + S3Gen's CFM estimator in bf16",
     "s3gen-int8": "cached + S3Gen's CFM estimator Linear layers in int8 (CPU)",
-    "cpu-fast": "fast decoder, int8 T3 and bf16 CFM estimator: fastest with upstream semantics "
-                "on a CPU",
+    "cpu-fast": f"fast decoder, int8 T3 and {'bf16' if CPU_BF16 else 'int8'} CFM estimator "
+                f"(this CPU {'has' if CPU_BF16 else 'lacks'} bf16 instructions): fastest with "
+                "upstream semantics on a CPU",
     "cpu-turbo": "cpu-fast + 6 CFM steps without CFG: faster, audio differs from upstream",
     "gpu-fast": "fast decoder as CUDA graphs, bf16 T3, fp16 CFM estimator, TF32: for CUDA "
                 "GPUs",

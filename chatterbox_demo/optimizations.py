@@ -8,7 +8,7 @@ fp32 model, never on the pristine copy itself.
 from __future__ import annotations
 
 import copy
-import importlib.util
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -19,7 +19,17 @@ from torch import nn
 from .config import OptimizationConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
+
+
+@functools.cache
+def torchao_problem() -> str | None:
+    """Why torchao cannot be used here (not installed, or fails to import with this
+    torch), or None. Imported on first need: it is only for int8 weight-only."""
+    try:
+        import torchao.quantization  # noqa: F401
+    except Exception as exc:  # ImportError, or a torchao built for another torch
+        return f"torchao is not usable here ({type(exc).__name__}: {exc})"
+    return None
 
 
 def unavailable_reason(config: OptimizationConfig, device: str) -> str | None:
@@ -32,8 +42,8 @@ def unavailable_reason(config: OptimizationConfig, device: str) -> str | None:
         if config.s3gen_quant == "int8-dynamic":
             reasons.append("S3Gen int8-dynamic: torch.ao dynamic quantization has CPU kernels "
                            "only")
-    if config.t3_quant == "int8-weight-only" and not HAS_TORCHAO:
-        reasons.append("T3 int8-weight-only needs torchao, which is not installed")
+    if config.t3_quant == "int8-weight-only" and torchao_problem():
+        reasons.append(f"T3 int8-weight-only needs torchao: {torchao_problem()}")
     if device == "cpu":
         if config.t3_dtype == "fp16":
             reasons.append("T3 fp16: no fast fp16 kernels on a CPU; use bf16")

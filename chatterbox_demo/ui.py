@@ -25,6 +25,7 @@ from .compare import Comparison, compare_steps
 from .config import (
     BASELINE,
     COMPILE_MODES,
+    CPU_BF16,
     DEFAULT_PRESET,
     PRECISIONS,
     PRESET_DESCRIPTIONS,
@@ -504,6 +505,9 @@ def _config_panel(side: str, preset: str):
                 for option in CONFIG_CHOICES[name]:
                     reason = option_reason(name, option)
                     shown = f"{option} (unavailable: {reason})" if reason else option
+                    if (option == "bf16" and not reason and not CPU_BF16
+                            and manager().device == "cpu"):
+                        shown = "bf16 (emulated on this CPU: slower than fp32)"
                     choices.append((shown, option))
                 field = gr.Dropdown(choices, value=value, label=label)
             elif isinstance(value, bool):

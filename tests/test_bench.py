@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from chatterbox_demo import bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,16 +40,20 @@ def test_rows_compare_like_with_like_and_a_failure_is_a_row(tiny_manager):
     assert "| gpu-fast | error:" in markdown
 
 
-def test_cli_bench_writes_json_markdown_and_plot(tmp_path, session_cache):
-    md, png = tmp_path / "bench.md", tmp_path / "bench.png"
+@pytest.mark.parametrize("to_file", [True, False])
+def test_cli_bench_writes_json_markdown_and_plot(tmp_path, session_cache, to_file):
+    md, png, out = tmp_path / "bench.md", tmp_path / "bench.png", tmp_path / "bench.json"
+    json_args = ["--json", str(out)] if to_file else ["--json"]
     proc = subprocess.run(
         [sys.executable, "-m", "chatterbox_demo", "bench", "--weights", "tiny",
-         "--presets", "cached,cpu-turbo", "--tokens", "10", "--no-fidelity", "--json",
+         "--presets", "cached,cpu-turbo", "--tokens", "10", "--no-fidelity", *json_args,
          "--markdown", str(md), "--plot", str(png)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "CHATTERBOX_DEMO_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    if to_file:
+        assert "| cached |" in proc.stdout  # the markdown table, printed
+    result = json.loads(out.read_text() if to_file else proc.stdout)
     assert [r["preset"] for r in result["rows"]] == ["cached", "cpu-turbo"]
     assert {"machine", "rows"} <= set(result)
     assert "cpu-turbo" in md.read_text()

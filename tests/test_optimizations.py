@@ -81,7 +81,7 @@ def test_options_that_cannot_run_say_why(config, device, words):
 
 
 def test_torchao_absence_is_a_reason(monkeypatch):
-    monkeypatch.setattr(optimizations, "HAS_TORCHAO", False)
+    monkeypatch.setattr(optimizations, "torchao_problem", lambda: "torchao is not usable")
     reason = unavailable_reason(OptimizationConfig(t3_quant="int8-weight-only"), "cuda")
     assert "torchao" in reason
 
@@ -116,6 +116,15 @@ def test_int8_dynamic_replaces_linear_layers_and_halves_their_memory(tts):
     assert quantized and not plain
     # The target: int8 T3 weights at least 50% smaller than fp32.
     assert linear_bytes(t3.tfmr) <= 0.5 * linear_bytes(tts.t3.tfmr)
+
+
+def test_int8_weight_only_quantizes_weights_in_place_and_quarters_them(tts):
+    t3 = build_t3(tts.t3, OptimizationConfig(t3_quant="int8-weight-only"))
+    weights = [m.weight for m in t3.tfmr.modules() if isinstance(m, nn.Linear)]
+    assert weights and all(type(w).__name__ == "AffineQuantizedTensor" for w in weights)
+    assert next(tts.t3.tfmr.parameters()).dtype == torch.float32  # the pristine copy
+    # int8 values plus a float scale per output channel: about a quarter of fp32.
+    assert module_bytes(t3.tfmr) <= 0.3 * module_bytes(tts.t3.tfmr)
 
 
 def test_s3gen_precision_touches_only_the_estimator(tts):
