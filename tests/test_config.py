@@ -149,3 +149,25 @@ def test_numpy_numbers_are_accepted_as_plain_ones():
                               max_new_tokens=np.int32(40))
     assert params.seed == 3 and type(params.seed) is int
     assert type(params.temperature) is float and type(params.max_new_tokens) is int
+
+
+def test_cpu_fast_uses_bf16_only_where_the_cpu_has_it():
+    from chatterbox_demo.config import cpu_fast
+
+    with_bf16, without = cpu_fast(True), cpu_fast(False)
+    assert (with_bf16.s3gen_dtype, with_bf16.s3gen_quant) == ("bf16", "none")
+    assert (without.s3gen_dtype, without.s3gen_quant) == ("fp32", "int8-dynamic")
+    for config in (with_bf16, without):
+        assert config.t3_quant == "int8-dynamic" and config.t3_decoder == "fast"
+        assert not config.changes_output
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from chatterbox_demo import hardware
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16\n")
+    assert hardware.native_bf16(hardware.cpu_flags(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert not hardware.native_bf16(hardware.cpu_flags(cpuinfo))
+    assert hardware.cpu_flags(tmp_path / "missing") == set()
