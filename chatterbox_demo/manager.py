@@ -53,6 +53,15 @@ class TextError(ValueError):
     """Text the model cannot speak; the message says what to change."""
 
 
+class OutOfMemory(ValueError):
+    """A model variant did not fit; the active configuration is unchanged."""
+
+
+# What running out of memory raises: MemoryError on a CPU, torch's OutOfMemoryError on a
+# GPU (a RuntimeError subclass; older torch names it torch.cuda.OutOfMemoryError).
+MEMORY_ERRORS = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+
+
 @dataclass
 class Synthesis:
     wav: np.ndarray
@@ -248,13 +257,13 @@ class ModelManager:
         """The (t3, s3gen) pair ``config`` runs on, built and cached on first use."""
         with self.lock:
             tts = self.load().tts
-            apply_runtime_settings(config, self.device)
             t3 = self._cached_variant(self._t3_variants, "T3", (config.t3_dtype,
                                       config.t3_quant, config.compile_mode),
                                       lambda: build_t3(tts.t3, config))
             s3gen = self._cached_variant(self._s3gen_variants, "S3Gen", (config.s3gen_dtype,
                                          config.s3gen_quant, config.compile_mode),
                                          lambda: build_s3gen(tts.s3gen, config))
+            apply_runtime_settings(config, self.device)  # only once both parts exist
             return t3, s3gen
 
     def _cached_variant(self, cache: OrderedDict, label: str, key: tuple, build):
@@ -262,7 +271,20 @@ class ModelManager:
             cache.move_to_end(key)
         else:
             started = time.perf_counter()
-            cache[key] = build()
+            try:
+                built = build()
+            except MEMORY_ERRORS as exc:
+                # Nothing was cached or switched: the manager stays on what it ran before.
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                message = (f"Not enough memory to build the {label} variant "
+                           f"{'/'.join(key)} ({type(exc).__name__}); staying on "
+                           f"{self.preset}. Try a preset with int8 or bf16 weights, or free "
+                           "memory.")
+                self.notices.append(message)
+                log.warning(message)
+                raise OutOfMemory(message) from None
+            cache[key] = built
             log.info("Built %s variant %s in %.1f s", label, key,
                      time.perf_counter() - started)
         module = cache[key]

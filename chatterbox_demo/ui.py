@@ -14,6 +14,7 @@ import html
 import inspect
 import logging
 import math
+import os
 import tempfile
 import threading
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from .audio import MAX_BYTES as MAX_UPLOAD_BYTES
 from .compare import Comparison, compare_steps
 from .config import (
     BASELINE,
@@ -46,7 +48,13 @@ log = logging.getLogger(__name__)
 
 USER_ERRORS = (ValueError, FileNotFoundError, GenerationError)
 MODEL_SLOT = "model"  # concurrency_id shared by every event that runs the model
-QUEUE_MAX = 32
+# Uploads and generated files are deleted this many seconds after they were written (the
+# library keeps its own copy of a voice's audio). Not at once: Gradio stores uploads by
+# content, so two users uploading the same clip share one file, and deleting it after one
+# request would pull it from under the other (the soak test caught exactly that).
+UPLOAD_TTL_S = int(os.environ.get("CHATTERBOX_UPLOAD_TTL", "600"))
+# Requests waiting for the model beyond this get a "queue is full" message at once.
+QUEUE_MAX = int(os.environ.get("CHATTERBOX_QUEUE_MAX", "32"))
 TITLE = "Chatterbox TTS: clone, synthesize, compare"
 
 
@@ -194,6 +202,37 @@ def voice_exaggeration(name: str | None):
         return m.library.get(name).exaggeration
     except ValueError:
         return gr.update()
+
+
+# --- checked number inputs -------------------------------------------------------------------
+
+
+def _check_number_input(component, payload) -> None:
+    """An API caller can send anything: name the setting in the message, where Gradio's own
+    check would say "Value 99.0 is greater than maximum value 5.0." or fail on a string."""
+    name = component.label.split(" (")[0]
+    if isinstance(payload, bool) or not isinstance(payload, (int, float)) or \
+            payload != payload:  # NaN
+        raise gr.Error(f"{name} must be a number (got {payload!r})", print_exception=False)
+    low, high = component.minimum, component.maximum
+    if (low is not None and payload < low) or (high is not None and payload > high):
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise gr.Error(f"{name} must be {bounds} (got {payload!r})", print_exception=False)
+
+
+def checked(component):
+    """``component`` (a slider or number box) with its value checked by
+    :func:`_check_number_input` before Gradio's own preprocessing. Wrapped per instance,
+    not subclassed: Gradio writes a stub file beside any module defining a component
+    subclass."""
+    preprocess = component.preprocess
+
+    def checked_preprocess(payload):
+        _check_number_input(component, payload)
+        return preprocess(payload)
+
+    component.preprocess = checked_preprocess
+    return component
 
 
 # --- synthesis -----------------------------------------------------------------------------
@@ -465,23 +504,23 @@ def _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b, repeats,
 
 def _setting_sliders():
     defaults = GenerationParams()
+
+    def slider(name, value, step, label=None):
+        return checked(gr.Slider(*RANGES[name], value=value, step=step, label=label or name))
+
     with gr.Accordion("Generation settings", open=False):
-        exaggeration = gr.Slider(*RANGES["exaggeration"], value=0.5, step=0.05,
-                                 label="exaggeration (emotion intensity)")
-        cfg_weight = gr.Slider(*RANGES["cfg_weight"], value=defaults.cfg_weight, step=0.05,
-                               label="cfg_weight (guidance; 0 turns CFG off)")
-        temperature = gr.Slider(*RANGES["temperature"], value=defaults.temperature, step=0.05,
-                                label="temperature")
-        top_p = gr.Slider(*RANGES["top_p"], value=defaults.top_p, step=0.01, label="top_p")
-        min_p = gr.Slider(*RANGES["min_p"], value=defaults.min_p, step=0.01, label="min_p")
-        repetition_penalty = gr.Slider(*RANGES["repetition_penalty"],
-                                       value=defaults.repetition_penalty, step=0.05,
-                                       label="repetition_penalty")
+        exaggeration = slider("exaggeration", 0.5, 0.05, "exaggeration (emotion intensity)")
+        cfg_weight = slider("cfg_weight", defaults.cfg_weight, 0.05,
+                            "cfg_weight (guidance; 0 turns CFG off)")
+        temperature = slider("temperature", defaults.temperature, 0.05)
+        top_p = slider("top_p", defaults.top_p, 0.01)
+        min_p = slider("min_p", defaults.min_p, 0.01)
+        repetition_penalty = slider("repetition_penalty", defaults.repetition_penalty, 0.05)
         with gr.Row():
-            seed = gr.Number(value=0, precision=0, label="seed", minimum=0)
-            max_new_tokens = gr.Number(value=0, precision=0, minimum=0,
-                                       maximum=RANGES["max_new_tokens"][1],
-                                       label="max_new_tokens (0 = from text length; 25 per second)")
+            seed = checked(gr.Number(value=0, precision=0, label="seed", minimum=0))
+            max_new_tokens = checked(gr.Number(
+                value=0, precision=0, minimum=0, maximum=RANGES["max_new_tokens"][1],
+                label="max_new_tokens (0 = from text length; 25 per second)"))
     return [exaggeration, cfg_weight, temperature, top_p, min_p, repetition_penalty, seed,
             max_new_tokens]
 
@@ -546,7 +585,7 @@ def presets_markdown() -> str:
 
 
 def build_demo() -> gr.Blocks:
-    with gr.Blocks(title=TITLE) as demo:
+    with gr.Blocks(title=TITLE, delete_cache=(UPLOAD_TTL_S, UPLOAD_TTL_S)) as demo:
         gr.Markdown(f"## {TITLE}")
         header = gr.HTML("<div id='status-line'>loading the model…</div>")
 
@@ -556,8 +595,8 @@ def build_demo() -> gr.Blocks:
                     audio_in = gr.Audio(sources=["upload", "microphone"], type="filepath",
                                         label="Reference clip: 5-10 s of one person speaking")
                     name_in = gr.Textbox(label="Name", max_lines=1, placeholder="e.g. narrator")
-                    voice_exag = gr.Slider(*RANGES["exaggeration"], value=0.5, step=0.05,
-                                           label="exaggeration")
+                    voice_exag = checked(gr.Slider(*RANGES["exaggeration"], value=0.5,
+                                                   step=0.05, label="exaggeration"))
                     add_btn = gr.Button("Add voice", variant="primary")
                     voice_status = gr.Markdown()
                 with gr.Column():
@@ -593,12 +632,12 @@ def build_demo() -> gr.Blocks:
                                  value="The quick brown fox jumps over the lazy dog.")
             with gr.Row():
                 ab_voice = gr.Dropdown([], label="Voice", allow_custom_value=True)
-                ab_seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
-                ab_tokens = gr.Number(value=0, precision=0, minimum=0,
-                                      maximum=RANGES["max_new_tokens"][1],
-                                      label="max_new_tokens (0 = from text length)")
-                ab_repeats = gr.Slider(1, 5, value=1, step=1,
-                                       label="repeats per side (medians reported)")
+                ab_seed = checked(gr.Number(value=0, precision=0, minimum=0, label="seed"))
+                ab_tokens = checked(gr.Number(value=0, precision=0, minimum=0,
+                                              maximum=RANGES["max_new_tokens"][1],
+                                              label="max_new_tokens (0 = from text length)"))
+                ab_repeats = checked(gr.Slider(1, 5, value=1, step=1,
+                                               label="repeats per side (medians reported)"))
             with gr.Row():
                 with gr.Column(min_width=300):
                     preset_a, fields_a, avail_a = _config_panel("A", "baseline")
@@ -688,6 +727,8 @@ def launch(demo: gr.Blocks, **kwargs) -> None:
     """
     threading.Thread(target=_load_in_background, daemon=True).start()
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)
+    # Enforced by the server at upload, before any of our code sees the file.
+    kwargs.setdefault("max_file_size", f"{MAX_UPLOAD_BYTES // 2**20}mb")
     demo.launch(**kwargs)
 
 

@@ -25,14 +25,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_app(workdir: Path):
-    """Yield (url, port) of ``app.py`` serving tiny weights, its cache under ``workdir``;
-    fail with the app's log if it exits or does not answer."""
+def running_app(workdir: Path, **extra_env: str):
+    """Yield (url, port, pid) of ``app.py`` serving tiny weights, its cache under
+    ``workdir``; fail with the app's log if it exits or does not answer."""
     port = free_port()
     log_path = workdir / "app.log"
     env = {**os.environ, "CHATTERBOX_WEIGHTS": "tiny",
            "CHATTERBOX_DEMO_CACHE": str(workdir / "cache"), "GRADIO_SERVER_PORT": str(port),
-           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "GRADIO_TEMP_DIR": str(workdir / "gradio-tmp"), **extra_env}
     env.pop("GRADIO_SERVER_NAME", None)  # the default bind is what README promises
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env,
@@ -52,7 +53,7 @@ def running_app(workdir: Path):
                                 f"{log_path.read_text()}")
                 time.sleep(0.5)
         try:
-            yield url, port
+            yield url, port, proc.pid
         finally:
             proc.terminate()
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,14 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 VOICE_CLIP = ROOT / "voices" / "calm-mid.wav"
+UPLOAD_TTL_S = 4
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_app(tmp_path_factory.mktemp("http")) as url_and_port:
-        yield url_and_port
+    workdir = tmp_path_factory.mktemp("http")
+    with running_app(workdir, CHATTERBOX_UPLOAD_TTL=str(UPLOAD_TTL_S)) as (url, port, _):
+        yield url, port, workdir
 
 
 @pytest.fixture(scope="module")
@@ -114,15 +117,79 @@ def test_compare_refuses_a_preset_this_device_cannot_run(client):
     assert "cannot run on cpu" in str(info.value) and "CUDA" in str(info.value)
 
 
-@pytest.mark.parametrize("args, message", [
-    (synth_args("   ", "calm-mid"), "Enter some text"),
-    (synth_args("Hello.", "nobody"), "Unknown voice 'nobody'"),
-])
+def with_setting(index: int, value, text: str = "Hello.") -> tuple:
+    args = list(synth_args(text, "calm-mid"))
+    args[index] = value
+    return tuple(args)
+
+
+# (synthesize arguments, what the error says): text, voice, settings and presets.
+BAD_SYNTHESIS = [
+    pytest.param(synth_args("", "calm-mid"), "Enter some text", id="empty"),
+    pytest.param(synth_args("   ", "calm-mid"), "Enter some text", id="whitespace"),
+    pytest.param(synth_args("?!... --", "calm-mid"), "nothing to speak", id="punctuation"),
+    pytest.param(synth_args("\x07\x1b\x00", "calm-mid"), "Enter some text", id="controls"),
+    pytest.param(synth_args("a" * 1001, "calm-mid"), "the limit is 1000", id="too-long"),
+    pytest.param(synth_args("word " * 200_000, "calm-mid"), "the limit is 1000", id="1MB"),
+    pytest.param(synth_args("Hello.", "nobody"), "Unknown voice 'nobody'", id="voice"),
+    pytest.param(synth_args("Hello.", "../calm-mid"), "Unknown voice", id="voice-path"),
+    pytest.param(with_setting(5, 99.0), "temperature must be between 0.05 and 5.0 (got 99.0)",
+                 id="temperature"),
+    pytest.param(with_setting(4, -1.0), "cfg_weight must be between 0.0 and 1.0", id="cfg"),
+    pytest.param(with_setting(9, -5), "seed must be at least 0 (got -5)", id="seed"),
+    pytest.param(with_setting(10, 5000), "max_new_tokens must be between 0 and 1000",
+                 id="tokens"),
+    pytest.param(with_setting(5, "hot"), "temperature must be a number (got 'hot')",
+                 id="wrong-type"),
+    pytest.param(with_setting(9, None), "seed must be a number (got None)", id="missing"),
+    # (NaN cannot travel in JSON: gradio_client refuses to send it. GenerationParams and
+    # the CLI refuse it: test_config.py, test_cli.py.)
+    pytest.param(with_setting(2, "warp-speed"), "warp-speed", id="unknown-preset"),
+    pytest.param(with_setting(2, "gpu-fast"), "cannot run on cpu", id="gpu-preset"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_SYNTHESIS)
 def test_bad_input_comes_back_as_a_readable_error(client, args, message):
+    before = client.predict(api_name="/list_voices")
     with pytest.raises(AppError) as info:
         client.predict(*args, api_name="/synthesize")
     assert message in str(info.value)
     assert "Traceback" not in str(info.value)
+    assert client.predict(api_name="/list_voices") == before
+
+
+@pytest.mark.parametrize("text", ["שלום, זה מבחן.", "مرحبا بالعالم", "Hello 👋 world 🎉"])
+def test_right_to_left_and_emoji_text_is_spoken(client, text):
+    _, _, report = client.predict(*synth_args(text, "calm-mid", max_new_tokens=12),
+                                  api_name="/synthesize")
+    assert report["timings"]["t3_tokens"] == 12
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", "Give the voice a name"),
+    ("x" * 65, "limited to 64 characters"),
+    ("../evil", "looks like a path"),
+    ("/etc/passwd", "looks like a path"),
+    ("CALM-MID", "A voice named 'calm-mid' exists"),
+    ("ｃａｌｍ-ｍｉｄ", "A voice named 'calm-mid' exists"),  # full-width: equal after NFKC
+])
+def test_bad_voice_names_are_refused_and_change_nothing(client, name, message):
+    before = client.predict(api_name="/list_voices")
+    with pytest.raises(AppError) as info:
+        client.predict(handle_file(str(VOICE_CLIP)), name, 0.5, api_name="/add_voice")
+    assert message in str(info.value)
+    assert client.predict(api_name="/list_voices") == before
+
+
+def test_html_in_a_voice_name_comes_back_escaped(client):
+    name = "<b onmouseover=alert(1)>x; rm -rf ~ $(id)"
+    status, table = client.predict(handle_file(str(VOICE_CLIP)), name, 0.5,
+                                   api_name="/add_voice")
+    assert "<b" not in status and "&lt;b onmouseover" in status
+    assert name in [row[0] for row in table["data"]]  # stored as typed, never run
+    client.predict(name, api_name="/remove_voice")
+
 
 
 def test_bad_voice_upload_is_refused_and_changes_nothing(client, tmp_path):
@@ -132,4 +199,41 @@ def test_bad_voice_upload_is_refused_and_changes_nothing(client, tmp_path):
     with pytest.raises(AppError) as info:
         client.predict(handle_file(str(fake)), "fake", 0.5, api_name="/add_voice")
     assert "not a readable audio file" in str(info.value)
+    assert client.predict(api_name="/list_voices") == before
+
+
+def test_an_upload_is_deleted_soon_after_the_voice_is_added(client, server):
+    client.predict(handle_file(str(VOICE_CLIP)), "deleted upload", 0.5, api_name="/add_voice")
+    clip = VOICE_CLIP.read_bytes()
+
+    def uploads():
+        files = [p for p in (server[2] / "gradio-tmp").rglob("*") if p.is_file()]
+        return [p for p in files if p.read_bytes() == clip]
+
+    deadline = time.monotonic() + 6 * UPLOAD_TTL_S
+    while uploads() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not uploads()
+    names = [row[0] for row in client.predict(api_name="/list_voices")]
+    assert "deleted upload" in names  # the library kept its own copy
+
+
+def test_an_upload_over_the_size_limit_is_refused_by_the_server(client, server, tmp_path):
+    import httpx
+
+    from chatterbox_demo.audio import MAX_BYTES
+
+    big = tmp_path / "huge.wav"
+    with open(big, "wb") as handle:
+        handle.truncate(MAX_BYTES + 2**20)
+    before = client.predict(api_name="/list_voices")
+    # gradio_client reads the limit from the server and refuses before sending...
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 104857600 bytes"):
+        client.predict(handle_file(str(big)), "huge", 0.5, api_name="/add_voice")
+    # ...and a client that ignores it is stopped by the server itself.
+    with open(big, "rb") as handle:
+        response = httpx.post(server[0] + "gradio_api/upload", files={"files": handle},
+                              timeout=60)
+    assert response.status_code == 413
+    assert not [p for p in (server[2] / "gradio-tmp").rglob("huge.wav")]
     assert client.predict(api_name="/list_voices") == before

@@ -55,6 +55,12 @@ def test_accepts_sample_rates(make_wav, sample_rate):
     assert clip.seconds == pytest.approx(1.5)
 
 
+@pytest.mark.parametrize("channels", [1, 3, 6, 8])
+def test_accepts_one_to_eight_channels(make_wav, channels):
+    clip = load_reference(make_wav(f"ch{channels}.wav", channels=channels, sample_rate=16000))
+    assert clip.channels == channels
+
+
 def test_accepts_stereo(make_wav):
     clip = load_reference(make_wav("stereo.wav", channels=2, sample_rate=44100))
     assert clip.channels == 2

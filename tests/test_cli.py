@@ -174,6 +174,9 @@ def main(capsys, *argv):
         (["--text", ""], "Enter some text to speak"),
         (["--text", "?!"], "it needs letters or digits"),
         (["--preset", "warp"], "Unknown preset 'warp'; available: baseline, cached"),
+        (["--text", "a" * 1001], "the limit is 1000"),
+        (["--text", "\x07\x1b"], "Enter some text to speak"),
+        (["--preset", "gpu-fast"], "cannot run on cpu"),
     ],
 )
 def test_user_errors_before_loading(capsys, tmp_path, no_instance, monkeypatch, argv, words):

@@ -1,0 +1,105 @@
+"""Faults: running out of memory while building a variant, and a configuration switch
+asked for while another user is generating."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from chatterbox_demo import manager as manager_module
+from chatterbox_demo.config import GenerationParams
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("error", [MemoryError(), manager_module.MEMORY_ERRORS[1]("CUDA OOM")])
+def test_out_of_memory_while_building_keeps_the_previous_configuration(tiny_manager,
+                                                                       monkeypatch, error):
+    before = (tiny_manager.preset, tiny_manager.config)
+    built = dict(tiny_manager._t3_variants)
+
+    def no_memory(pristine, config):
+        raise error
+
+    monkeypatch.setattr(manager_module, "build_t3", no_memory)
+    with pytest.raises(manager_module.OutOfMemory, match="Not enough memory.*staying on cached"):
+        tiny_manager.apply_preset("t3-bf16")
+    assert (tiny_manager.preset, tiny_manager.config) == before
+    assert dict(tiny_manager._t3_variants) == built
+    assert "Not enough memory" in tiny_manager.notices[-1]
+    # The model still generates on the configuration it had.
+    result = tiny_manager.generate("Still here.", "calm-mid", GenerationParams(max_new_tokens=8))
+    assert result.report["preset"] == "cached"
+
+
+def test_a_switch_waits_for_the_running_generation(tiny_manager, monkeypatch):
+    """The generation started on `cached` finishes on it; the switch asked for meanwhile
+    waits for the lock and applies afterwards; nothing runs on a mixed state."""
+    t3 = tiny_manager.load().tts.t3
+    started, events = threading.Event(), []
+
+    def slow_head(module, inputs, output):
+        started.set()
+        time.sleep(0.02)
+        return output
+
+    handle = t3.speech_head.register_forward_hook(slow_head)
+    results = {}
+
+    def generate():
+        results["report"] = tiny_manager.generate(
+            "A long enough sentence.", "calm-mid",
+            GenerationParams(max_new_tokens=30)).report
+        events.append("generated")
+
+    def switch():
+        started.wait(10)
+        tiny_manager.apply_preset("t3-int8")
+        events.append("switched")
+
+    try:
+        threads = [threading.Thread(target=generate), threading.Thread(target=switch)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        handle.remove()
+        tiny_manager.apply_preset("cached")
+    assert events == ["generated", "switched"]
+    assert results["report"]["preset"] == "cached"
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   PermissionError(13, "Read-only file system")],
+                         ids=["disk-full", "read-only"])
+def test_a_full_or_read_only_disk_still_generates_and_damages_nothing(
+        make_manager, tmp_path, monkeypatch, caplog, error):
+    """The conditionals cache cannot be written: the voice is computed, kept in memory,
+    generation works, a warning says so, and the cache on disk is as it was."""
+    from chatterbox.tts import Conditionals
+
+    cache = tmp_path / "full-disk"
+    manager = make_manager(cache_dir=cache, shipped_voices=None)
+    manager.add_voice("keeper", str(ROOT / "voices" / "calm-mid.wav"))
+    before = sorted((p.relative_to(cache), p.read_bytes()) for p in cache.rglob("*")
+                    if p.is_file())
+    for path in cache.rglob("*.pt"):  # the next call must compute and try to write again
+        path.unlink()
+    manager.library._memory.clear()
+    before = [(p, data) for p, data in before if p.suffix != ".pt"]
+
+    def cannot_write(self, path):
+        raise error
+
+    monkeypatch.setattr(Conditionals, "save", cannot_write)
+    with caplog.at_level("WARNING"):
+        result = manager.generate("Still works.", "keeper", GenerationParams(max_new_tokens=8))
+    assert result.report["voice"]["source"] == "computed" and len(result.wav)
+    assert "stays cached in memory only" in caplog.text
+    after = sorted((p.relative_to(cache), p.read_bytes()) for p in cache.rglob("*")
+                   if p.is_file())
+    assert after == before
