@@ -1,7 +1,8 @@
 """Entry point: `python app.py` (what `make demo` and Hugging Face Spaces run).
 
 Settings come from the environment: CHATTERBOX_WEIGHTS (auto, hub, local:DIR, random,
-tiny), CHATTERBOX_DEVICE (auto, cuda, mps, cpu), CHATTERBOX_DEMO_CACHE, and Gradio's own
+tiny), CHATTERBOX_DEVICE (auto, cuda, mps, cpu), CHATTERBOX_DEMO_CACHE, CHATTERBOX_API_KEY
+(when set, the /v1 API needs it as a bearer token), and Gradio's own
 GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default 127.0.0.1:7860).
 """
 
@@ -9,6 +10,7 @@ import ctypes
 import ctypes.util
 import logging
 
+from chatterbox_demo.api import build_router
 from chatterbox_demo.ui import build_demo, launch
 
 
@@ -30,4 +32,4 @@ demo = build_demo()
 
 if __name__ == "__main__":
     limit_malloc_arenas()
-    launch(demo)
+    launch(demo, routers=[build_router()])

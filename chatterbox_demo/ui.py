@@ -719,8 +719,9 @@ def startup(progress=gr.Progress()):
     return header_html(), voice_table(), m.preset, m.preset, presets_markdown()
 
 
-def launch(demo: gr.Blocks, **kwargs) -> None:
-    """Start loading the model at once (the first page view then finds it ready) and serve.
+def launch(demo: gr.Blocks, routers=(), **kwargs) -> None:
+    """Start loading the model at once (the first page view then finds it ready) and serve,
+    with ``routers`` (FastAPI routers, such as the OpenAI-compatible API) on the same server.
 
     Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, defaulting to
     127.0.0.1:7860: the app is reachable from this machine only unless told otherwise.
@@ -729,7 +730,10 @@ def launch(demo: gr.Blocks, **kwargs) -> None:
     demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)
     # Enforced by the server at upload, before any of our code sees the file.
     kwargs.setdefault("max_file_size", f"{MAX_UPLOAD_BYTES // 2**20}mb")
-    demo.launch(**kwargs)
+    app, _, _ = demo.launch(prevent_thread_lock=True, **kwargs)
+    for router in routers:
+        app.include_router(router)
+    demo.block_thread()
 
 
 def _load_in_background() -> None:

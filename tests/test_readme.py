@@ -63,3 +63,14 @@ def test_readme_lists_every_preset():
 
     for name in PRESETS:
         assert f"`{name}`" in README, name
+
+
+def test_readme_api_examples_match_the_api():
+    from chatterbox_demo import api
+
+    assert '"model": "chatterbox"' in README and 'base_url="http://127.0.0.1:7860/v1"' in README
+    for fmt in api.FORMATS:
+        assert f"`{fmt}`" in README
+    for model in api.MODELS:
+        assert f"`{model}`" in README
+    assert "CHATTERBOX_API_KEY" in README

@@ -1,0 +1,209 @@
+"""An OpenAI-compatible speech API on the app's own server: ``POST /v1/audio/speech``,
+``GET /v1/models`` and ``GET /v1/audio/voices``.
+
+Requests go through the same :class:`ModelManager` as the page (one generation on the model
+at a time). Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+When ``CHATTERBOX_API_KEY`` is set, every request needs ``Authorization: Bearer KEY``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import json
+import os
+import threading
+
+import numpy as np
+import soundfile as sf
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from .config import MAX_TEXT_CHARS, GenerationParams
+from .manager import ModelManager, TextError, check_text
+
+# Names a client may send as `model`: ours, and OpenAI's, so that existing clients work.
+MODELS = ("chatterbox", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+# response_format -> (soundfile format, subtype, content type); pcm is raw 16-bit LE mono.
+FORMATS = {
+    "wav": ("WAV", "PCM_16", "audio/wav"),
+    "flac": ("FLAC", "PCM_16", "audio/flac"),
+    "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
+    "opus": ("OGG", "OPUS", "audio/ogg"),
+    "pcm": (None, None, "audio/pcm"),
+}
+SPEED_RANGE = (0.25, 4.0)
+# Requests allowed to wait for the model at once; more get 503 at once.
+API_QUEUE_MAX = int(os.environ.get("CHATTERBOX_QUEUE_MAX", "32"))
+_waiting = threading.BoundedSemaphore(API_QUEUE_MAX + 1)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (
+            status, message, param, code, kind)
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def _check_key(request: Request) -> None:
+    key = os.environ.get("CHATTERBOX_API_KEY")
+    if not key:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'.",
+                       code="invalid_api_key", kind="authentication_error")
+
+
+def _field(body: dict, name: str, kind, default=None, required: bool = False):
+    value = body.get(name, default)
+    if value is None and required:
+        raise ApiError(400, f"'{name}' is required.", param=name)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ApiError(400, f"'{name}' must be a {names} (got {value!r}).", param=name)
+    return value
+
+
+def parse_speech_request(body) -> dict:
+    """The request body to checked arguments; ``ApiError`` says what is wrong."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    model = _field(body, "model", str, required=True)
+    if model not in MODELS:
+        raise ApiError(404, f"Unknown model {model!r}; available: {', '.join(MODELS)}.",
+                       param="model", code="model_not_found")
+    text = _field(body, "input", str, required=True)
+    if len(text) > MAX_TEXT_CHARS:
+        raise ApiError(413, f"'input' is {len(text)} characters; the limit is "
+                            f"{MAX_TEXT_CHARS}.", param="input")
+    voice = _field(body, "voice", str, required=True)
+    response_format = _field(body, "response_format", str, "mp3")
+    if response_format not in FORMATS:
+        raise ApiError(400, f"response_format {response_format!r} is not supported; use one "
+                            f"of {', '.join(FORMATS)}.", param="response_format")
+    stream_format = _field(body, "stream_format", str, "audio")
+    if stream_format not in ("audio", "sse"):
+        raise ApiError(400, "stream_format must be 'audio' or 'sse'.", param="stream_format")
+    speed = float(_field(body, "speed", (int, float), 1.0))
+    if not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
+        raise ApiError(400, f"speed must be between {SPEED_RANGE[0]} and {SPEED_RANGE[1]}.",
+                       param="speed")
+    settings = {}
+    for name in ("exaggeration", "cfg_weight", "temperature", "seed", "max_new_tokens"):
+        value = _field(body, name, (int, float))
+        if value is not None:
+            settings[name] = value
+    try:
+        params = GenerationParams(**settings)
+        text = check_text(text)
+    except ValueError as exc:
+        param = "input" if isinstance(exc, TextError) else str(exc).split(" ")[0]
+        raise ApiError(400, str(exc), param=param) from None
+    return {"text": text, "voice": voice, "format": response_format,
+            "stream_format": stream_format, "speed": speed, "params": params}
+
+
+def encode(wav: np.ndarray, sample_rate: int, response_format: str) -> bytes:
+    fmt, subtype, _ = FORMATS[response_format]
+    if fmt is None:  # raw PCM
+        return (np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes()
+    buffer = io.BytesIO()
+    sf.write(buffer, wav, sample_rate, format=fmt, subtype=subtype)
+    return buffer.getvalue()
+
+
+def change_speed(wav: np.ndarray, speed: float) -> np.ndarray:
+    """Faster or slower speech at the same pitch (phase-vocoder time stretch)."""
+    if speed == 1.0:
+        return wav
+    import librosa
+
+    return librosa.effects.time_stretch(wav, rate=speed).astype(np.float32)
+
+
+def synthesize(manager: ModelManager, args: dict) -> tuple[np.ndarray, int]:
+    if not _waiting.acquire(blocking=False):
+        raise ApiError(503, "The server is busy: too many requests are waiting. Retry later.",
+                       code="queue_full", kind="server_error")
+    try:
+        manager.load()
+        try:
+            manager.library.get(args["voice"])
+        except ValueError as exc:
+            raise ApiError(404, str(exc), param="voice", code="voice_not_found") from None
+        result = manager.generate(args["text"], args["voice"], args["params"])
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    finally:
+        _waiting.release()
+    return change_speed(result.wav, args["speed"]), result.sample_rate
+
+
+def build_router(manager_factory=ModelManager.instance) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/models")
+    def list_models(request: Request):
+        try:
+            _check_key(request)
+        except ApiError as exc:
+            return exc.response()
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                                            "owned_by": "resemble-ai"} for m in MODELS]}
+
+    @router.get("/audio/voices")
+    def list_voices(request: Request):
+        try:
+            _check_key(request)
+            manager = manager_factory()
+            manager.load()
+        except ApiError as exc:
+            return exc.response()
+        return {"voices": [{"name": v.name, "kind": v.kind, "exaggeration": v.exaggeration,
+                            "seconds": v.seconds} for v in manager.list_voices()]}
+
+    @router.post("/audio/speech")
+    async def speech(request: Request):
+        try:
+            _check_key(request)
+            try:
+                body = json.loads(await request.body())
+            except (ValueError, UnicodeDecodeError):
+                raise ApiError(400, "The request body is not valid JSON.") from None
+            args = parse_speech_request(body)
+        except ApiError as exc:
+            return exc.response()
+        return await _speak(manager_factory(), args)
+
+    return router
+
+
+async def _speak(manager: ModelManager, args: dict):
+    from starlette.concurrency import run_in_threadpool
+
+    try:
+        wav, sample_rate = await run_in_threadpool(synthesize, manager, args)
+    except ApiError as exc:
+        return exc.response()
+    audio = encode(wav, sample_rate, args["format"])
+    content_type = FORMATS[args["format"]][2]
+    if args["stream_format"] == "sse":
+        return StreamingResponse(_sse_events(audio), media_type="text/event-stream")
+    return Response(audio, media_type=content_type)
+
+
+def _sse_events(audio: bytes, chunk: int = 32 * 1024):
+    """OpenAI's speech SSE: ``speech.audio.delta`` events with base64 audio, then
+    ``speech.audio.done``."""
+    for start in range(0, len(audio), chunk):
+        delta = base64.b64encode(audio[start:start + chunk]).decode()
+        yield f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': delta})}\n\n"
+    yield f"data: {json.dumps({'type': 'speech.audio.done'})}\n\n"
