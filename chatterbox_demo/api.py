@@ -20,7 +20,8 @@ import soundfile as sf
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .config import MAX_TEXT_CHARS, GenerationParams
+from .config import MAX_LONG_TEXT_CHARS, GenerationParams
+from .longform import CHUNK_CHARS
 from .manager import ModelManager, TextError, check_text
 
 # Names a client may send as `model`: ours, and OpenAI's, so that existing clients work.
@@ -81,9 +82,9 @@ def parse_speech_request(body) -> dict:
         raise ApiError(404, f"Unknown model {model!r}; available: {', '.join(MODELS)}.",
                        param="model", code="model_not_found")
     text = _field(body, "input", str, required=True)
-    if len(text) > MAX_TEXT_CHARS:
+    if len(text) > MAX_LONG_TEXT_CHARS:
         raise ApiError(413, f"'input' is {len(text)} characters; the limit is "
-                            f"{MAX_TEXT_CHARS}.", param="input")
+                            f"{MAX_LONG_TEXT_CHARS}.", param="input")
     voice = _field(body, "voice", str, required=True)
     response_format = _field(body, "response_format", str, "mp3")
     if response_format not in FORMATS:
@@ -103,7 +104,7 @@ def parse_speech_request(body) -> dict:
             settings[name] = value
     try:
         params = GenerationParams(**settings)
-        text = check_text(text)
+        text = check_text(text, MAX_LONG_TEXT_CHARS)
     except ValueError as exc:
         param = "input" if isinstance(exc, TextError) else str(exc).split(" ")[0]
         raise ApiError(400, str(exc), param=param) from None
@@ -139,7 +140,8 @@ def synthesize(manager: ModelManager, args: dict) -> tuple[np.ndarray, int]:
             manager.library.get(args["voice"])
         except ValueError as exc:
             raise ApiError(404, str(exc), param="voice", code="voice_not_found") from None
-        result = manager.generate(args["text"], args["voice"], args["params"])
+        speak = manager.generate_long if len(args["text"]) > CHUNK_CHARS else manager.generate
+        result = speak(args["text"], args["voice"], args["params"])
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
     finally:

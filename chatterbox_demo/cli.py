@@ -15,7 +15,16 @@ from pathlib import Path
 
 from . import bench
 from .audio import write_wav
-from .config import PRESETS, RANGES, SWEEP, GenerationParams, check_number, get_preset
+from .config import (
+    MAX_LONG_TEXT_CHARS,
+    PRESETS,
+    RANGES,
+    SWEEP,
+    GenerationParams,
+    check_number,
+    get_preset,
+)
+from .longform import CHUNK_CHARS
 from .manager import DEVICES, ModelManager, check_text
 from .pipeline import GenerationError
 from .voices import name_key
@@ -43,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     synth = commands.add_parser("synth", parents=[common], help="speak a text to a WAV file")
-    synth.add_argument("--text", required=True)
+    text_source = synth.add_mutually_exclusive_group(required=True)
+    text_source.add_argument("--text")
+    text_source.add_argument("--text-file", type=Path,
+                        help=f"UTF-8 text of up to {MAX_LONG_TEXT_CHARS} characters, spoken in "
+                             "sentence chunks")
     synth.add_argument("--voice", default=None,
                        help="a voice name from the library, or the path of a reference clip")
     synth.add_argument("--out", required=True, type=Path, help="output WAV path")
@@ -131,6 +144,16 @@ def run(args: argparse.Namespace) -> str:
                      for r in rows)
 
 
+def read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"Text file {str(path)!r} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"Cannot read text file {str(path)!r} as UTF-8 text ({exc}).") \
+            from None
+
+
 def synth(manager: ModelManager, args: argparse.Namespace) -> str:
     if args.preset:
         manager.apply_preset(args.preset)
@@ -138,13 +161,18 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
         seed=args.seed, max_new_tokens=args.max_tokens, exaggeration=args.exaggeration,
         cfg_weight=args.cfg_weight, temperature=args.temperature,
     )
-    check_text(args.text)  # a typo in the text must not cost a model load first
+    text = read_text_file(args.text_file) if args.text_file else args.text
+    check_text(text, MAX_LONG_TEXT_CHARS)  # a typo must not cost a model load first
     voice_file = None
     voice = args.voice
     library_names = {name_key(name) for name in manager.library.names()}
     if voice and name_key(voice) not in library_names and Path(voice).is_file():
         voice_file, voice = Path(voice), None
-    result = manager.generate(args.text, voice, params, voice_file=voice_file)
+    if len(text) > CHUNK_CHARS and voice_file is None:
+        result = manager.generate_long(text, voice, params, progress=lambda fraction, message:
+                                       print(f"[synth] {message}", file=sys.stderr, flush=True))
+    else:
+        result = manager.generate(text, voice, params, voice_file=voice_file)
     write_wav(args.out, result.wav, result.sample_rate)
     report = {**result.report, "out": str(args.out)}
     if args.json:

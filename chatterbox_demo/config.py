@@ -24,6 +24,8 @@ RANGES = {
     "max_new_tokens": (1, 1000),
 }
 MAX_TEXT_CHARS = 1000  # about 60 s of speech: past this the model's alignment drifts
+# Longer text is split into sentence chunks (longform.py), spoken one by one and joined.
+MAX_LONG_TEXT_CHARS = 20_000
 SPEECH_TOKENS_PER_SECOND = 25  # S3 tokenizer rate
 
 

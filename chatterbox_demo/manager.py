@@ -15,18 +15,19 @@ import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from chatterbox.tts import Conditionals
 
-from . import pipeline, weights
+from . import longform, pipeline, weights
 from .config import (
     BASELINE,
     DEFAULT_PRESET,
     DEVICE_PRESETS,
+    MAX_LONG_TEXT_CHARS,
     MAX_TEXT_CHARS,
     PRESETS,
     GenerationParams,
@@ -84,7 +85,7 @@ def pick_device(name: str = "auto") -> str:
     return name
 
 
-def check_text(text) -> str:
+def check_text(text, limit: int = MAX_TEXT_CHARS) -> str:
     """Refuse text the model cannot speak, with a message that says why."""
     if not isinstance(text, str):
         raise TextError("Text must be a string.")
@@ -96,9 +97,9 @@ def check_text(text) -> str:
     text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text).strip()
     if not text:
         raise TextError("Enter some text to speak.")
-    if len(text) > MAX_TEXT_CHARS:
+    if len(text) > limit:
         raise TextError(
-            f"Text is {len(text)} characters; the limit is {MAX_TEXT_CHARS}. "
+            f"Text is {len(text)} characters; the limit is {limit}. "
             "Shorten it or split it into several generations."
         )
     if not any(ch.isalnum() for ch in text):
@@ -376,6 +377,50 @@ class ModelManager:
                        "max_new_tokens": max_new_tokens},
         }
         return Synthesis(stages.wav, stages.sample_rate, report, stages.speech_tokens)
+
+    def generate_long(self, text: str, voice: str | None = None,
+                      params: GenerationParams | None = None,
+                      config: OptimizationConfig | None = None,
+                      progress: Progress | None = None) -> Synthesis:
+        """Speak text of any length up to MAX_LONG_TEXT_CHARS: sentence chunks
+        (longform.chunk_text), one generation each with the voice's conditionals computed
+        at most once, joined with equal-power crossfades. Chunk i uses seed + i, so the same
+        seed gives the same audio. ``params.max_new_tokens`` bounds each chunk."""
+        text = check_text(text, MAX_LONG_TEXT_CHARS)
+        params = params or GenerationParams()
+        chunks = longform.chunk_text(text)
+        with self.lock:  # one configuration for every chunk: no switch in between
+            config = config or self.config
+            name = self._preset_name(config)
+            # Conditionals come from the library after the first chunk, whatever the preset
+            # says: recomputing them per chunk would only repeat the same work.
+            later = replace(config, cached_conditionals=True)
+            results = []
+            for index, chunk in enumerate(chunks):
+                if progress:
+                    progress(index / len(chunks), f"chunk {index + 1} of {len(chunks)}")
+                seed = (params.seed + index) % 2**32
+                results.append(self.generate(chunk, voice, replace(params, seed=seed),
+                                             later if index else config))
+        sample_rate = results[0].sample_rate
+        wav = longform.crossfade_join([r.wav for r in results], sample_rate)
+        report = dict(results[0].report)
+        report["preset"] = name
+        timings = {key: round(sum(r.report["timings"][key] for r in results), 4)
+                   for key in results[0].report["timings"] if key != "t3_tokens_per_s"}
+        timings["t3_tokens"] = int(timings["t3_tokens"])
+        timings["t3_tokens_per_s"] = (round(timings["t3_tokens"] / timings["t3_s"], 2)
+                                      if timings["t3_s"] else None)
+        report["timings"] = timings
+        report["audio_seconds"] = round(len(wav) / sample_rate, 3)
+        report["rtf"] = (round(timings["total_s"] / report["audio_seconds"], 3)
+                         if report["audio_seconds"] else None)
+        report["chunks"] = [{"text": chunk, "audio_seconds": r.report["audio_seconds"],
+                             "samples": len(r.wav),
+                             "t3_tokens": r.report["timings"]["t3_tokens"]}
+                            for chunk, r in zip(chunks, results, strict=True)]
+        tokens = [t for r in results for t in r.speech_tokens]
+        return Synthesis(wav, sample_rate, report, tokens)
 
     def _default_voice(self) -> str:
         names = self._library.names()

@@ -40,6 +40,7 @@ from .config import (
     OptimizationConfig,
     get_preset,
 )
+from .longform import CHUNK_CHARS
 from .manager import ModelManager
 from .optimizations import unavailable_reason
 from .pipeline import GenerationError
@@ -285,7 +286,11 @@ def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weig
     params = make_params(exaggeration, cfg_weight, temperature, top_p, min_p,
                          repetition_penalty, seed, max_new_tokens)
     m.apply_preset(preset)
-    result = m.generate(text, voice, params)
+    if isinstance(text, str) and len(text) > CHUNK_CHARS:  # more than one sentence chunk
+        result = m.generate_long(text, voice, params, progress=lambda fraction, message:
+                                 progress(fraction, desc=f"Speaking {message}"))
+    else:
+        result = m.generate(text, voice, params)
     return (result.sample_rate, result.wav), report_markdown(result.report), result.report
 
 

@@ -174,7 +174,7 @@ def main(capsys, *argv):
         (["--text", ""], "Enter some text to speak"),
         (["--text", "?!"], "it needs letters or digits"),
         (["--preset", "warp"], "Unknown preset 'warp'; available: baseline, cached"),
-        (["--text", "a" * 1001], "the limit is 1000"),
+        (["--text", "a" * 20_001], "the limit is 20000"),
         (["--text", "\x07\x1b"], "Enter some text to speak"),
         (["--preset", "gpu-fast"], "cannot run on cpu"),
     ],
@@ -258,3 +258,31 @@ def test_in_process_voice_management(shared_cli, capsys, make_wav):
         0, json.dumps({"name": "Zed", "kind": "user", "exaggeration": 0.5, "seconds": 2.0})
         + "\n")
     assert shared_cli.library.names() == list(SHIPPED)
+
+
+def test_in_process_synth_of_a_long_text_file_reports_chunk_progress(shared_cli, capsys,
+                                                                     tmp_path):
+    text_file = tmp_path / "story.txt"
+    text_file.write_text(" ".join(f"Sentence {i} of a longer story, told slowly." for i in
+                                  range(20)), encoding="utf-8")
+    out = tmp_path / "story.wav"
+    code, stdout, err = main(capsys, "synth", "--text-file", str(text_file), "--voice",
+                             "calm-mid", "--out", str(out), "--max-tokens", "6", "--json")
+    assert code == 0, err
+    chunks = json.loads(stdout)["chunks"]
+    assert len(chunks) >= 3
+    assert f"[synth] chunk {len(chunks)} of {len(chunks)}" in err
+    assert sf.info(out).samplerate == 24000
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, "does not exist"),
+    (b"\xff\xfe\x00bad", "as UTF-8 text"),
+])
+def test_a_bad_text_file_is_one_error_line(capsys, tmp_path, no_instance, content, words):
+    path = tmp_path / "text.txt"
+    if content is not None:
+        path.write_bytes(content)
+    code, out, err = main(capsys, "synth", "--text-file", str(path), "--out",
+                          str(tmp_path / "x.wav"), "--weights", "tiny")
+    assert code == 2 and out == "" and words in err and len(err.splitlines()) == 1

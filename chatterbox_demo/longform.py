@@ -1,0 +1,108 @@
+"""Long text: split into sentence chunks the model is comfortable with, and join the chunks'
+audio without clicks.
+
+Chatterbox speaks up to about a minute per call and drifts on long inputs, so a long text is
+split at sentence ends (not after abbreviations, inside decimals or at each dot of an
+ellipsis), short sentences are packed together up to ``max_chars``, and a sentence longer
+than that is split at clause boundaries, then at word boundaries as a last resort.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+CHUNK_CHARS = 300  # about 20 s of speech: well inside what the model speaks reliably
+CROSSFADE_S = 0.05
+
+# Lower-cased words that end with a dot without ending a sentence.
+ABBREVIATIONS = {
+    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "vs", "etc", "e.g", "i.e",
+    "no", "fig", "approx", "dept", "inc", "ltd", "co", "jan", "feb", "mar", "apr", "jun",
+    "jul", "aug", "sep", "sept", "oct", "nov", "dec", "u.s", "u.k", "a.m", "p.m",
+}
+# A sentence end: . ! ? or an ellipsis, optional closing quotes/brackets, then whitespace.
+_END = re.compile(r"""(\.\.\.|…|[.!?]+)(["'”’)\]]*)\s+""")
+_CLAUSE = re.compile(r"(?<=[,;:—–])\s+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text``, each with its closing punctuation and quotes."""
+    sentences, start = [], 0
+    for match in _END.finditer(text):
+        end_mark = match.group(1)
+        before = text[start:match.start()]
+        word = before.rsplit(None, 1)[-1].lower() if before.split() else ""
+        if end_mark == "." and word.rstrip(".") in ABBREVIATIONS:
+            continue  # "Dr. Smith", "e.g. this"
+        if end_mark == "." and len(word) == 1 and word.isalpha():
+            continue  # an initial: "J. R. R. Tolkien"
+        following = text[match.end():match.end() + 1]
+        if end_mark in ("...", "…") and following[:1].islower():
+            continue  # a trailing-off pause inside a sentence
+        sentences.append(text[start:match.end()].strip())
+        start = match.end()
+    tail = text[start:].strip()
+    if tail:
+        sentences.append(tail)
+    return [s for s in sentences if s]
+
+
+def _split_long(sentence: str, max_chars: int) -> list[str]:
+    """A sentence over ``max_chars`` split at clause boundaries, then between words."""
+    pieces: list[str] = []
+    for clause in _CLAUSE.split(sentence):
+        if len(clause) <= max_chars:
+            pieces.append(clause)
+            continue
+        line = ""
+        for word in clause.split():
+            if line and len(line) + 1 + len(word) > max_chars:
+                pieces.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        if line:
+            pieces.append(line)
+    return _pack(pieces, max_chars)
+
+
+def _pack(pieces: list[str], max_chars: int) -> list[str]:
+    """Consecutive pieces joined with spaces while they fit in ``max_chars``."""
+    chunks: list[str] = []
+    for piece in pieces:
+        if chunks and len(chunks[-1]) + 1 + len(piece) <= max_chars:
+            chunks[-1] = f"{chunks[-1]} {piece}"
+        else:
+            chunks.append(piece)
+    return chunks
+
+
+def chunk_text(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
+    """``text`` as chunks of whole sentences, each at most ``max_chars`` long (a word
+    longer than that stays whole)."""
+    pieces: list[str] = []
+    for sentence in split_sentences(" ".join(text.split())):
+        pieces.extend([sentence] if len(sentence) <= max_chars
+                      else _split_long(sentence, max_chars))
+    return _pack(pieces, max_chars)
+
+
+def crossfade_join(wavs: list[np.ndarray], sample_rate: int,
+                   seconds: float = CROSSFADE_S) -> np.ndarray:
+    """Concatenate clips, overlapping each join by ``seconds`` with an equal-power
+    (sine/cosine) crossfade, so no join steps from one waveform to another."""
+    if not wavs:
+        return np.zeros(0, dtype=np.float32)
+    out = np.asarray(wavs[0], dtype=np.float32)
+    for wav in wavs[1:]:
+        wav = np.asarray(wav, dtype=np.float32)
+        overlap = min(int(seconds * sample_rate), len(out), len(wav))
+        if overlap == 0:
+            out = np.concatenate([out, wav])
+            continue
+        phase = np.linspace(0.0, np.pi / 2, overlap, dtype=np.float32)
+        mixed = out[-overlap:] * np.cos(phase) + wav[:overlap] * np.sin(phase)
+        out = np.concatenate([out[:-overlap], mixed, wav[overlap:]])
+    return out
