@@ -20,8 +20,7 @@ import soundfile as sf
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from .config import MAX_LONG_TEXT_CHARS, GenerationParams
-from .longform import CHUNK_CHARS
+from .config import MAX_LONG_TEXT_CHARS, QUEUE_MAX, GenerationParams
 from .manager import ModelManager, TextError, check_text
 
 # Names a client may send as `model`: ours, and OpenAI's, so that existing clients work.
@@ -35,9 +34,8 @@ FORMATS = {
     "pcm": (None, None, "audio/pcm"),
 }
 SPEED_RANGE = (0.25, 4.0)
-# Requests allowed to wait for the model at once; more get 503 at once.
-API_QUEUE_MAX = int(os.environ.get("CHATTERBOX_QUEUE_MAX", "32"))
-_waiting = threading.BoundedSemaphore(API_QUEUE_MAX + 1)
+# Requests allowed at once: one on the model and QUEUE_MAX waiting; more get 503 at once.
+_waiting = threading.BoundedSemaphore(QUEUE_MAX + 1)
 
 
 class ApiError(Exception):
@@ -140,8 +138,7 @@ def synthesize(manager: ModelManager, args: dict) -> tuple[np.ndarray, int]:
             manager.library.get(args["voice"])
         except ValueError as exc:
             raise ApiError(404, str(exc), param="voice", code="voice_not_found") from None
-        speak = manager.generate_long if len(args["text"]) > CHUNK_CHARS else manager.generate
-        result = speak(args["text"], args["voice"], args["params"])
+        result = manager.generate_long(args["text"], args["voice"], args["params"])
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
     finally:

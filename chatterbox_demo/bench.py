@@ -27,7 +27,7 @@ from .pipeline import padded_text_tokens
 
 DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog, then rests in the warm "
                 "afternoon sun.")
-STAGES = ("conditioning_s", "t3_s", "s3gen_s", "watermark_s", "total_s")
+STAGES = (*plots.STAGES, "total_s")
 WARMUP_TOKENS = 8
 
 

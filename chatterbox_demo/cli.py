@@ -24,7 +24,6 @@ from .config import (
     check_number,
     get_preset,
 )
-from .longform import CHUNK_CHARS
 from .manager import DEVICES, ModelManager, check_text
 from .pipeline import GenerationError
 from .voices import name_key
@@ -168,10 +167,10 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
     library_names = {name_key(name) for name in manager.library.names()}
     if voice and name_key(voice) not in library_names and Path(voice).is_file():
         voice_file, voice = Path(voice), None
-    if len(text) > CHUNK_CHARS and voice_file is None:
+    if voice_file is None:
         result = manager.generate_long(text, voice, params, progress=lambda fraction, message:
                                        print(f"[synth] {message}", file=sys.stderr, flush=True))
-    else:
+    else:  # a clip that is not in the library: one generation, short text
         result = manager.generate(text, voice, params, voice_file=voice_file)
     write_wav(args.out, result.wav, result.sample_rate)
     report = {**result.report, "out": str(args.out)}

@@ -3,6 +3,7 @@ measured with the benchmark's own function, plus how far B's audio is from A's."
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -85,8 +86,9 @@ class Comparison:
         """How many times faster B ran end to end than A."""
         return _ratio(self.a["total_s"], self.b["total_s"]) if self.b else None
 
-    @property
+    @functools.cached_property
     def fidelity(self) -> Fidelity | None:
+        """Computed once (two mel spectrograms): the summary and the history both read it."""
         return audio_fidelity(self.audio_a, self.audio_b) if self.b else None
 
     def rows(self) -> list[list]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, fields, replace
 
 from . import hardware
@@ -27,6 +28,9 @@ MAX_TEXT_CHARS = 1000  # about 60 s of speech: past this the model's alignment d
 # Longer text is split into sentence chunks (longform.py), spoken one by one and joined.
 MAX_LONG_TEXT_CHARS = 20_000
 SPEECH_TOKENS_PER_SECOND = 25  # S3 tokenizer rate
+# Requests that may wait for the model (page and API each); past this they are refused
+# at once with "queue is full" (page) or 503 (API).
+QUEUE_MAX = int(os.environ.get("CHATTERBOX_QUEUE_MAX", "32"))
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,11 @@ SWEEP = {
     "prompt-6s": replace(PRESETS["cpu-fast"], prompt_seconds=6.0),
     "prompt-3s": replace(PRESETS["cpu-fast"], prompt_seconds=3.0),
 }
+
+
+def preset_name(config: OptimizationConfig) -> str:
+    """The name of the preset equal to ``config``, or "custom"."""
+    return next((name for name, c in PRESETS.items() if c == config), "custom")
 
 
 def get_preset(name: str) -> OptimizationConfig:

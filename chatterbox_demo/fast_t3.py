@@ -44,9 +44,9 @@ class StaticKVCache:
         self.max_len = max_len
 
 
-def _layer_forward(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, start: int) -> torch.Tensor:
-    """One Llama decoder layer over ``x`` (B, T, D) placed at positions start..start+T-1."""
+def _rotated_qkv(layer, x: torch.Tensor, cos, sin):
+    """A Llama layer's queries, keys and values for ``x`` (B, T, D), as (B, heads, T,
+    head_dim), with the rotary embedding applied to queries and keys."""
     attn = layer.self_attn
     batch, steps, _ = x.shape
     h = layer.input_layernorm(x)
@@ -55,15 +55,29 @@ def _layer_forward(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
     k = attn.k_proj(h).view(shape).transpose(1, 2)
     v = attn.v_proj(h).view(shape).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def _layer_output(layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of the layer after attention: output projection, residual, MLP."""
+    batch, steps, _ = x.shape
+    x = x + layer.self_attn.o_proj(attended.transpose(1, 2).reshape(batch, steps, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def _layer_forward(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, start: int) -> torch.Tensor:
+    """One Llama decoder layer over ``x`` (B, T, D) placed at positions start..start+T-1."""
+    q, k, v = _rotated_qkv(layer, x, cos, sin)
+    steps = x.shape[1]
     end = start + steps
     k_cache[:, :, start:end] = k
     v_cache[:, :, start:end] = v
     # The prefill starts at 0 so a causal mask over the whole slice is right; a single
     # decode step attends to everything before it and needs no mask.
     out = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
-                                         is_causal=steps > 1, scale=attn.scaling)
-    x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+                                         is_causal=steps > 1, scale=layer.self_attn.scaling)
+    return _layer_output(layer, x, out)
 
 
 def _layer_forward_at(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
@@ -72,21 +86,13 @@ def _layer_forward_at(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
     """One decoder layer for one token at the device-tensor position ``pos`` (shape (1,)),
     attending to the cache positions ``mask`` (1, 1, 1, bucket) allows. Shapes and addresses
     do not depend on the position, so the step can be captured as a CUDA graph."""
-    attn = layer.self_attn
-    batch = x.shape[0]
-    h = layer.input_layernorm(x)
-    shape = (batch, 1, -1, attn.head_dim)
-    q = attn.q_proj(h).view(shape).transpose(1, 2)
-    k = attn.k_proj(h).view(shape).transpose(1, 2)
-    v = attn.v_proj(h).view(shape).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k, v = _rotated_qkv(layer, x, cos, sin)
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
     bucket = mask.shape[-1]
     out = F.scaled_dot_product_attention(q, k_cache[:, :, :bucket], v_cache[:, :, :bucket],
-                                         attn_mask=mask, scale=attn.scaling)
-    x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+                                         attn_mask=mask, scale=layer.self_attn.scaling)
+    return _layer_output(layer, x, out)
 
 
 _COMPILED_STEPS: dict[str, object] = {}

@@ -34,6 +34,7 @@ from .config import (
     OptimizationConfig,
     default_max_new_tokens,
     get_preset,
+    preset_name,
 )
 from .optimizations import apply_runtime_settings, build_s3gen, build_t3, unavailable_reason
 from .voices import Voice, VoiceLibrary
@@ -385,7 +386,10 @@ class ModelManager:
         """Speak text of any length up to MAX_LONG_TEXT_CHARS: sentence chunks
         (longform.chunk_text), one generation each with the voice's conditionals computed
         at most once, joined with equal-power crossfades. Chunk i uses seed + i, so the same
-        seed gives the same audio. ``params.max_new_tokens`` bounds each chunk."""
+        seed gives the same audio. ``params.max_new_tokens`` bounds each chunk. Text that
+        fits one chunk is a plain :meth:`generate`."""
+        if isinstance(text, str) and len(text) <= longform.CHUNK_CHARS:
+            return self.generate(text, voice, params, config)
         text = check_text(text, MAX_LONG_TEXT_CHARS)
         params = params or GenerationParams()
         chunks = longform.chunk_text(text)
@@ -431,4 +435,4 @@ class ModelManager:
     def _preset_name(self, config: OptimizationConfig) -> str:
         if config == self.config:
             return self.preset
-        return next((name for name, c in PRESETS.items() if c == config), "custom")
+        return preset_name(config)

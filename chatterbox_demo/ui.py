@@ -32,6 +32,7 @@ from .config import (
     PRECISIONS,
     PRESET_DESCRIPTIONS,
     PRESETS,
+    QUEUE_MAX,
     RANGES,
     S3GEN_QUANTS,
     T3_DECODERS,
@@ -39,8 +40,8 @@ from .config import (
     GenerationParams,
     OptimizationConfig,
     get_preset,
+    preset_name,
 )
-from .longform import CHUNK_CHARS
 from .manager import ModelManager
 from .optimizations import unavailable_reason
 from .pipeline import GenerationError
@@ -54,8 +55,6 @@ MODEL_SLOT = "model"  # concurrency_id shared by every event that runs the model
 # content, so two users uploading the same clip share one file, and deleting it after one
 # request would pull it from under the other (the soak test caught exactly that).
 UPLOAD_TTL_S = int(os.environ.get("CHATTERBOX_UPLOAD_TTL", "600"))
-# Requests waiting for the model beyond this get a "queue is full" message at once.
-QUEUE_MAX = int(os.environ.get("CHATTERBOX_QUEUE_MAX", "32"))
 TITLE = "Chatterbox TTS: clone, synthesize, compare"
 
 
@@ -286,11 +285,8 @@ def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weig
     params = make_params(exaggeration, cfg_weight, temperature, top_p, min_p,
                          repetition_penalty, seed, max_new_tokens)
     m.apply_preset(preset)
-    if isinstance(text, str) and len(text) > CHUNK_CHARS:  # more than one sentence chunk
-        result = m.generate_long(text, voice, params, progress=lambda fraction, message:
-                                 progress(fraction, desc=f"Speaking {message}"))
-    else:
-        result = m.generate(text, voice, params)
+    result = m.generate_long(text, voice, params, progress=lambda fraction, message:
+                             progress(fraction, desc=f"Speaking {message}"))
     return (result.sample_rate, result.wav), report_markdown(result.report), result.report
 
 
@@ -342,10 +338,6 @@ def config_from_fields(values) -> OptimizationConfig:
     return OptimizationConfig(**fields)
 
 
-def config_label(config: OptimizationConfig) -> str:
-    return next((name for name, c in PRESETS.items() if c == config), "custom")
-
-
 def availability_markdown(*values) -> str:
     """One line under an advanced panel: can this configuration run here?"""
     try:
@@ -353,7 +345,7 @@ def availability_markdown(*values) -> str:
     except ValueError as exc:
         return f"✗ not a valid configuration: {html.escape(str(exc))}"
     reason = unavailable_reason(config, manager().device)
-    label = html.escape(config_label(config))
+    label = html.escape(preset_name(config))
     if reason:
         return f"✗ **{label}** cannot run on {manager().device.upper()}: {html.escape(reason)}"
     return f"✓ **{label}** runs on {manager().device.upper()}"
@@ -486,7 +478,7 @@ def _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b, repeats,
         raise ValueError(f"repeats must be between 1 and 5 (got {repeats})")
     a = OptimizationConfig(**config_a) if config_a else get_preset(preset_a)
     b = OptimizationConfig(**config_b) if config_b else get_preset(preset_b)
-    label_a, label_b = config_label(a), config_label(b)
+    label_a, label_b = preset_name(a), preset_name(b)
     history = list(history or [])
     steps = compare_steps(m, text, voice, params, a, b, repeats,
                           progress=lambda fraction, message: progress(fraction, desc=message),

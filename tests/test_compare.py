@@ -76,7 +76,7 @@ def ui_manager(tiny_manager, monkeypatch):
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_round_trips_through_the_advanced_panel(name, ui_manager):
     assert ui.config_from_fields(ui.preset_fields(name)) == PRESETS[name]
-    assert ui.config_label(PRESETS[name]) == name
+    assert ui.preset_name(PRESETS[name]) == name
 
 
 def test_the_panel_marks_what_cannot_run_here_with_the_reason(ui_manager):
