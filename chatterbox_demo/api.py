@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hmac
 import io
+import itertools
 import json
 import os
 import threading
@@ -20,6 +21,7 @@ import soundfile as sf
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from .audio import to_pcm16
 from .config import MAX_LONG_TEXT_CHARS, QUEUE_MAX, GenerationParams
 from .manager import ModelManager, TextError, check_text
 
@@ -113,7 +115,7 @@ def parse_speech_request(body) -> dict:
 def encode(wav: np.ndarray, sample_rate: int, response_format: str) -> bytes:
     fmt, subtype, _ = FORMATS[response_format]
     if fmt is None:  # raw PCM
-        return (np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes()
+        return to_pcm16(wav).astype("<i2").tobytes()
     buffer = io.BytesIO()
     sf.write(buffer, wav, sample_rate, format=fmt, subtype=subtype)
     return buffer.getvalue()
@@ -128,22 +130,59 @@ def change_speed(wav: np.ndarray, speed: float) -> np.ndarray:
     return librosa.effects.time_stretch(wav, rate=speed).astype(np.float32)
 
 
-def synthesize(manager: ModelManager, args: dict) -> tuple[np.ndarray, int]:
+def _admit(manager: ModelManager, voice: str) -> None:
+    """Take a place in the queue (503 when it is full) and check the voice (404); the
+    caller releases ``_waiting`` when done."""
     if not _waiting.acquire(blocking=False):
         raise ApiError(503, "The server is busy: too many requests are waiting. Retry later.",
                        code="queue_full", kind="server_error")
     try:
         manager.load()
-        try:
-            manager.library.get(args["voice"])
-        except ValueError as exc:
-            raise ApiError(404, str(exc), param="voice", code="voice_not_found") from None
+        manager.library.get(voice)
+    except ValueError as exc:
+        _waiting.release()
+        raise ApiError(404, str(exc), param="voice", code="voice_not_found") from None
+    except BaseException:
+        _waiting.release()
+        raise
+
+
+def synthesize(manager: ModelManager, args: dict) -> tuple[np.ndarray, int]:
+    _admit(manager, args["voice"])
+    try:
         result = manager.generate_long(args["text"], args["voice"], args["params"])
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
     finally:
         _waiting.release()
     return change_speed(result.wav, args["speed"]), result.sample_rate
+
+
+def open_stream(manager: ModelManager, args: dict):
+    """Start a streamed generation and wait for its first audio, so that what fails
+    early (no speech produced) is still an error response; then the rest as 16-bit PCM
+    byte blocks."""
+    _admit(manager, args["voice"])
+    chunks = manager.stream(args["text"], args["voice"], args["params"])
+    try:
+        first = next(chunks)
+    except ValueError as exc:
+        _waiting.release()
+        raise ApiError(400, str(exc)) from None
+    except BaseException:
+        _waiting.release()
+        raise
+
+    def pcm_blocks():
+        try:
+            for chunk in itertools.chain([first], chunks):
+                if len(chunk.wav):
+                    yield encode(chunk.wav, chunk.sample_rate, "pcm")
+        finally:
+            chunks.close()  # a client that hung up stops the generation
+            _waiting.release()
+
+    return pcm_blocks()
 
 
 def build_router(manager_factory=ModelManager.instance) -> APIRouter:
@@ -186,23 +225,34 @@ def build_router(manager_factory=ModelManager.instance) -> APIRouter:
 
 
 async def _speak(manager: ModelManager, args: dict):
+    """Raw PCM at normal speed streams as it is made; other formats need the whole audio
+    (a container header, or the time stretch for ``speed``) and are sent when done."""
     from starlette.concurrency import run_in_threadpool
 
     try:
-        wav, sample_rate = await run_in_threadpool(synthesize, manager, args)
+        if args["format"] == "pcm" and args["speed"] == 1.0:
+            blocks = await run_in_threadpool(open_stream, manager, args)
+        else:
+            wav, sample_rate = await run_in_threadpool(synthesize, manager, args)
+            audio = encode(wav, sample_rate, args["format"])
+            if args["stream_format"] == "audio":
+                return Response(audio, media_type=FORMATS[args["format"]][2])
+            blocks = [audio[start:start + SSE_BLOCK] for start in range(0, len(audio),
+                                                                        SSE_BLOCK)]
     except ApiError as exc:
         return exc.response()
-    audio = encode(wav, sample_rate, args["format"])
-    content_type = FORMATS[args["format"]][2]
     if args["stream_format"] == "sse":
-        return StreamingResponse(_sse_events(audio), media_type="text/event-stream")
-    return Response(audio, media_type=content_type)
+        return StreamingResponse(_sse_events(blocks), media_type="text/event-stream")
+    return StreamingResponse(blocks, media_type=FORMATS["pcm"][2])
 
 
-def _sse_events(audio: bytes, chunk: int = 32 * 1024):
+SSE_BLOCK = 32 * 1024  # bytes of a whole encoded file per SSE event
+
+
+def _sse_events(blocks):
     """OpenAI's speech SSE: ``speech.audio.delta`` events with base64 audio, then
     ``speech.audio.done``."""
-    for start in range(0, len(audio), chunk):
-        delta = base64.b64encode(audio[start:start + chunk]).decode()
+    for block in blocks:
+        delta = base64.b64encode(block).decode()
         yield f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': delta})}\n\n"
     yield f"data: {json.dumps({'type': 'speech.audio.done'})}\n\n"

@@ -91,6 +91,11 @@ def load_reference(path: str | os.PathLike | None) -> ReferenceClip:
     )
 
 
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] as 16-bit integers (clipped), as players and PCM want."""
+    return (np.clip(samples, -1.0, 1.0) * 32767).astype(np.int16)
+
+
 def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int) -> Path:
     """Write mono float samples as 16-bit PCM WAV, atomically."""
     path = Path(path)

@@ -8,7 +8,8 @@ What it changes, and why:
   fallback that ``output_attentions=True`` forces;
 - CFG, repetition penalty, temperature, min-p, top-p and the multinomial draw all stay on
   the device; the stop token is looked for every ``stop_check_every`` steps, not after each
-  token, so the host never waits on the device per token;
+  token, so the host never waits on the device per token (those are also the moments new
+  tokens are handed to a streaming caller);
 - it calls T3's own modules (``tfmr.layers``, ``speech_emb``, ``speech_head``...), so every
   transform applied to them (precision, int8, compile) applies here too;
 - on CUDA (``cuda_graphs``) the single-token step is captured as a CUDA graph per bucket of
@@ -191,13 +192,20 @@ class FastT3Decoder:
         graph_step.decoder = self
         return graph_step.cache, graph_step
 
-    @torch.inference_mode()
-    def generate(self, *, t3_cond: T3Cond, text_tokens: torch.Tensor, max_new_tokens: int,
-                 temperature: float = 0.8, cfg_weight: float = 0.5,
-                 repetition_penalty: float = 1.2, min_p: float = 0.05, top_p: float = 1.0,
-                 stop_on_eos: bool = True) -> torch.Tensor:
+    def generate(self, **sampling) -> torch.Tensor:
         """Same arguments and result as ``T3.inference``: (1, n) sampled tokens, ending
         with the stop token when one was drawn. ``text_tokens`` is the (2, L) CFG batch."""
+        return torch.cat(list(self.token_blocks(**sampling)), dim=1)
+
+    @torch.inference_mode()
+    def token_blocks(self, *, t3_cond: T3Cond, text_tokens: torch.Tensor,
+                     max_new_tokens: int, temperature: float = 0.8, cfg_weight: float = 0.5,
+                     repetition_penalty: float = 1.2, min_p: float = 0.05, top_p: float = 1.0,
+                     stop_on_eos: bool = True):
+        """:meth:`generate` as it happens: yields (1, k) tensors of new tokens every
+        ``stop_check_every`` steps (when the host looks at them anyway), the last one
+        ending with the stop token when one was drawn. Streaming renders audio from them
+        while decoding goes on."""
         t3, hp = self.t3, self.t3.hp
         device = t3.device
         text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=device)
@@ -218,25 +226,26 @@ class FastT3Decoder:
         tokens = torch.empty(max_new_tokens, dtype=torch.long, device=device)
         pos_emb = t3.speech_pos_emb.emb.weight  # row i is get_fixed_embedding(i)
         cfg = torch.tensor(cfg_weight, device=device)
-        produced = max_new_tokens
-        checked = 0
+        emitted = 0
         for step in range(max_new_tokens):
             next_token = sample_token(logits, seen, cfg, temperature, repetition_penalty,
                                       min_p, top_p)
             tokens[step] = next_token[0, 0]
             seen.scatter_(1, next_token, True)
             done = step + 1 == max_new_tokens
-            if stop_on_eos and (done or (step + 1) % self.stop_check_every == 0):
-                hits = (tokens[checked: step + 1] == hp.stop_speech_token).nonzero()
-                if hits.numel():
-                    produced = checked + int(hits[0, 0]) + 1
-                    break
-                checked = step + 1
+            if done or (step + 1) % self.stop_check_every == 0:
+                block = tokens[emitted: step + 1].clone()
+                emitted = step + 1
+                if stop_on_eos:
+                    hits = (block == hp.stop_speech_token).nonzero()
+                    if hits.numel():
+                        yield block[: int(hits[0, 0]) + 1].unsqueeze(0)
+                        return
+                yield block.unsqueeze(0)
             if done:
                 break
             embed = t3.speech_emb(next_token) + pos_emb[step + 1]
             logits = step_fn(embed.expand(batch, -1, -1).to(self.dtype), prefix + step)
-        return tokens[:produced].unsqueeze(0)
 
 
 def bucket_for(position: int, max_len: int) -> int:

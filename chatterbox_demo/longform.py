@@ -89,20 +89,49 @@ def chunk_text(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
     return _pack(pieces, max_chars)
 
 
+class Stitcher:
+    """Joins clips as they arrive, each overlapping the one before by ``overlap`` samples
+    with a crossfade, so no join steps from one waveform to another.
+
+    The last ``overlap`` samples of what arrived are held back until the next clip (or
+    :meth:`finish`) comes, which is what lets a stream play its pieces as they are made.
+    ``add(wav, same_signal=...)``: an equal-power (sine/cosine) fade for clips of different
+    speech (sentence chunks); an equal-gain (sine^2/cosine^2) one for two renderings of the
+    same audio (streamed token blocks), which equal-power would make 3 dB louder mid-fade.
+    """
+
+    def __init__(self, overlap: int):
+        self.overlap = overlap
+        self.tail = np.zeros(0, dtype=np.float32)
+
+    def add(self, wav: np.ndarray, same_signal: bool = False) -> np.ndarray:
+        """Audio ready to play: ``wav`` with its start faded over the held-back tail."""
+        wav = np.asarray(wav, dtype=np.float32)
+        # A clip shorter than the tail fades over the tail's end; the rest plays as is.
+        fade = min(len(self.tail), len(wav))
+        cut = len(self.tail) - fade
+        ready, tail = self.tail[:cut], self.tail[cut:]
+        if fade:
+            phase = np.linspace(0.0, np.pi / 2, fade, dtype=np.float32)
+            fade_out, fade_in = np.cos(phase), np.sin(phase)
+            if same_signal:
+                fade_out, fade_in = fade_out**2, fade_in**2
+            mixed = tail * fade_out + wav[:fade] * fade_in
+            wav = np.concatenate([mixed, wav[fade:]])
+        keep = min(self.overlap, len(wav))
+        self.tail = wav[len(wav) - keep:]
+        return np.concatenate([ready, wav[:len(wav) - keep]])
+
+    def finish(self) -> np.ndarray:
+        """The held-back tail: the end of the stream."""
+        tail, self.tail = self.tail, np.zeros(0, dtype=np.float32)
+        return tail
+
+
 def crossfade_join(wavs: list[np.ndarray], sample_rate: int,
                    seconds: float = CROSSFADE_S) -> np.ndarray:
-    """Concatenate clips, overlapping each join by ``seconds`` with an equal-power
-    (sine/cosine) crossfade, so no join steps from one waveform to another."""
-    if not wavs:
-        return np.zeros(0, dtype=np.float32)
-    out = np.asarray(wavs[0], dtype=np.float32)
-    for wav in wavs[1:]:
-        wav = np.asarray(wav, dtype=np.float32)
-        overlap = min(int(seconds * sample_rate), len(out), len(wav))
-        if overlap == 0:
-            out = np.concatenate([out, wav])
-            continue
-        phase = np.linspace(0.0, np.pi / 2, overlap, dtype=np.float32)
-        mixed = out[-overlap:] * np.cos(phase) + wav[:overlap] * np.sin(phase)
-        out = np.concatenate([out[:-overlap], mixed, wav[overlap:]])
-    return out
+    """Concatenate clips of different speech, overlapping each join by ``seconds`` with an
+    equal-power crossfade."""
+    stitcher = Stitcher(int(seconds * sample_rate))
+    parts = [stitcher.add(wav) for wav in wavs] + [stitcher.finish()]
+    return np.concatenate(parts).astype(np.float32)

@@ -120,6 +120,54 @@ def padded_text_tokens(tts: ChatterboxTTS, t3, text: str) -> torch.Tensor:
     return F.pad(tokens, (0, 1), value=t3.hp.stop_text_token)
 
 
+def _sampling(tts: ChatterboxTTS, t3, text: str, conds: Conditionals, exaggeration: float,
+              params: GenerationParams, max_new_tokens: int) -> dict:
+    """T3's inputs, as upstream's ``generate`` builds them."""
+    t3_cond = t3_cond_for(conds, exaggeration, tts.device, t3.speech_emb.weight.dtype)
+    text_tokens = padded_text_tokens(tts, t3, text)
+    # Row 2 is the unconditional one. Upstream skips it when cfg_weight is 0, but its
+    # T3.inference then fails (it always builds a batch of 2); with the row present and a
+    # weight of 0 the guided logits are exactly the conditional ones, so keep it.
+    text_tokens = torch.cat([text_tokens, text_tokens], dim=0)
+    return dict(t3_cond=t3_cond, text_tokens=text_tokens, max_new_tokens=max_new_tokens,
+                temperature=params.temperature, cfg_weight=params.cfg_weight,
+                repetition_penalty=params.repetition_penalty, min_p=params.min_p,
+                top_p=params.top_p)
+
+
+def _token_blocks(t3, sampling: dict, config: OptimizationConfig):
+    """Sampled tokens as (1, k) blocks: the fast decoder hands them over as it goes, the
+    stock ``T3.inference`` all at once."""
+    if config.t3_decoder == "fast":
+        step_mode = "cuda-graph" if config.cuda_graphs else "plain"
+        yield from FastT3Decoder(t3, step_mode=step_mode).token_blocks(**sampling)
+    else:
+        yield t3.inference(**sampling)
+
+
+def _speakable(tokens: torch.Tensor, device) -> torch.Tensor:
+    """Upstream's filter: only real speech tokens (no start/stop or CFG padding)."""
+    tokens = drop_invalid_tokens(tokens[0] if tokens.dim() > 1 else tokens)
+    return tokens[tokens < SPEECH_VOCAB_SIZE].to(device)
+
+
+def _render(s3gen, tokens: torch.Tensor, conds: Conditionals,
+            config: OptimizationConfig) -> np.ndarray:
+    """S3Gen: speech tokens to a mono float32 waveform."""
+    ref_dict = trim_prompt(conds.gen, config.prompt_seconds)
+    with cfm_guidance(s3gen, config.cfm_cfg):
+        wav, _ = s3gen.inference(speech_tokens=tokens, ref_dict=ref_dict,
+                                 n_cfm_timesteps=config.cfm_steps)
+    return wav.squeeze(0).detach().float().cpu().numpy()
+
+
+def _too_short() -> GenerationError:
+    # S3Gen needs two speech tokens: from one it makes less audio than its fade-in and
+    # fails with a tensor size mismatch.
+    return GenerationError("The model stopped before producing any speech; try another seed "
+                           "or text, or a larger token budget.")
+
+
 def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
         params: GenerationParams, max_new_tokens: int,
         config: OptimizationConfig = BASELINE, t3=None, s3gen=None,
@@ -134,43 +182,17 @@ def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
     s3gen = s3gen or tts.s3gen
     device = tts.device
     times: dict[str, float] = {}
-    t3_cond = t3_cond_for(conds, exaggeration, device, t3.speech_emb.weight.dtype)
-
-    text_tokens = padded_text_tokens(tts, t3, text)
-    # Row 2 is the unconditional one. Upstream skips it when cfg_weight is 0, but its
-    # T3.inference then fails (it always builds a batch of 2); with the row present and a
-    # weight of 0 the guided logits are exactly the conditional ones, so keep it.
-    text_tokens = torch.cat([text_tokens, text_tokens], dim=0)
-
+    sampling = _sampling(tts, t3, text, conds, exaggeration, params, max_new_tokens)
     seed_everything(params.seed)
     with torch.inference_mode():
-        sampling = dict(t3_cond=t3_cond, text_tokens=text_tokens,
-                        max_new_tokens=max_new_tokens, temperature=params.temperature,
-                        cfg_weight=params.cfg_weight,
-                        repetition_penalty=params.repetition_penalty, min_p=params.min_p,
-                        top_p=params.top_p)
         with timed(device, times, "t3"), suppress_stop_token(t3) if ignore_stop else nullcontext():
-            if config.t3_decoder == "fast":
-                step_mode = "cuda-graph" if config.cuda_graphs else "plain"
-                speech_tokens = FastT3Decoder(t3, step_mode=step_mode).generate(**sampling)
-            else:
-                speech_tokens = t3.inference(**sampling)
+            speech_tokens = torch.cat(list(_token_blocks(t3, sampling, config)), dim=1)
         sampled = int(speech_tokens.shape[-1])
-        speech_tokens = drop_invalid_tokens(speech_tokens[0])
-        speech_tokens = speech_tokens[speech_tokens < SPEECH_VOCAB_SIZE].to(device)
-        # S3Gen needs two speech tokens: from one it makes less audio than its fade-in and
-        # fails with a tensor size mismatch.
+        speech_tokens = _speakable(speech_tokens, device)
         if speech_tokens.numel() < 2:
-            raise GenerationError(
-                "The model stopped before producing any speech; try another seed or text, "
-                "or a larger token budget."
-            )
+            raise _too_short()
         with timed(device, times, "s3gen"):
-            ref_dict = trim_prompt(conds.gen, config.prompt_seconds)
-            with cfm_guidance(s3gen, config.cfm_cfg):
-                wav, _ = s3gen.inference(speech_tokens=speech_tokens, ref_dict=ref_dict,
-                                         n_cfm_timesteps=config.cfm_steps)
-        wav = wav.squeeze(0).detach().float().cpu().numpy()
+            wav = _render(s3gen, speech_tokens, conds, config)
     with timed("cpu", times, "watermark"):
         wav = tts.watermarker.apply_watermark(wav, sample_rate=tts.sr)
     return StageResult(
@@ -182,3 +204,75 @@ def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
         watermark_s=times["watermark"],
         speech_tokens=speech_tokens.tolist(),
     )
+
+
+# Streaming: S3Gen renders the tokens decoded so far in blocks. Small first, so audio starts
+# early; four times larger after, because every S3Gen call pays for the whole reference
+# prompt (about 500 mel frames) however few tokens it renders: on a 2-core CPU that is
+# about 9 s a call, against 0.04 s per token rendered.
+FIRST_BLOCK = 16  # speech tokens before the first audio (0.64 s of speech)
+BLOCK_GROWTH = 4
+MAX_BLOCK = 256
+LEFT_CONTEXT = 10  # tokens rendered again before a block, so S3Gen sees what precedes it
+LOOKAHEAD = 3  # tokens held back at a block's end: S3Gen's encoder looks 3 tokens ahead
+
+
+@dataclass
+class StreamPiece:
+    wav: np.ndarray  # watermarked audio; starts ``overlap`` samples early when ``continues``
+    continues: bool  # a further rendering of the same speech as the piece before
+    final: bool
+    t3_s: float  # T3 and S3Gen time since the previous piece
+    s3gen_s: float
+    watermark_s: float
+    t3_tokens: int  # sampled so far
+    speech_tokens: list[int] = field(default_factory=list)  # rendered in this piece
+
+
+def run_stream(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
+               params: GenerationParams, max_new_tokens: int, overlap: int,
+               config: OptimizationConfig = BASELINE, t3=None, s3gen=None,
+               ignore_stop: bool = False):
+    """:func:`run` as a stream of :class:`StreamPiece`: T3 decodes, and whenever a block of
+    new tokens is ready S3Gen renders it with ``LEFT_CONTEXT`` tokens before it. A piece
+    starts ``overlap`` samples before the previous one ended, for a crossfade over audio
+    both rendered. T3 samples the same tokens as :func:`run` with the same seed (S3Gen's
+    noise is drawn from a forked generator); only the rendering differs."""
+    t3 = t3 or tts.t3
+    s3gen = s3gen or tts.s3gen
+    device = torch.device(tts.device)
+    per_token = tts.sr // S3_TOKEN_RATE  # audio samples per speech token (960)
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    sampling = _sampling(tts, t3, text, conds, exaggeration, params, max_new_tokens)
+    seed_everything(params.seed)
+    tokens = torch.zeros(0, dtype=torch.long, device=device)
+    sampled, emitted, block = 0, 0, FIRST_BLOCK
+    with torch.inference_mode(), suppress_stop_token(t3) if ignore_stop else nullcontext():
+        blocks = _token_blocks(t3, sampling, config)
+        while True:
+            times: dict[str, float] = {}
+            with timed(device, times, "t3"):
+                raw = next(blocks, None)
+            final = raw is None
+            if not final:
+                sampled += raw.shape[-1]
+                tokens = torch.cat([tokens, _speakable(raw, device)])
+            while final or len(tokens) - emitted >= block:
+                end = len(tokens) if final else min(emitted + block, len(tokens) - LOOKAHEAD)
+                start = max(0, emitted - LEFT_CONTEXT)
+                stop = len(tokens) if final else end + LOOKAHEAD
+                if stop - start < 2:
+                    raise _too_short()
+                with timed(device, times, "s3gen"), torch.random.fork_rng(rng_devices):
+                    wav = _render(s3gen, tokens[start:stop], conds, config)
+                skip = (emitted - start) * per_token - (overlap if emitted else 0)
+                wav = wav[skip:] if final else wav[skip:(end - start) * per_token]
+                with timed("cpu", times, "watermark"):
+                    wav = tts.watermarker.apply_watermark(wav, sample_rate=tts.sr)
+                yield StreamPiece(np.asarray(wav, dtype=np.float32), continues=emitted > 0,
+                                  final=final, t3_s=times.pop("t3", 0.0),
+                                  s3gen_s=times["s3gen"], watermark_s=times["watermark"],
+                                  t3_tokens=sampled, speech_tokens=tokens[emitted:end].tolist())
+                emitted, block = end, min(BLOCK_GROWTH * block, MAX_BLOCK)
+                if final:
+                    return

@@ -45,10 +45,12 @@ def test_listens_on_loopback_only(server):
     assert listening_addresses(server[1]) == {"0100007F"}
 
 
-def synth_args(text: str, voice: str, seed: int = 1, max_new_tokens: int = 40):
+def synth_args(text: str, voice: str, seed: int = 1, max_new_tokens: int = 40,
+               stream: bool = False):
     # text, voice, preset, exaggeration, cfg_weight, temperature, top_p, min_p,
-    # repetition_penalty, seed, max_new_tokens
-    return (text, voice, "cached", 0.5, 0.5, 0.8, 1.0, 0.05, 1.2, seed, max_new_tokens)
+    # repetition_penalty, seed, max_new_tokens, stream
+    return (text, voice, "cached", 0.5, 0.5, 0.8, 1.0, 0.05, 1.2, seed, max_new_tokens,
+            stream)
 
 
 def test_names_its_endpoints_and_parameters(client):
@@ -61,13 +63,25 @@ def test_names_its_endpoints_and_parameters(client):
 
 
 def test_synthesize_returns_audio_and_report(client):
-    audio, table, report = client.predict(*synth_args("Hello from the test.", "calm-mid"),
-                                          api_name="/synthesize")
+    audio, table, report, _ = client.predict(*synth_args("Hello from the test.", "calm-mid"),
+                                                api_name="/synthesize")
     samples, rate = sf.read(audio)
     assert rate == 24000 and len(samples) > 0
     assert report["voice"]["name"] == "calm-mid"
     assert report["timings"]["t3_tokens"] == 40
     assert "T3" in table and "S3Gen" in table
+    assert "first_audio_s" not in report and "streamed" not in report
+
+
+def test_streamed_synthesis_ends_with_the_whole_audio(client):
+    audio, table, report, _ = client.predict(
+        *synth_args("Streamed from the test.", "calm-mid", max_new_tokens=60, stream=True),
+        api_name="/synthesize")
+    samples, rate = sf.read(audio)
+    assert rate == 24000 and len(samples) / rate == pytest.approx(report["audio_seconds"],
+                                                                  abs=1e-3)
+    assert report["streamed"] and 0 < report["first_audio_s"] < report["timings"]["total_s"]
+    assert "first audio" in table
 
 
 def test_add_voice_then_use_it(client):
@@ -77,7 +91,7 @@ def test_add_voice_then_use_it(client):
     assert ["http voice", "user", 0.7] == table["data"][-1][:3]
     names = [row[0] for row in client.predict(api_name="/list_voices")]
     assert "http voice" in names
-    _, _, report = client.predict(*synth_args("Now in the new voice.", "http voice"),
+    _, _, report, _ = client.predict(*synth_args("Now in the new voice.", "http voice"),
                                   api_name="/synthesize")
     assert report["voice"] == {"name": "http voice", "source": "memory"}
 
@@ -161,7 +175,7 @@ def test_bad_input_comes_back_as_a_readable_error(client, args, message):
 
 @pytest.mark.parametrize("text", ["שלום, זה מבחן.", "مرحبا بالعالم", "Hello 👋 world 🎉"])
 def test_right_to_left_and_emoji_text_is_spoken(client, text):
-    _, _, report = client.predict(*synth_args(text, "calm-mid", max_new_tokens=12),
+    _, _, report, _ = client.predict(*synth_args(text, "calm-mid", max_new_tokens=12),
                                   api_name="/synthesize")
     assert report["timings"]["t3_tokens"] == 12
 

@@ -105,6 +105,28 @@ def test_upload_a_voice_synthesize_and_compare(page):
     shoot(page, "4-compare-phone")
 
 
+def test_a_long_text_streams_with_progress_per_chunk(page):
+    text = " ".join(f"This is sentence number {i} of a long text, spoken in pieces."
+                    for i in range(40))[:2000]
+    page.get_by_role("tab", name="Synthesize").click()
+    page.get_by_label("Text").first.fill(text)
+    page.get_by_text("Generation settings").first.click()
+    tokens = page.get_by_label("max_new_tokens", exact=False).first
+    tokens.fill("20")  # per chunk: keeps the tiny model's run short
+    tokens.press("Enter")
+    expect(page.get_by_label("Stream")).to_be_checked()
+    page.get_by_role("button", name="Synthesize", exact=True).click()
+    progress = page.get_by_text(re.compile(r"Streaming chunk \d+ of 8"))
+    expect(progress).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
+    live = page.locator("#live-audio audio")
+    expect(live).to_have_count(1)  # playing while later chunks are still being made
+    shoot(page, "6-streaming")
+    expect(page.get_by_text("first audio")).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
+    assert live.evaluate("a => a.currentTime") > 0
+    expect(page.locator("audio[src*='audio.wav']")).to_have_count(1)  # the whole result
+    shoot(page, "7-streamed")
+
+
 def test_an_error_is_a_readable_message_in_the_page(page):
     page.get_by_role("tab", name="Synthesize").click()
     page.get_by_label("Text").first.fill("   ")

@@ -113,6 +113,21 @@ def test_sse_stream_has_deltas_then_done(http):
     assert audio[:4] == b"RIFF" and np.frombuffer(audio[44:], "<i2").size > 0
 
 
+def test_pcm_streams_as_it_is_made(http, tiny_manager):
+    # pcm at normal speed is the streamed path: several SSE deltas (one per piece) that
+    # add up to the whole generation, which a one-shot generation's length confirms.
+    fields = dict(response_format="pcm", seed=2, max_new_tokens=120, input="A streamed reply.")
+    events = [json.loads(line[6:]) for line in
+              speak(http, stream_format="sse", **fields).text.splitlines()
+              if line.startswith("data: ")]
+    deltas = [base64.b64decode(e["audio"]) for e in events[:-1]]
+    assert len(deltas) >= 4 and events[-1]["type"] == "speech.audio.done"
+    raw = speak(http, **fields)
+    assert raw.status_code == 200 and "content-length" not in raw.headers  # chunked
+    assert raw.content == b"".join(deltas)
+    assert api._waiting._value == api.QUEUE_MAX + 1  # every place in the queue given back
+
+
 @pytest.mark.parametrize("fields, status, words", [
     ({"input": ""}, 400, "Enter some text"),
     ({"input": "?!"}, 400, "nothing to speak"),

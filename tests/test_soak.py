@@ -34,8 +34,8 @@ def process_figures(pid: int) -> dict:
 
 
 def synth(client: Client, text: str, voice: str, preset: str, seed: int) -> dict:
-    _, _, report = client.predict(text, voice, preset, 0.5, 0.5, 0.8, 1.0, 0.05, 1.2, seed, 10,
-                                  api_name="/synthesize")
+    _, _, report, _ = client.predict(text, voice, preset, 0.5, 0.5, 0.8, 1.0, 0.05, 1.2, seed,
+                                     10, False, api_name="/synthesize")
     return report
 
 

@@ -1,0 +1,146 @@
+"""Streaming: audio handed over while the model still works, the same tokens as a one-shot
+generation, joins without clicks, long text chunk by chunk, and a stream that is dropped
+frees the model."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from chatterbox_demo import longform, pipeline
+from chatterbox_demo.config import GenerationParams, get_preset
+from chatterbox_demo.longform import Stitcher
+from chatterbox_demo.manager import TextError
+
+TEXT = "Streaming speaks while the model is still working on the rest."
+
+
+def collect(manager, text, params, preset, **kwargs):
+    chunks = list(manager.stream(text, "calm-mid", params, get_preset(preset), **kwargs))
+    return chunks, chunks[-1].synthesis
+
+
+@pytest.mark.parametrize("preset", ["cached", "cpu-fast"])
+def test_a_stream_samples_the_same_tokens_as_one_generation(tiny_manager, preset):
+    params = GenerationParams(seed=4, max_new_tokens=120)
+    one = tiny_manager.generate(TEXT, "calm-mid", params, get_preset(preset), ignore_stop=True)
+    chunks, streamed = collect(tiny_manager, TEXT, params, preset, ignore_stop=True)
+    assert streamed.speech_tokens == one.speech_tokens
+    assert len(streamed.wav) == len(one.wav)
+    assert np.array_equal(np.concatenate([c.wav for c in chunks]), streamed.wav)
+    assert len(chunks) >= 3  # blocks of 16 and 64 tokens, the rest, the held-back tail
+    report = streamed.report
+    assert report["streamed"] and 0 < report["first_audio_s"] < report["timings"]["total_s"]
+    assert report["timings"]["t3_tokens"] == 120 and report["preset"] == preset
+    again = collect(tiny_manager, TEXT, params, preset, ignore_stop=True)[1]
+    assert np.array_equal(again.wav, streamed.wav)  # same seed, same stream
+
+
+def test_the_fast_decoder_hands_over_audio_before_it_has_finished(tiny_manager):
+    config = get_preset("cpu-fast")
+    t3, s3gen = tiny_manager.variant(config)
+    conds, _ = tiny_manager.library.conditionals(tiny_manager.library.get("calm-mid"))
+    pieces = list(pipeline.run_stream(
+        tiny_manager.loaded.tts, TEXT, conds, 0.5, GenerationParams(seed=1), 200, 1200,
+        config, t3=t3, s3gen=s3gen, ignore_stop=True))
+    assert pieces[0].t3_tokens < 50 and pieces[-1].t3_tokens == 200
+    assert not pieces[0].continues and all(p.continues for p in pieces[1:])
+    assert [p.final for p in pieces] == [False] * (len(pieces) - 1) + [True]
+
+
+def test_rerendered_blocks_stitch_back_to_the_signal():
+    # Pieces cut as run_stream cuts them (each from `overlap` samples before the previous
+    # one ended): with the same audio in both, the equal-gain fade gives it back exactly.
+    rng = np.random.default_rng(0)
+    signal = rng.standard_normal(20_000).astype(np.float32)
+    overlap, ends = 1200, [3000, 9000, 15000, 20_000]
+    stitcher, out, start = Stitcher(overlap), [], 0
+    for end in ends:
+        out.append(stitcher.add(signal[max(0, start - overlap):end], same_signal=start > 0))
+        start = end
+    out.append(stitcher.finish())
+    assert np.allclose(np.concatenate(out), signal, atol=1e-5)
+
+
+def test_block_joins_have_no_clicks(tiny_manager):
+    params = GenerationParams(seed=2, max_new_tokens=150)
+    chunks, streamed = collect(tiny_manager, TEXT, params, "cpu-fast", ignore_stop=True)
+    overlap = int(longform.CROSSFADE_S * streamed.sample_rate)
+    joins = np.cumsum([len(c.wav) for c in chunks[:-1]])
+    jumps = np.abs(np.diff(streamed.wav))
+    near = np.zeros(len(jumps), bool)
+    for join in joins:
+        near[max(0, join - 2): join + overlap + 2] = True
+    assert jumps[near].max() <= jumps[~near].max()
+
+
+def test_long_text_streams_chunk_by_chunk(tiny_manager):
+    text = " ".join(f"This is sentence number {i}, which says a little more." for i in range(15))
+    said = []
+    params = GenerationParams(seed=6, max_new_tokens=20)
+    chunks, streamed = collect(tiny_manager, text, params, "cached",
+                               progress=lambda fraction, message: said.append(message))
+    count = len(longform.chunk_text(text))
+    assert count >= 3 and said == [f"chunk {i} of {count}" for i in range(1, count + 1)]
+    assert [c.chunk for c in chunks] == sorted(c.chunk for c in chunks)
+    assert chunks[0].chunk == 1 and chunks[-1].chunk == count
+    assert [c["text"] for c in streamed.report["chunks"]] == longform.chunk_text(text)
+    again = collect(tiny_manager, text, params, "cached")[1]
+    assert np.array_equal(again.wav, streamed.wav)
+
+
+def test_a_dropped_stream_frees_the_model(tiny_manager):
+    stream = tiny_manager.stream(TEXT, "calm-mid", GenerationParams(max_new_tokens=200),
+                                 get_preset("cpu-fast"), ignore_stop=True)
+    next(stream)
+    stream.close()  # as a web server does when the listener goes away
+    done = []
+    worker = threading.Thread(target=lambda: done.append(
+        tiny_manager.generate("Next.", "calm-mid", GenerationParams(max_new_tokens=10))))
+    worker.start()
+    worker.join(timeout=60)
+    assert done, "the model stayed locked after the stream was dropped"
+
+
+def test_bad_text_fails_before_any_audio(tiny_manager):
+    with pytest.raises(TextError, match="Enter some text"):
+        next(tiny_manager.stream("   ", "calm-mid"))
+    with pytest.raises(ValueError, match="Unknown voice"):
+        next(tiny_manager.stream("Hello.", "nobody"))
+
+
+def synthesize_in_page(stream: bool):
+    from chatterbox_demo import ui
+
+    return list(ui.synthesize("Hello from the page.", "calm-mid", "cached", 0.5, 0.5, 0.8,
+                              1.0, 0.05, 1.2, 0, 60, stream,
+                              progress=lambda *args, **kwargs: None))
+
+
+def test_the_page_streams_with_progress_then_the_whole_result(tiny_manager, monkeypatch):
+    from chatterbox_demo import ui
+
+    monkeypatch.setattr(ui, "manager", lambda: tiny_manager)
+    monkeypatch.setattr(ui, "STREAMING", True)
+    updates = synthesize_in_page(stream=True)
+    assert len(updates) >= 3
+    *during, (whole, table, report, _) = updates
+    assert all(status.startswith("Streaming chunk 1 of 1:") for _, status, _, _ in during)
+    live = np.concatenate([update[3][1] for update in updates if isinstance(update[3], tuple)])
+    assert whole[1].dtype == np.int16 and np.array_equal(live, whole[1])
+    assert "first audio" in table and report["streamed"]
+
+
+def test_the_page_says_why_it_cannot_stream_without_ffmpeg(tiny_manager, monkeypatch):
+    import gradio as gr
+
+    from chatterbox_demo import ui
+
+    monkeypatch.setattr(ui, "manager", lambda: tiny_manager)
+    monkeypatch.setattr(ui, "STREAMING", False)
+    with pytest.raises(gr.Error, match="ffmpeg"):
+        synthesize_in_page(stream=True)
+    (whole, _, report, live), = synthesize_in_page(stream=False)
+    assert live is None and "streamed" not in report
