@@ -82,10 +82,13 @@ def peak_memory_mb(device: str) -> float | None:
 
 def measure(manager: ModelManager, config, text: str, voice: str | None,
             params: GenerationParams, repeats: int = 1, ignore_stop: bool = False,
-            warmup: bool = True) -> dict:
+            warmup: bool = True, stream: bool = False) -> dict:
     """Build ``config``'s variant, warm it up with one short generation (when ``warmup``),
     then run it ``repeats`` times; one flat row of figures plus the last result's audio
-    under ``"synthesis"``. ``warmup_s`` is the build plus warm-up time."""
+    under ``"synthesis"``. ``warmup_s`` is the build plus warm-up time. With ``stream``,
+    one more run of the same generation streamed: ``first_audio_s`` (time to the first
+    playable audio), ``stream_total_s``, and ``first_audio_share`` (first audio over the
+    one-shot total: how much sooner a listener hears something)."""
     device = manager.device
     started = time.perf_counter()
     t3, _ = manager.variant(config)
@@ -119,6 +122,13 @@ def measure(manager: ModelManager, config, text: str, voice: str | None,
         else None
     row["peak_mem_mb"] = round(peak_memory_mb(device) or 0, 1)
     row["voice_source"] = last["voice"]["source"]
+    if stream:
+        *_, end = manager.stream(text, voice, params, config, ignore_stop=ignore_stop)
+        streamed = end.synthesis.report
+        row["first_audio_s"] = streamed["first_audio_s"]
+        row["stream_total_s"] = streamed["timings"]["total_s"]
+        row["first_audio_share"] = round(streamed["first_audio_s"] / row["total_s"], 3)
+        row["stream_pieces"] = streamed["pieces"]
     row["synthesis"] = runs[-1]
     return row
 
@@ -144,27 +154,32 @@ def fidelity_row(manager: ModelManager, config, text: str, voice: str,
 
 def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
         voice: str | None = None, tokens: int = 100, repeats: int = 1, seed: int = 0,
-        with_fidelity: bool = True, log=print, configs: dict | None = None) -> dict:
+        with_fidelity: bool = True, log=print, configs: dict | None = None,
+        stream: bool = False, voices: list[str] | None = None) -> dict:
     """Measure each preset in turn; a preset that fails becomes a row with its error.
-    ``configs`` maps extra names (the sweep's points) to configurations."""
+    ``configs`` maps extra names (the sweep's points) to configurations; ``stream`` adds
+    the streamed columns (see :func:`measure`). With ``voices``, every preset runs once per
+    voice (a fine-tuned voice against the same speaker as a reference clip, say)."""
     manager.load()
-    voice = voice or manager.library.names()[0]
+    voices = voices or [voice or manager.library.names()[0]]
+    for name in voices:
+        manager.library.get(name)  # an unknown voice fails before minutes of measuring
     params = GenerationParams(seed=seed, max_new_tokens=tokens)
     # One fixed token sequence for every fidelity row: valid speech tokens from the seed.
     generator = torch.Generator().manual_seed(seed)
     fixed_tokens = torch.randint(0, SPEECH_VOCAB_SIZE, (tokens,), generator=generator)
     rows = []
     references: dict = {}
-    for name in presets:
-        log(f"[bench] {name} ...")
-        row = {"preset": name}
+    for name, voice in [(p, v) for p in presets for v in voices]:
+        log(f"[bench] {name} ({voice}) ...")
+        row = {"preset": name, "voice": voice}
         try:
             config = configs[name] if configs and name in configs else get_preset(name)
             reason = unavailable_reason(config, manager.device)
             if reason:
                 raise ValueError(f"unavailable on {manager.device}: {reason}")
             row.update(measure(manager, config, text, voice, params, repeats,
-                               ignore_stop=True))
+                               ignore_stop=True, stream=stream))
             del row["synthesis"]
             if with_fidelity:
                 row.update(fidelity_row(manager, config, text, voice, fixed_tokens,
@@ -182,18 +197,20 @@ def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
             row["t3_speedup"] = round(first["t3_s"] / row["t3_s"], 2)
             row["s3gen_speedup"] = round(first["s3gen_s"] / row["s3gen_s"], 2)
     return {"machine": machine_info(manager),
-            "settings": {"text": text, "voice": voice, "tokens": tokens, "repeats": repeats,
-                         "seed": seed},
+            "settings": {"text": text, "voices": voices, "tokens": tokens, "repeats": repeats,
+                         "seed": seed, "stream": stream},
             "rows": rows}
 
 
 MARKDOWN_COLUMNS = (
-    ("preset", "preset"), ("warmup_s", "warm-up s"), ("conditioning_s", "cond. s"),
+    ("preset", "preset"), ("voice", "voice"), ("warmup_s", "warm-up s"), ("conditioning_s", "cond. s"),
     ("t3_s", "T3 s"), ("t3_tokens_per_s", "T3 tok/s"), ("t3_gb_per_s", "T3 GB/s"),
     ("s3gen_s", "S3Gen s"), ("watermark_s", "wm s"), ("total_s", "total s"), ("rtf", "RTF"),
     ("peak_mem_mb", "peak MB"), ("t3_weights_mb", "T3 weights MB"),
     ("logits_cosine", "logits cos"), ("top1_agreement", "top-1"),
     ("mel_snr_db", "mel SNR dB"), ("speedup", "speedup"),
+    ("first_audio_s", "first audio s"), ("first_audio_share", "first audio / total"),
+    ("stream_total_s", "streamed total s"),
 )
 
 
@@ -207,7 +224,7 @@ def to_markdown(result: dict) -> str:
              "|" + "---|" * len(MARKDOWN_COLUMNS)]
     for row in result["rows"]:
         if "error" in row:
-            lines.append(f"| {row['preset']} | error: {row['error']} |")
+            lines.append(f"| {row['preset']} | {row['voice']} | error: {row['error']} |")
             continue
         lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in MARKDOWN_COLUMNS)
                      + " |")

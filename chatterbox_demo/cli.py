@@ -1,4 +1,4 @@
-"""The command line: ``python -m chatterbox_demo synth|voices ...``.
+"""The command line: ``python -m chatterbox_demo synth|voices|bench|finetune ...``.
 
 Errors a user can cause end the program with exit status 2 and one line on stderr.
 """
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import bench
+from . import bench, speaker_data
 from .audio import write_wav
 from .config import (
     MAX_LONG_TEXT_CHARS,
@@ -24,9 +24,10 @@ from .config import (
     check_number,
     get_preset,
 )
+from .finetune import METHODS, TrainSettings, settings_from
 from .manager import DEVICES, ModelManager, check_text
 from .pipeline import GenerationError
-from .voices import name_key
+from .voices import check_name, name_key
 from .weights import SOURCES
 
 USER_ERRORS = (ValueError, FileNotFoundError, GenerationError)
@@ -79,12 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=1)
     bench.add_argument("--text", default=None)
     bench.add_argument("--voice", default=None)
+    bench.add_argument("--voices", default=None,
+                       help="comma-separated voices: each preset runs once per voice")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--no-fidelity", action="store_true",
                        help="skip the agreement-with-fp32 measurements")
     bench.add_argument("--sweep", action="store_true",
                        help="measure the speed-fidelity sweep (CFM steps, CFG in the CFM, "
                             "reference prompt length) instead of --presets")
+    bench.add_argument("--stream", action="store_true",
+                       help="also stream each preset's generation once: first-audio and "
+                            "streamed-total columns")
     bench.add_argument("--markdown", type=Path, default=None, help="write a markdown table")
     bench.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart")
 
@@ -100,7 +106,44 @@ def build_parser() -> argparse.ArgumentParser:
     rename = actions.add_parser("rename", parents=[common], help="rename a voice")
     rename.add_argument("name")
     rename.add_argument("new_name")
+    _finetune_parser(commands, common)
     return parser
+
+
+def _finetune_parser(commands, common) -> None:
+    defaults = TrainSettings()
+    tune = commands.add_parser("finetune", help="fine-tune T3 on a speaker's clips")
+    steps = tune.add_subparsers(dest="action", required=True)
+    prepare = steps.add_parser("prepare", parents=[common],
+                               help="check a dataset folder and cache its tokens")
+    prepare.add_argument("data_dir", type=Path)
+    train = steps.add_parser("train", parents=[common], help="train an adapter")
+    train.add_argument("data_dir", type=Path)
+    train.add_argument("--out", required=True, type=Path, help="adapter directory to write")
+    train.add_argument("--method", default=defaults.method, choices=METHODS)
+    train.add_argument("--rank", type=int, default=defaults.rank)
+    train.add_argument("--alpha", type=float, default=defaults.alpha)
+    train.add_argument("--target", default=",".join(defaults.target),
+                       help="LoRA targets: q,k,v,o and optionally gate,up,down (the MLP)")
+    train.add_argument("--steps", type=int, default=defaults.steps)
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument("--batch", type=int, default=defaults.batch)
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
+    train.add_argument("--text-loss", type=float, default=defaults.text_loss_weight,
+                       help="weight of the text cross-entropy (default 0: speech only)")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--resume", action="store_true",
+                       help="go on from OUT/checkpoint.pt (same settings; --steps may grow)")
+    train.add_argument("--name", default=None, help="also add the result as a voice")
+    imported = steps.add_parser("import", parents=[common],
+                                help="add an adapter directory as a voice")
+    imported.add_argument("adapter_dir", type=Path)
+    imported.add_argument("--name", required=True)
+    imported.add_argument("--exaggeration", type=float, default=0.5)
+    demo = steps.add_parser("demo-data", help="write a small espeak-ng dataset to try it with")
+    demo.add_argument("out", type=Path)
+    demo.add_argument("--clips", type=int, default=12)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> str:
+    if args.command == "finetune" and args.action == "demo-data":
+        check_number("--clips", args.clips, 2, 200, integer=True)
+        folder = speaker_data.make_espeak_dataset(args.out, args.clips)
+        return f"wrote {args.clips} clips with transcripts to {folder}"
     manager = ModelManager.configure(
         weights_spec=args.weights,
         device=args.device,
@@ -127,6 +174,8 @@ def run(args: argparse.Namespace) -> str:
         return synth(manager, args)
     if args.command == "bench":
         return run_bench(manager, args)
+    if args.command == "finetune":
+        return run_finetune(manager, args)
     if args.action == "add":
         voice = manager.add_voice(args.name, args.path, args.exaggeration)
         return _dump(voice_row(voice)) if args.json else f"added voice {voice.name!r}"
@@ -139,7 +188,7 @@ def run(args: argparse.Namespace) -> str:
     rows = [voice_row(v) for v in manager.list_voices()]
     if args.json:
         return _dump(rows)
-    return "\n".join(f"{r['name']:<24} {r['kind']:<8} exaggeration {r['exaggeration']:.2f}"
+    return "\n".join(f"{r['name']:<24} {r['kind']:<9} exaggeration {r['exaggeration']:.2f}"
                      for r in rows)
 
 
@@ -195,6 +244,9 @@ def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
     result = bench.run(manager, presets, text=args.text or bench.DEFAULT_TEXT,
                        voice=args.voice, tokens=args.tokens, repeats=args.repeats,
                        seed=args.seed, with_fidelity=not args.no_fidelity, configs=SWEEP,
+                       stream=args.stream,
+                       voices=[v.strip() for v in args.voices.split(",") if v.strip()]
+                       if args.voices else None,
                        log=lambda line: print(line, file=sys.stderr, flush=True))
     markdown = bench.to_markdown(result)
     if args.markdown:
@@ -208,9 +260,48 @@ def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
     return markdown
 
 
+def run_finetune(manager: ModelManager, args: argparse.Namespace) -> str:
+    if args.action == "prepare":
+        data = manager.prepare_dataset(args.data_dir)
+        if args.json:
+            return _dump({"clips": len(data.examples), "seconds": round(data.seconds, 1),
+                          "problems": data.problems, "reference": data.reference,
+                          "data_hash": data.data_hash})
+        return data.report()
+    if args.action == "import":
+        voice = manager.add_finetuned_voice(args.name, args.adapter_dir, args.exaggeration)
+        return _dump(voice_row(voice)) if args.json else f"added fine-tuned voice {voice.name!r}"
+    settings = settings_from({
+        "method": args.method, "rank": args.rank, "alpha": args.alpha,
+        "target": args.target, "steps": args.steps, "lr": args.lr, "batch": args.batch,
+        "seed": args.seed, "val_fraction": args.val_fraction,
+        "text_loss_weight": args.text_loss,
+        "gradient_checkpointing": args.gradient_checkpointing})
+    if args.name:
+        check_name(args.name)  # a bad name must not cost a training run first
+    from tqdm import tqdm
+
+    with tqdm(total=settings.steps, desc="fine-tuning", file=sys.stderr) as bar:
+        def progress(step, steps, loss):
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+        card = manager.finetune(args.data_dir, args.out, settings, progress, args.resume)
+    if args.name:
+        manager.add_finetuned_voice(args.name, args.out)
+    if args.json:
+        return _dump({k: v for k, v in card.items() if k != "loss_history"})
+    return (f"wrote {args.out}: {card['method']}, {card['steps']} steps, train loss "
+            f"{card['train_loss_first']} -> {card['train_loss_final']}, validation loss "
+            f"{card['val_loss']}" + (f"; added voice {args.name!r}" if args.name else ""))
+
+
 def voice_row(voice) -> dict:
-    return {"name": voice.name, "kind": voice.kind, "exaggeration": voice.exaggeration,
-            "seconds": voice.seconds}
+    row = {"name": voice.name, "kind": voice.kind, "exaggeration": voice.exaggeration,
+           "seconds": voice.seconds}
+    if voice.kind == "finetuned":
+        row["method"] = voice.method
+    return row
 
 
 def _dump(data) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 import unicodedata
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from chatterbox.tts import Conditionals
 
-from . import longform, pipeline, weights
+from . import finetune, longform, pipeline, speaker_data, weights
 from .config import (
     BASELINE,
     DEFAULT_PRESET,
@@ -70,6 +71,17 @@ class Synthesis:
     sample_rate: int
     report: dict = field(default_factory=dict)
     speech_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StreamChunk:
+    """Audio ready to play, from text chunk ``chunk`` (1-based) of ``chunks``; the last
+    one of a stream also carries the whole result."""
+    wav: np.ndarray
+    sample_rate: int
+    chunk: int = 1
+    chunks: int = 1
+    synthesis: Synthesis | None = None
 
 
 def pick_device(name: str = "auto") -> str:
@@ -255,18 +267,36 @@ class ModelManager:
         self.generate("Warming up.", voice, GenerationParams(max_new_tokens=8), config,
                       ignore_stop=True)
 
-    def variant(self, config: OptimizationConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """The (t3, s3gen) pair ``config`` runs on, built and cached on first use."""
+    def variant(self, config: OptimizationConfig,
+                adapter: str | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The (t3, s3gen) pair ``config`` runs on, built and cached on first use. With a
+        fine-tuned voice's ``adapter`` directory, T3 is built from the pristine weights
+        with the adapter merged in (a copy: the pristine T3 never changes, so switching
+        back to any other voice is exact)."""
         with self.lock:
             tts = self.load().tts
-            t3 = self._cached_variant(self._t3_variants, "T3", (config.t3_dtype,
-                                      config.t3_quant, config.compile_mode),
-                                      lambda: build_t3(tts.t3, config))
+            key = (config.t3_dtype, config.t3_quant, config.compile_mode)
+            t3 = self._cached_variant(self._t3_variants, "T3",
+                                      (*key, adapter) if adapter else key,
+                                      lambda: build_t3(self._t3_base(adapter), config))
             s3gen = self._cached_variant(self._s3gen_variants, "S3Gen", (config.s3gen_dtype,
                                          config.s3gen_quant, config.compile_mode),
                                          lambda: build_s3gen(tts.s3gen, config))
             apply_runtime_settings(config, self.device)  # only once both parts exist
             return t3, s3gen
+
+    def _t3_base(self, adapter: str | None) -> torch.nn.Module:
+        """The fp32 T3 variants are derived from: the pristine one, or a fine-tuned copy."""
+        tts = self.loaded.tts
+        if adapter is None:
+            return tts.t3
+        return finetune.adapted_t3(tts.t3, Path(adapter), self.loaded.identity) or tts.t3
+
+    def _adapter_of(self, voice: str | None) -> str | None:
+        """The adapter directory of a fine-tuned voice whose weights differ from the base
+        (LoRA, full); None for every other voice."""
+        chosen = self._library.get(voice if voice else self._default_voice())
+        return chosen.adapter if chosen.method in ("lora", "full") else None
 
     def _cached_variant(self, cache: OrderedDict, label: str, key: tuple, build):
         if key in cache:
@@ -280,7 +310,7 @@ class ModelManager:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 message = (f"Not enough memory to build the {label} variant "
-                           f"{'/'.join(key)} ({type(exc).__name__}); staying on "
+                           f"{_label(key)} ({type(exc).__name__}); staying on "
                            f"{self.preset}. Try a preset with int8 or bf16 weights, or free "
                            "memory.")
                 self.notices.append(message)
@@ -293,7 +323,7 @@ class ModelManager:
         while len(cache) > MAX_VARIANTS:  # the one just used is last, so never dropped
             old_key, _ = cache.popitem(last=False)
             self._warmed.clear()  # a rebuilt variant compiles again: warm it up again
-            self.notices.append(f"{label} variant {'/'.join(old_key)} was dropped to bound "
+            self.notices.append(f"{label} variant {_label(old_key)} was dropped to bound "
                                 "memory; using it again rebuilds it")
             log.info(self.notices[-1])
         return module
@@ -332,52 +362,62 @@ class ModelManager:
         with self.lock:
             loaded = self.load()
             config = config or self.config
-            library = self._library
             build_started = time.perf_counter()
-            t3, s3gen = self.variant(config)  # built outside the timed region
+            adapter = None if voice_file is not None else self._adapter_of(voice)
+            t3, s3gen = self.variant(config, adapter)  # built outside the timed region
             build_s = time.perf_counter() - build_started
             started = time.perf_counter()
-            if voice_file is not None:
-                exaggeration = 0.5 if params.exaggeration is None else params.exaggeration
-                conds, source = library.conditionals_for_file(
-                    Path(voice_file), exaggeration, cached=config.cached_conditionals)
-                voice_name = Path(voice_file).name
-            else:
-                chosen = library.get(voice if voice else self._default_voice())
-                exaggeration = (chosen.exaggeration if params.exaggeration is None
-                                else params.exaggeration)
-                conds, source = library.conditionals(chosen, cached=config.cached_conditionals)
-                voice_name = chosen.name
+            conds, voice_info, exaggeration = self._voice_conditionals(voice, voice_file,
+                                                                       params, config)
             conditioning_s = time.perf_counter() - started
             max_new_tokens = params.max_new_tokens or default_max_new_tokens(text)
             stages = pipeline.run(loaded.tts, text, conds, exaggeration, params, max_new_tokens,
                                   config, t3=t3, s3gen=s3gen, ignore_stop=ignore_stop)
             total_s = time.perf_counter() - started
-        audio_seconds = len(stages.wav) / stages.sample_rate
-        report = {
+        timings = {"conditioning_s": conditioning_s, "t3_s": stages.t3_s,
+                   "t3_tokens": stages.t3_tokens, "s3gen_s": stages.s3gen_s,
+                   "watermark_s": stages.watermark_s, "total_s": total_s, "build_s": build_s}
+        report = self._report(config, voice_info, timings, len(stages.wav),
+                              {**asdict(params), "exaggeration": exaggeration,
+                               "max_new_tokens": max_new_tokens})
+        return Synthesis(stages.wav, stages.sample_rate, report, stages.speech_tokens)
+
+    def _voice_conditionals(self, voice: str | None, voice_file, params: GenerationParams,
+                            config: OptimizationConfig) -> tuple[Conditionals, dict, float]:
+        """(conditionals, {"name", "source"}, exaggeration) for a library voice or a clip."""
+        library = self._library
+        if voice_file is not None:
+            exaggeration = 0.5 if params.exaggeration is None else params.exaggeration
+            conds, source = library.conditionals_for_file(
+                Path(voice_file), exaggeration, cached=config.cached_conditionals)
+            return conds, {"name": Path(voice_file).name, "source": source}, exaggeration
+        chosen = library.get(voice if voice else self._default_voice())
+        exaggeration = (chosen.exaggeration if params.exaggeration is None
+                        else params.exaggeration)
+        conds, source = library.conditionals(chosen, cached=config.cached_conditionals)
+        return conds, {"name": chosen.name, "source": source}, exaggeration
+
+    def _report(self, config: OptimizationConfig, voice_info: dict, timings: dict,
+                samples: int, params: dict) -> dict:
+        """What one generation did and how long each stage took (seconds, 4 decimals)."""
+        loaded = self.loaded
+        audio_seconds = samples / loaded.tts.sr
+        timings = {key: value if key == "t3_tokens" else round(value, 4)
+                   for key, value in timings.items()}
+        timings["t3_tokens_per_s"] = (round(timings["t3_tokens"] / timings["t3_s"], 2)
+                                      if timings["t3_s"] > 0 else None)
+        return {
             "audio_seconds": round(audio_seconds, 3),
-            "sample_rate": stages.sample_rate,
+            "sample_rate": loaded.tts.sr,
             "weights": loaded.source,
             "weights_identity": loaded.identity,
             "device": self.device,
             "preset": self._preset_name(config),
-            "voice": {"name": voice_name, "source": source},
-            "timings": {
-                "conditioning_s": round(conditioning_s, 4),
-                "t3_s": round(stages.t3_s, 4),
-                "t3_tokens": stages.t3_tokens,
-                "t3_tokens_per_s": round(stages.t3_tokens / stages.t3_s, 2)
-                if stages.t3_s > 0 else None,
-                "s3gen_s": round(stages.s3gen_s, 4),
-                "watermark_s": round(stages.watermark_s, 4),
-                "total_s": round(total_s, 4),
-                "build_s": round(build_s, 4),  # variant build/warm-up, apart from the rest
-            },
-            "rtf": round(total_s / audio_seconds, 3) if audio_seconds else None,
-            "params": {**asdict(params), "exaggeration": exaggeration,
-                       "max_new_tokens": max_new_tokens},
+            "voice": voice_info,
+            "timings": timings,  # build_s: variant build/warm-up, apart from the rest
+            "rtf": round(timings["total_s"] / audio_seconds, 3) if audio_seconds else None,
+            "params": params,
         }
-        return Synthesis(stages.wav, stages.sample_rate, report, stages.speech_tokens)
 
     def generate_long(self, text: str, voice: str | None = None,
                       params: GenerationParams | None = None,
@@ -426,6 +466,139 @@ class ModelManager:
         tokens = [t for r in results for t in r.speech_tokens]
         return Synthesis(wav, sample_rate, report, tokens)
 
+    def stream(self, text: str, voice: str | None = None,
+               params: GenerationParams | None = None,
+               config: OptimizationConfig | None = None,
+               progress: Progress | None = None, ignore_stop: bool = False):
+        """Speak ``text`` (up to MAX_LONG_TEXT_CHARS) as it is made: yields
+        :class:`StreamChunk` audio ready to play, the last one carrying the whole
+        :class:`Synthesis` with a report that adds ``first_audio_s`` (time to the first
+        playable audio). Long text goes chunk by chunk as in :meth:`generate_long`; each
+        chunk is rendered in token blocks (pipeline.run_stream), all joined by crossfades.
+
+        The generation runs in a thread of its own that holds the manager's lock: a web
+        server may resume this generator from a different thread each time, and a lock
+        must be released by the thread that took it. Abandoning the generator stops the
+        generation at its next piece."""
+        text = check_text(text, MAX_LONG_TEXT_CHARS)
+        params = params or GenerationParams()
+        pieces: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for chunk in self._stream(text, voice, params, config, progress, ignore_stop,
+                                          stop):
+                    pieces.put(chunk)
+            except BaseException as exc:  # handed to the consumer, raised there
+                pieces.put(exc)
+            finally:
+                pieces.put(None)
+
+        threading.Thread(target=produce, name="chatterbox-stream", daemon=True).start()
+        try:
+            while (item := pieces.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def _stream(self, text: str, voice: str | None, params: GenerationParams,
+                config: OptimizationConfig | None, progress: Progress | None,
+                ignore_stop: bool, stop: threading.Event):
+        chunks = longform.chunk_text(text) if len(text) > longform.CHUNK_CHARS else [text]
+        with self.lock:  # one configuration for the whole stream
+            loaded = self.load()
+            tts = loaded.tts
+            config = config or self.config
+            build_started = time.perf_counter()
+            t3, s3gen = self.variant(config, self._adapter_of(voice))
+            build_s = time.perf_counter() - build_started
+            # As in generate_long: conditionals come from the library after the first chunk.
+            later = replace(config, cached_conditionals=True)
+            stitcher = longform.Stitcher(int(longform.CROSSFADE_S * tts.sr))
+            started = time.perf_counter()
+            timings = dict.fromkeys(("conditioning_s", "t3_s", "s3gen_s", "watermark_s"), 0.0)
+            timings["t3_tokens"] = 0
+            first_audio_s, played, tokens, chunk_reports, timeline = None, [], [], [], []
+            for index, chunk in enumerate(chunks):
+                if progress:
+                    progress(index / len(chunks), f"chunk {index + 1} of {len(chunks)}")
+                conditioning_started = time.perf_counter()
+                conds, voice_info, exaggeration = self._voice_conditionals(
+                    voice, None, params, later if index else config)
+                timings["conditioning_s"] += time.perf_counter() - conditioning_started
+                max_new_tokens = params.max_new_tokens or default_max_new_tokens(chunk)
+                chunk_samples = 0
+                for piece in pipeline.run_stream(
+                        tts, chunk, conds, exaggeration,
+                        replace(params, seed=(params.seed + index) % 2**32), max_new_tokens,
+                        stitcher.overlap, config, t3=t3, s3gen=s3gen, ignore_stop=ignore_stop):
+                    ready = stitcher.add(piece.wav, same_signal=piece.continues)
+                    for key in ("t3_s", "s3gen_s", "watermark_s"):
+                        timings[key] += getattr(piece, key)
+                    tokens += piece.speech_tokens
+                    chunk_samples += len(piece.wav)
+                    now = time.perf_counter() - started
+                    if first_audio_s is None and len(ready):
+                        first_audio_s = now
+                    timeline.append({"at_s": round(now, 3), "tokens": len(piece.speech_tokens),
+                                     "t3_s": round(piece.t3_s, 3),
+                                     "s3gen_s": round(piece.s3gen_s, 3)})
+                    played.append(ready)
+                    yield StreamChunk(ready, tts.sr, index + 1, len(chunks))
+                    if stop.is_set():
+                        return
+                timings["t3_tokens"] += piece.t3_tokens
+                chunk_reports.append({"text": chunk, "t3_tokens": piece.t3_tokens,
+                                      "samples": chunk_samples})
+            tail = stitcher.finish()
+            played.append(tail)
+            timings["total_s"] = time.perf_counter() - started
+            timings["build_s"] = build_s
+            wav = np.concatenate(played)
+            report = self._report(config, voice_info, timings, len(wav),
+                                  {**asdict(params), "exaggeration": exaggeration,
+                                   "max_new_tokens": params.max_new_tokens or None})
+            report["first_audio_s"] = round(first_audio_s, 4)
+            report["streamed"] = True
+            report["pieces"] = timeline  # when each piece was ready, and what it cost
+            if len(chunks) > 1:
+                report["chunks"] = chunk_reports
+            yield StreamChunk(tail, tts.sr, len(chunks), len(chunks),
+                              Synthesis(wav, tts.sr, report, tokens))
+
+    # --- fine-tuning ----------------------------------------------------------------------
+
+    def prepare_dataset(self, folder, progress: Progress | None = None):
+        """Check and tokenize a speaker's folder (speaker_data.prepare) with this model."""
+        with self.lock:
+            loaded = self.load()
+            return speaker_data.prepare(Path(folder), loaded.tts, loaded.identity, progress)
+
+    def finetune(self, folder, out_dir, settings: finetune.TrainSettings,
+                 progress: Callable | None = None, resume: bool = False) -> dict:
+        """Fine-tune T3 on a speaker's folder into ``out_dir``; returns the card. Only the
+        preparation holds the model: training runs on a copy, so generation goes on."""
+        with self.lock:
+            loaded = self.load()
+            data = speaker_data.prepare(Path(folder), loaded.tts, loaded.identity)
+            conds = self._compute_conditionals(Path(data.reference), settings.exaggeration)
+        return finetune.train(loaded.tts.t3, conds, data, Path(out_dir), settings,
+                              loaded.identity, progress, resume)
+
+    def add_finetuned_voice(self, name: str, adapter_dir, exaggeration: float = 0.5) -> Voice:
+        """List an adapter directory as a voice, after checking it fits these weights."""
+        with self.lock:
+            loaded = self.load()
+            card = finetune.read_card(Path(adapter_dir))
+            if card["base_weights"] != loaded.identity:
+                raise finetune.FinetuneError(
+                    f"This adapter was trained on weights {card['base_weights']}, not the "
+                    f"loaded {loaded.identity}; train it again on these.")
+            return self.library.add_finetuned(name, adapter_dir, exaggeration)
+
     def _default_voice(self) -> str:
         names = self._library.names()
         if not names:
@@ -436,3 +609,8 @@ class ModelManager:
         if config == self.config:
             return self.preset
         return preset_name(config)
+
+
+def _label(key: tuple) -> str:
+    """A variant key for people: its settings, and the adapter's folder name when fine-tuned."""
+    return "/".join(Path(part).name[:12] if "/" in part else part for part in key)

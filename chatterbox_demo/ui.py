@@ -15,14 +15,17 @@ import inspect
 import logging
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 
 from .audio import MAX_BYTES as MAX_UPLOAD_BYTES
+from .audio import to_pcm16
 from .compare import Comparison, compare_steps
 from .config import (
     BASELINE,
@@ -42,9 +45,12 @@ from .config import (
     get_preset,
     preset_name,
 )
+from .finetune import METHODS, settings_from
 from .manager import ModelManager
 from .optimizations import unavailable_reason
 from .pipeline import GenerationError
+from .speaker_data import extract_zip
+from .voices import check_name
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +153,15 @@ VOICE_HEADERS = ["name", "kind", "exaggeration", "seconds"]
 
 
 def voice_table() -> list[list]:
-    return [[v.name, v.kind, v.exaggeration, v.seconds] for v in manager().list_voices()]
+    return [[v.name, f"fine-tuned ({v.method})" if v.kind == "finetuned" else v.kind,
+             v.exaggeration, v.seconds] for v in manager().list_voices()]
 
 
 def voice_choices() -> tuple[list[str], list[str]]:
     """(all voice names, the names a user may rename or remove)."""
     voices = manager().list_voices()
-    return [v.name for v in voices], [v.name for v in voices if v.kind == "user"]
+    return ([v.name for v in voices],
+            [v.name for v in voices if v.kind in ("user", "finetuned")])
 
 
 @user_errors
@@ -184,6 +192,42 @@ def remove_voice(name: str) -> tuple[str, list[list]]:
 def rename_voice(name: str, new_name: str) -> tuple[str, list[list]]:
     voice = ensure_loaded().rename_voice(name, new_name)
     return f"Renamed to **{html.escape(voice.name)}**.", voice_table()
+
+
+@user_errors
+def finetune_voice(dataset_zip: str | None, name: str, method: str, steps,
+                   progress=gr.Progress()) -> tuple[str, list[list]]:
+    """Fine-tune T3 on an uploaded dataset zip and add the result as a voice."""
+    m = ensure_loaded(progress)
+    if not dataset_zip:
+        raise ValueError("Upload a zip of the speaker's clips first (metadata.csv + wavs/, "
+                         "or NAME.wav + NAME.txt pairs).")
+    check_name(name)
+    settings = settings_from({"method": method, "steps": _whole(steps, "steps")})
+    with tempfile.TemporaryDirectory(prefix="chatterbox-finetune-") as work:
+        folder = extract_zip(Path(dataset_zip), Path(work) / "data")
+        progress(0.0, desc="Checking and tokenizing the clips")
+
+        def step_done(step, steps, loss):
+            progress(step / steps, desc=f"Training: step {step} of {steps}, loss {loss:.3f}")
+
+        card = m.finetune(folder, Path(work) / "adapter", settings, step_done)
+        voice = m.add_finetuned_voice(name, Path(work) / "adapter")
+    return (f"Fine-tuned **{html.escape(voice.name)}** ({card['method']}, {card['steps']} "
+            f"steps on {card['train_clips']} clips): loss {card['train_loss_first']} → "
+            f"{card['train_loss_final']}, validation {card['val_loss']}."), voice_table()
+
+
+@user_errors
+def import_adapter(adapter_zip: str | None, name: str) -> tuple[str, list[list]]:
+    """Add a zipped adapter directory (what `finetune train` wrote) as a voice."""
+    m = ensure_loaded()
+    if not adapter_zip:
+        raise ValueError("Upload a zip of the adapter directory first.")
+    with tempfile.TemporaryDirectory(prefix="chatterbox-adapter-") as work:
+        folder = extract_zip(Path(adapter_zip), Path(work))
+        voice = m.add_finetuned_voice(name, folder)
+    return f"Added fine-tuned voice **{html.escape(voice.name)}**.", voice_table()
 
 
 def refresh_voice_pickers(current_synth: str | None, current_ab: str | None):
@@ -267,6 +311,9 @@ def report_markdown(report: dict) -> str:
         ("**total**", f"**{t['total_s']:.3f} s**",
          f"{report['audio_seconds']:.2f} s of audio, RTF {report['rtf']}"),
     ]
+    if "first_audio_s" in report:
+        rows.insert(0, ("**first audio**", f"**{report['first_audio_s']:.3f} s**",
+                        "streamed: playback started here"))
     lines = ["| stage | time | |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     device, weights = report["device"].upper(), report["weights"]
@@ -275,19 +322,49 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+# Gradio re-encodes each streamed piece for the browser with ffmpeg (through pydub).
+STREAMING = shutil.which("ffmpeg") is not None
+STREAM_OFF_REASON = "streaming playback needs ffmpeg on the server (apt-get install ffmpeg)"
+
+
 @gpu_task
 @user_errors
 def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weight: float,
                temperature: float, top_p: float, min_p: float, repetition_penalty: float,
-               seed: int, max_new_tokens: int, progress=gr.Progress(track_tqdm=True)):
-    """Speak ``text`` in ``voice``; returns (audio, timing table, full report)."""
+               seed: int, max_new_tokens: int, stream: bool = False,
+               progress=gr.Progress(track_tqdm=True)):
+    """Speak ``text`` in ``voice``. Yields (result audio, timing table, full report, live
+    audio): with ``stream``, each piece goes to the live player as soon as it is made,
+    and the whole result comes last."""
     m = ensure_loaded(progress)
     params = make_params(exaggeration, cfg_weight, temperature, top_p, min_p,
                          repetition_penalty, seed, max_new_tokens)
     m.apply_preset(preset)
-    result = m.generate_long(text, voice, params, progress=lambda fraction, message:
-                             progress(fraction, desc=f"Speaking {message}"))
-    return (result.sample_rate, result.wav), report_markdown(result.report), result.report
+
+    def say(fraction, message):
+        progress(fraction, desc=f"Speaking {message}")
+
+    if not stream:
+        result = m.generate_long(text, voice, params, progress=say)
+        yield playable(result), report_markdown(result.report), result.report, None
+        return
+    if not STREAMING:
+        raise gr.Error(f"Untick 'Stream': {STREAM_OFF_REASON}.", print_exception=False)
+    played = 0.0
+    for chunk in m.stream(text, voice, params, progress=say):
+        live = playable(chunk) if len(chunk.wav) else gr.skip()
+        played += len(chunk.wav) / chunk.sample_rate
+        if chunk.synthesis is None:
+            yield (gr.skip(), f"Streaming chunk {chunk.chunk} of {chunk.chunks}: "
+                   f"{played:.1f} s of audio so far", gr.skip(), live)
+        else:
+            result = chunk.synthesis
+            yield playable(result), report_markdown(result.report), result.report, live
+
+
+def playable(result) -> tuple[int, np.ndarray]:
+    """(rate, 16-bit samples) for gr.Audio, which would convert float itself, warning."""
+    return result.sample_rate, to_pcm16(result.wav)
 
 
 # --- A/B compare ---------------------------------------------------------------------------
@@ -429,7 +506,7 @@ def comparison_outputs(result: Comparison, label_a: str, label_b: str) -> tuple:
                    f"(**{html.escape(label_a)}**) end to end."
                    if speedup else "No timing to compare.")
         summary += f"\n\n**Fidelity of B against A:** {html.escape(result.fidelity.reading())}"
-    return ((a.sample_rate, a.wav), (b.sample_rate, b.wav) if b else None, result.rows(),
+    return (playable(a), playable(b) if b else None, result.rows(),
             summary, result.chart(), result.spectrograms())
 
 
@@ -605,6 +682,31 @@ def build_demo() -> gr.Blocks:
                         new_name = gr.Textbox(label="New name", max_lines=1, scale=2)
                         rename_btn = gr.Button("Rename", scale=1)
                         remove_btn = gr.Button("Remove", variant="stop", scale=1)
+            with gr.Accordion("Fine-tune a voice (docs/finetuning.md)", open=False):
+                gr.Markdown("A zip of one speaker's clips with transcripts (`metadata.csv` + "
+                            "`wavs/`, or `NAME.wav` + `NAME.txt`). Real use wants 30-60 "
+                            "minutes of clean speech and a GPU; on a CPU keep it to a few "
+                            "dozen steps. Or import an adapter directory (zipped) that "
+                            "`python -m chatterbox_demo finetune train` wrote.")
+                with gr.Row():
+                    with gr.Column():
+                        dataset_in = gr.File(label="Dataset (.zip)", file_types=[".zip"],
+                                             type="filepath")
+                        tune_name = gr.Textbox(label="Voice name", max_lines=1,
+                                               elem_id="tune-name")
+                        with gr.Row():
+                            tune_method = gr.Radio(list(METHODS), value="lora",
+                                                   label="method")
+                            tune_steps = gr.Number(value=50, precision=0, minimum=1,
+                                                   label="steps")
+                        tune_btn = gr.Button("Fine-tune", variant="primary")
+                    with gr.Column():
+                        adapter_in = gr.File(label="Adapter directory (.zip)",
+                                             file_types=[".zip"], type="filepath")
+                        adapter_name = gr.Textbox(label="Voice name", max_lines=1,
+                                                  elem_id="adapter-name")
+                        import_btn = gr.Button("Import adapter")
+                tune_status = gr.Markdown(elem_id="tune-status")
 
         with gr.Tab("Synthesize"):
             with gr.Row():
@@ -617,8 +719,13 @@ def build_demo() -> gr.Blocks:
                     preset_line = gr.Markdown(preset_markdown(DEFAULT_PRESET),
                                               elem_id="preset-line")
                     settings = _setting_sliders()
+                    stream = gr.Checkbox(
+                        value=STREAMING, interactive=STREAMING, label="Stream",
+                        info="play audio as it is made" if STREAMING else STREAM_OFF_REASON)
                     synth_btn = gr.Button("Synthesize", variant="primary")
                 with gr.Column():
+                    live_out = gr.Audio(label="Live playback", streaming=True, autoplay=True,
+                                        interactive=False, elem_id="live-audio")
                     audio_out = gr.Audio(label="Result", type="numpy", interactive=False)
                     timings = gr.Markdown()
                     with gr.Accordion("Full report (JSON)", open=False):
@@ -675,13 +782,20 @@ def build_demo() -> gr.Blocks:
                          api_name="remove_voice", concurrency_id=MODEL_SLOT).then(**refresh)
         rename_btn.click(rename_voice, [mine, new_name], [voice_status, table],
                          api_name="rename_voice", concurrency_id=MODEL_SLOT).then(**refresh)
+        # Training runs on a copy of T3 outside the model's lock: its own queue slot, so
+        # generation goes on meanwhile.
+        tune_btn.click(finetune_voice, [dataset_in, tune_name, tune_method, tune_steps],
+                       [tune_status, table], api_name="finetune",
+                       concurrency_id="finetune").then(**refresh)
+        import_btn.click(import_adapter, [adapter_in, adapter_name], [tune_status, table],
+                         api_name="import_adapter", concurrency_id=MODEL_SLOT).then(**refresh)
         preset.change(preset_markdown, preset, preset_line, api_visibility="private",
                       queue=False)
         # A voice's saved exaggeration becomes the slider's value when it is picked.
         voice.change(voice_exaggeration, voice, settings[0], api_visibility="private",
                      queue=False)
-        synth_btn.click(synthesize, [text, voice, preset, *settings],
-                        [audio_out, timings, report], api_name="synthesize",
+        synth_btn.click(synthesize, [text, voice, preset, *settings, stream],
+                        [audio_out, timings, report, live_out], api_name="synthesize",
                         concurrency_id=MODEL_SLOT).then(header_html, outputs=header,
                                                         api_visibility="private", queue=False)
         for preset_dd, fields, avail in ((preset_a, fields_a, avail_a),

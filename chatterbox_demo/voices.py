@@ -6,6 +6,7 @@ once per (audio content, weights) pair and kept in memory and on disk::
     CACHE/voices.json                     the library index: name -> audio hash, settings
     CACHE/audio/<sha256><ext>             a copy of each user voice's source audio
     CACHE/conds/<weights-key>/<sha256>.pt Conditionals.save() output, one per clip
+    CACHE/adapters/<sha256>/              a copy of each fine-tuned voice's adapter directory
 
 Files are written to a temporary name and renamed, so a killed process never leaves a
 half-written entry, and cache files are read with ``weights_only=True`` only.
@@ -42,11 +43,15 @@ class VoiceError(ValueError):
 @dataclass(frozen=True)
 class Voice:
     name: str
-    kind: str  # "builtin" (ships with the weights), "shipped" (voices/ folder), "user"
+    # "builtin" (ships with the weights), "shipped" (voices/ folder), "user" (a clip),
+    # "finetuned" (an adapter directory from `finetune train`)
+    kind: str
     exaggeration: float
     sha256: str | None = None  # None for the built-in voice: it has no source audio
     audio: str | None = None  # path of the source audio
     seconds: float | None = None
+    adapter: str | None = None  # fine-tuned voices: the stored adapter directory
+    method: str | None = None  # fine-tuned voices: lora, speaker-adapter or full
 
 
 ComputeFn = Callable[[Path, float], Conditionals]
@@ -116,7 +121,7 @@ class VoiceLibrary:
     # --- queries ----------------------------------------------------------------------
 
     def list(self) -> list[Voice]:
-        order = {"builtin": 0, "shipped": 1, "user": 2}
+        order = {"builtin": 0, "shipped": 1, "user": 2, "finetuned": 3}
         return sorted(self._voices.values(), key=lambda v: (order[v.kind], name_key(v.name)))
 
     def names(self) -> list[str]:
@@ -136,6 +141,8 @@ class VoiceLibrary:
         """
         if voice.sha256 is None:  # built-in: exists only as conditionals
             return self._memory[BUILTIN_NAME], "memory"
+        if voice.adapter is not None:  # trained once: nothing to recompute per call
+            return self._adapter_conds(voice)
         if not cached:
             return self.compute(Path(voice.audio), voice.exaggeration), "computed"
         return self._cached(voice.sha256, Path(voice.audio), voice.exaggeration)
@@ -183,6 +190,50 @@ class VoiceLibrary:
         self._commit({**self._voices, name_key(name): voice})
         return voice
 
+    def add_finetuned(self, name, adapter_dir, exaggeration: float = 0.5) -> Voice:
+        """Add a fine-tuned voice from an adapter directory: its files are copied into the
+        cache (the training checkpoint is left behind) and its conditionals read."""
+        from .finetune import FILES, read_card
+
+        name = check_name(name)
+        if name_key(name) in self._voices:
+            raise VoiceError(f"A voice named {self._voices[name_key(name)].name!r} exists; "
+                             "choose another name or remove that one first.")
+        low, high = RANGES["exaggeration"]
+        check_number("exaggeration", exaggeration, low, high)
+        adapter_dir = Path(adapter_dir)
+        card = read_card(adapter_dir)
+        files = ["card.json", "conds.pt", FILES[card["method"]]]
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(hashlib.sha256((adapter_dir / file).read_bytes()).digest())
+        sha256 = digest.hexdigest()
+        stored = self.cache_dir / "adapters" / sha256
+        if not stored.exists():
+            tmp = stored.with_name(f".{sha256}.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for file in files:
+                shutil.copyfile(adapter_dir / file, tmp / file)
+            os.replace(tmp, stored)
+        voice = Voice(name, "finetuned", float(exaggeration), sha256, None, None,
+                      str(stored), card["method"])
+        self._adapter_conds(voice)  # a damaged conds.pt fails here, before it is listed
+        self._commit({**self._voices, name_key(name): voice})
+        return voice
+
+    def _adapter_conds(self, voice: Voice) -> tuple[Conditionals, str]:
+        if voice.sha256 in self._memory:
+            return self._memory[voice.sha256], "memory"
+        path = Path(voice.adapter) / "conds.pt"
+        try:
+            conds = Conditionals.load(path, map_location="cpu").to(self.device)
+        except Exception as exc:  # missing, truncated, or not a tensors-only file
+            raise VoiceError(f"The adapter's conditionals {path} are unreadable ({exc}); "
+                             "import the adapter again.") from None
+        self._memory[voice.sha256] = conds
+        return conds, "disk"
+
     def remove(self, name: str) -> Voice:
         voice = self._user_voice(name, "removed")
         self._commit({k: v for k, v in self._voices.items() if v is not voice})
@@ -203,7 +254,7 @@ class VoiceLibrary:
 
     def _user_voice(self, name: str, verb: str) -> Voice:
         voice = self.get(name)
-        if voice.kind != "user":
+        if voice.kind not in ("user", "finetuned"):
             where = "the weights" if voice.kind == "builtin" else "the app"
             raise VoiceError(f"{voice.name!r} ships with {where} and cannot be {verb}.")
         return voice
@@ -255,7 +306,9 @@ class VoiceLibrary:
         try:
             data = json.loads(self.index_path.read_text())
             fields = set(Voice.__dataclass_fields__)
-            return [Voice(**{**{k: v for k, v in entry.items() if k in fields}, "kind": "user"})
+            kinds = ("user", "finetuned")
+            return [Voice(**{**{k: v for k, v in entry.items() if k in fields},
+                             "kind": entry.get("kind") if entry.get("kind") in kinds else "user"})
                     for entry in data["voices"]]
         except Exception as exc:
             aside = self.index_path.with_name("voices.json.corrupt")
@@ -266,9 +319,7 @@ class VoiceLibrary:
 
     def _commit(self, voices: dict[str, Voice]) -> None:
         """Write the index for ``voices``, then adopt them: a failed write changes nothing."""
-        entries = [asdict(v) for v in voices.values() if v.kind == "user"]
-        for entry in entries:
-            del entry["kind"]
+        entries = [asdict(v) for v in voices.values() if v.kind in ("user", "finetuned")]
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.index_path.with_name(f".voices.json.tmp{os.getpid()}")

@@ -37,7 +37,7 @@ def test_rows_compare_like_with_like_and_a_failure_is_a_row(tiny_manager):
     assert result["machine"]["device"] == "cpu" and result["settings"]["tokens"] == 12
     markdown = bench.to_markdown(result)
     assert markdown.count("\n| ") == 4  # header and three rows
-    assert "| gpu-fast | error:" in markdown
+    assert "| gpu-fast | calm-mid | error:" in markdown
 
 
 @pytest.mark.parametrize("to_file", [True, False])
@@ -46,7 +46,8 @@ def test_cli_bench_writes_json_markdown_and_plot(tmp_path, session_cache, to_fil
     json_args = ["--json", str(out)] if to_file else ["--json"]
     proc = subprocess.run(
         [sys.executable, "-m", "chatterbox_demo", "bench", "--weights", "tiny",
-         "--presets", "cached,cpu-turbo", "--tokens", "10", "--no-fidelity", *json_args,
+         "--presets", "cached,cpu-turbo", "--tokens", "40", "--no-fidelity", "--stream",
+         *json_args,
          "--markdown", str(md), "--plot", str(png)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "CHATTERBOX_DEMO_CACHE": str(tmp_path / "cache")})
@@ -56,8 +57,11 @@ def test_cli_bench_writes_json_markdown_and_plot(tmp_path, session_cache, to_fil
     result = json.loads(out.read_text() if to_file else proc.stdout)
     assert [r["preset"] for r in result["rows"]] == ["cached", "cpu-turbo"]
     assert {"machine", "rows"} <= set(result)
-    assert "cpu-turbo" in md.read_text()
+    assert "cpu-turbo" in md.read_text() and "first audio s" in md.read_text()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for row in result["rows"]:  # the streamed run of the same generation
+        assert 0 < row["first_audio_s"] < row["stream_total_s"]
+        assert row["first_audio_share"] == round(row["first_audio_s"] / row["total_s"], 3)
 
 
 def test_cli_bench_refuses_an_unknown_preset_before_measuring():

@@ -1,0 +1,380 @@
+"""Speaker fine-tuning of T3: LoRA adapters, a speaker-embedding offset, or all of T3.
+
+Training is teacher forcing: T3 sees the speaker's conditioning, the transcript and the
+clip's speech tokens shifted right, and learns to predict the next speech token
+(cross-entropy; the text loss is optional). The pristine model is never touched: training
+runs on a copy, and only the trainable parameters of the chosen method change.
+
+An adapter directory holds::
+
+    card.json                  base weights, method, settings, steps, losses, data hash
+    conds.pt                   the speaker's conditionals (from the dataset's reference clip)
+    adapter.safetensors        lora: each target Linear's A and B matrices
+    speaker_offset.safetensors speaker-adapter: the offset added to the speaker embedding
+    t3_cfg.safetensors         full: the whole T3, in the upstream checkpoint layout
+    checkpoint.pt              training state (trainable weights, optimizer, step), to resume
+
+For generation a LoRA adapter is merged into a copy of T3's weights (W + B A alpha/r), so
+it costs nothing per token; the speaker offset is baked into the voice's conditionals.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from chatterbox.models.t3.modules.cond_enc import T3Cond
+from chatterbox.tts import Conditionals
+from safetensors.torch import load_file, save_file
+
+from .speaker_data import SpeakerData
+
+METHODS = ("lora", "speaker-adapter", "full")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CARD_VERSION = 1
+FILES = {"lora": "adapter.safetensors", "speaker-adapter": "speaker_offset.safetensors",
+         "full": "t3_cfg.safetensors"}
+
+
+class FinetuneError(ValueError):
+    """Settings or an adapter directory that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    target: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    steps: int = 200
+    lr: float = 2e-4
+    batch: int = 4  # clips per optimizer step (run one at a time, gradients summed)
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    val_fraction: float = 0.1
+    text_loss_weight: float = 0.0
+    exaggeration: float = 0.5
+    checkpoint_every: int = 50
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise FinetuneError(f"method must be one of {', '.join(METHODS)} "
+                                f"(got {self.method!r})")
+        unknown = [t for t in self.target if t not in LORA_TARGETS]
+        if unknown or not self.target:
+            raise FinetuneError(f"target must name some of {', '.join(LORA_TARGETS)} "
+                                f"(got {','.join(self.target) or 'nothing'})")
+        for name, low, high in (("rank", 1, 512), ("steps", 1, 1_000_000), ("batch", 1, 512),
+                                ("checkpoint_every", 1, 1_000_000)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise FinetuneError(f"{name} must be a whole number from {low} to {high} "
+                                    f"(got {value!r})")
+        for name, low, high in (("alpha", 1e-6, 1e6), ("lr", 1e-9, 1.0),
+                                ("val_fraction", 0.0, 0.5), ("text_loss_weight", 0.0, 10.0),
+                                ("exaggeration", 0.0, 2.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or not low <= value <= high:
+                raise FinetuneError(f"{name} must be between {low:g} and {high:g} "
+                                    f"(got {value!r})")
+
+
+# --- the loss -------------------------------------------------------------------------------
+
+
+def speaker_cond(conds: Conditionals, exaggeration: float, device,
+                 offset: torch.Tensor | None = None) -> T3Cond:
+    """A fresh T3Cond per forward pass (T3 caches the prompt embedding on the object, which
+    would keep a freed graph alive), with the speaker-embedding offset when training one."""
+    base = conds.t3
+    speaker = base.speaker_emb.to(device)
+    return T3Cond(speaker_emb=speaker if offset is None else speaker + offset,
+                  cond_prompt_speech_tokens=base.cond_prompt_speech_tokens.to(device),
+                  emotion_adv=exaggeration * torch.ones(1, 1, 1, device=device))
+
+
+def example_loss(t3, cond: T3Cond, text_tokens: list[int], speech_tokens: list[int],
+                 text_loss_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to minimise, speech cross-entropy) for one clip, teacher-forced as upstream
+    decodes: [conditioning][start_text text stop_text][start_speech speech] predicting
+    [speech stop_speech]."""
+    hp, device = t3.hp, t3.device
+    text = torch.tensor([[hp.start_text_token, *text_tokens, hp.stop_text_token]],
+                        device=device)
+    speech = torch.tensor([[hp.start_speech_token, *speech_tokens]], device=device)
+    target = torch.tensor([*speech_tokens, hp.stop_speech_token], device=device)
+    embeds, len_cond = t3.prepare_input_embeds(t3_cond=cond, text_tokens=text,
+                                               speech_tokens=speech)
+    hidden = t3.tfmr(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    speech_start = len_cond + text.shape[1]
+    speech_loss = F.cross_entropy(t3.speech_head(hidden[0, speech_start:]), target)
+    loss = speech_loss
+    if text_loss_weight:
+        text_logits = t3.text_head(hidden[0, len_cond: speech_start - 1])
+        loss = loss + text_loss_weight * F.cross_entropy(text_logits, text[0, 1:])
+    return loss, speech_loss.detach()
+
+
+# --- the trainable parts per method ---------------------------------------------------------
+
+
+def add_lora(t3, rank: int, alpha: float, target) -> list[torch.nn.Parameter]:
+    """Wrap T3's target Linears with PEFT LoRA layers (B starts at zero, so the model is
+    unchanged until trained); returns the new trainable parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target),
+                        lora_dropout=0.0, bias="none")
+    inject_adapter_in_model(config, t3.tfmr)
+    return [p for name, p in t3.tfmr.named_parameters() if "lora_" in name]
+
+
+def lora_state(t3) -> dict[str, torch.Tensor]:
+    """Each adapted Linear's matrices, keyed ``<module path>.lora_A`` / ``.lora_B``."""
+    state = {}
+    for name, tensor in t3.tfmr.state_dict().items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}.default.weight"
+            if name.endswith(marker):
+                state[name[: -len(marker)] + f".{part}"] = tensor.detach().float().cpu()
+    return state
+
+
+def merge_lora(t3, state: dict[str, torch.Tensor], rank: int, alpha: float) -> None:
+    """Add each adapter's B @ A * alpha / rank to its Linear's weight, in place."""
+    modules = dict(t3.tfmr.named_modules())
+    scale = alpha / rank
+    for key in state:
+        if not key.endswith(".lora_A"):
+            continue
+        path = key[: -len(".lora_A")]
+        layer = modules.get(path)
+        if not isinstance(layer, torch.nn.Linear):
+            raise FinetuneError(f"The adapter names {path}, which this T3 does not have as a "
+                                "Linear layer: it was trained on other base weights.")
+        delta = state[f"{path}.lora_B"] @ state[key] * scale
+        with torch.no_grad():
+            layer.weight += delta.to(device=layer.weight.device, dtype=layer.weight.dtype)
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def split(data: SpeakerData, val_fraction: float, seed: int):
+    """(train, validation) examples, the same for the same seed."""
+    examples = sorted(data.examples, key=lambda e: e.id)
+    random.Random(seed).shuffle(examples)
+    held = round(len(examples) * val_fraction) if len(examples) > 1 else 0
+    held = max(held, 1) if val_fraction > 0 and len(examples) > 1 else held
+    return examples[held:], examples[:held]
+
+
+def _example_for(train: list, position: int, seed: int):
+    """The clip at ``position`` of an endless, per-epoch reshuffled order: a pure function
+    of the position, so a resumed run sees exactly what an uninterrupted one would."""
+    epoch, index = divmod(position, len(train))
+    order = list(range(len(train)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return train[order[index]]
+
+
+def train(t3_base, conds: Conditionals, data: SpeakerData, out_dir: Path,
+          settings: TrainSettings, base_identity: str, progress=None,
+          resume: bool = False) -> dict:
+    """Fine-tune a copy of ``t3_base`` on ``data`` and write the adapter directory; returns
+    its card. ``progress(step, steps, loss)`` after every step. With ``resume``, training
+    goes on from ``out_dir/checkpoint.pt``, which must come from the same settings."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_set, val_set = split(data, settings.val_fraction, settings.seed)
+    torch.manual_seed(settings.seed)
+    t3 = copy.deepcopy(t3_base).float()
+    t3.requires_grad_(False)
+    offset = None
+    if settings.method == "lora":
+        params = add_lora(t3, settings.rank, settings.alpha, settings.target)
+    elif settings.method == "speaker-adapter":
+        offset = torch.zeros(1, t3.hp.speaker_embed_size, device=t3.device,
+                             requires_grad=True)
+        params = [offset]
+    else:
+        t3.requires_grad_(True)
+        params = list(t3.parameters())
+    if settings.gradient_checkpointing:
+        t3.tfmr.gradient_checkpointing_enable()
+    t3.train()
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+
+    start, history = 0, []
+    checkpoint = out_dir / "checkpoint.pt"
+    if resume:
+        start, history = _load_checkpoint(checkpoint, settings, params, optimizer)
+
+    def loss_of(example):
+        cond = speaker_cond(conds, settings.exaggeration, t3.device, offset)
+        return example_loss(t3, cond, example.text_tokens, example.speech_tokens,
+                            settings.text_loss_weight)
+
+    started = time.perf_counter()
+    for step in range(start, settings.steps):
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for item in range(settings.batch):
+            example = _example_for(train_set, step * settings.batch + item, settings.seed)
+            loss, speech_loss = loss_of(example)
+            (loss / settings.batch).backward()
+            total += float(speech_loss) / settings.batch
+        optimizer.step()
+        history.append(round(total, 5))
+        if progress:
+            progress(step + 1, settings.steps, total)
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+            _save_checkpoint(checkpoint, settings, params, optimizer, step + 1, history)
+    train_seconds = time.perf_counter() - started
+
+    t3.eval()
+    with torch.no_grad():
+        val_loss = (sum(float(loss_of(e)[1]) for e in val_set) / len(val_set)
+                    if val_set else None)
+    _write_outputs(out_dir, t3, conds, settings, offset)
+    card = {
+        "version": CARD_VERSION,
+        "base_weights": base_identity,
+        "method": settings.method,
+        "settings": asdict(settings),
+        "steps": settings.steps,
+        "train_loss_first": history[0] if history else None,
+        "train_loss_final": history[-1] if history else None,
+        "val_loss": round(val_loss, 5) if val_loss is not None else None,
+        "train_clips": len(train_set),
+        "val_clips": len(val_set),
+        "data_seconds": round(data.seconds, 1),
+        "data_hash": data.data_hash,
+        "reference": Path(data.reference).name,
+        "train_seconds": round(train_seconds, 1),
+        "loss_history": history,
+    }
+    _write_json(out_dir / "card.json", card)
+    return card
+
+
+def _state_of(params) -> dict[str, torch.Tensor]:
+    return {str(i): p.detach().cpu().clone() for i, p in enumerate(params)}
+
+
+def _save_checkpoint(path: Path, settings, params, optimizer, step: int, history) -> None:
+    # The random state too: T3's conditioning encoder has dropout, and a resumed run must
+    # draw what an uninterrupted one would.
+    state = {"settings": json.dumps(asdict(settings)), "step": step, "history": history,
+             "params": _state_of(params), "optimizer": optimizer.state_dict(),
+             "rng": torch.get_rng_state()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, settings, params, optimizer) -> tuple[int, list]:
+    if not path.exists():
+        raise FinetuneError(f"Nothing to resume: {path} does not exist.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = json.loads(state["settings"])
+    # Only the length of the run may change on resume.
+    if {k: v for k, v in saved.items() if k != "steps"} != \
+            {k: v for k, v in json.loads(json.dumps(asdict(settings))).items() if k != "steps"}:
+        raise FinetuneError("The checkpoint was made with other settings; resume with the "
+                            "same settings (only --steps may change).")
+    if state["step"] > settings.steps:
+        raise FinetuneError(f"The checkpoint is at step {state['step']}, past --steps "
+                            f"{settings.steps}.")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(state["params"][str(i)])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], list(state["history"])
+
+
+def _write_outputs(out_dir: Path, t3, conds: Conditionals, settings: TrainSettings,
+                   offset: torch.Tensor | None) -> None:
+    speaker = conds
+    if settings.method == "lora":
+        save_file(lora_state(t3), out_dir / FILES["lora"])
+    elif settings.method == "speaker-adapter":
+        save_file({"speaker_emb_offset": offset.detach().cpu().contiguous()},
+                  out_dir / FILES["speaker-adapter"])
+        speaker = Conditionals(speaker_cond(conds, settings.exaggeration, "cpu",
+                                            offset.detach().cpu()), conds.gen)
+    else:
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in t3.state_dict().items()}
+        save_file(state, out_dir / FILES["full"])
+    speaker.save(out_dir / "conds.pt")
+
+
+def _write_json(path: Path, body: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(body, indent=1))
+    os.replace(tmp, path)
+
+
+# --- using an adapter -----------------------------------------------------------------------
+
+
+def read_card(adapter_dir: Path) -> dict:
+    """The adapter's card, checked: every file the method needs is there."""
+    adapter_dir = Path(adapter_dir)
+    try:
+        card = json.loads((adapter_dir / "card.json").read_text())
+        method = card["method"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FinetuneError(f"{adapter_dir} is not an adapter directory: card.json is "
+                            "missing or unreadable") from None
+    if method not in METHODS:
+        raise FinetuneError(f"{adapter_dir}/card.json names an unknown method {method!r}")
+    for name in (FILES[method], "conds.pt"):
+        if not (adapter_dir / name).exists():
+            raise FinetuneError(f"{adapter_dir} has no {name}: copy the whole adapter "
+                                "directory that `finetune train` wrote")
+    return card
+
+
+def adapted_t3(t3_base, adapter_dir: Path, base_identity: str):
+    """A copy of ``t3_base`` with the adapter's weights in it (LoRA merged, or the full
+    checkpoint loaded); ``t3_base`` itself is left exactly as it was. None for a
+    speaker-adapter, which changes only the conditionals."""
+    card = read_card(adapter_dir)
+    if card["base_weights"] != base_identity:
+        raise FinetuneError(f"This adapter was trained on weights {card['base_weights']}, "
+                            f"not the loaded {base_identity}; train it again on these.")
+    if card["method"] == "speaker-adapter":
+        return None
+    t3 = copy.deepcopy(t3_base)
+    if card["method"] == "lora":
+        settings = card["settings"]
+        merge_lora(t3, load_file(Path(adapter_dir) / FILES["lora"]), settings["rank"],
+                   settings["alpha"])
+    else:
+        t3.load_state_dict(load_file(Path(adapter_dir) / FILES["full"]))
+    return t3.eval()
+
+
+def settings_from(values: dict) -> TrainSettings:
+    """TrainSettings from loose values (CLI, page), with targets as 'q,k,v' or a list."""
+    known = {f.name for f in fields(TrainSettings)}
+    values = {k: v for k, v in values.items() if k in known and v is not None}
+    target = values.get("target")
+    if isinstance(target, str):
+        short = {t.split("_")[0]: t for t in LORA_TARGETS}
+        values["target"] = tuple(short.get(t.strip(), t.strip()) for t in target.split(",")
+                                 if t.strip())
+    elif target is not None:
+        values["target"] = tuple(target)
+    return TrainSettings(**values)

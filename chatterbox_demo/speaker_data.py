@@ -1,0 +1,296 @@
+"""A speaker's dataset for fine-tuning: find the clips, check them, tokenize them once.
+
+Two layouts are understood:
+
+- LJSpeech: ``metadata.csv`` with ``id|text`` lines (a third, normalised-text column is
+  used when present) and the audio in ``wavs/ID.wav``;
+- pairs: ``NAME.wav`` next to ``NAME.txt`` holding its transcript.
+
+Clips that are missing, unreadable, too short or long, or without a transcript are
+reported one line each and left out; the rest go on. Speech is tokenized with the model's
+own S3 tokenizer and text with its text tokenizer; the tokens are cached in
+``DATA_DIR/.chatterbox-tokens.json`` under the weights' identity and a hash of every
+clip's audio and transcript, so a second ``prepare`` (or ``train``) reads them back.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import librosa
+import numpy as np
+import soundfile as sf
+import torch
+from chatterbox.models.s3tokenizer import S3_SR
+from chatterbox.tts import ChatterboxTTS, punc_norm
+
+MIN_SECONDS = 0.5
+# T3 was trained on utterances of up to about 40 s; longer clips make slow, memory-hungry
+# steps for little gain, so they are left out.
+MAX_SECONDS = 30.0
+CACHE_NAME = ".chatterbox-tokens.json"
+CACHE_VERSION = 1
+
+
+class DatasetError(ValueError):
+    """A folder that cannot be used at all; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    id: str
+    audio: Path
+    text: str
+
+
+@dataclass
+class Example:
+    id: str
+    text_tokens: list[int]
+    speech_tokens: list[int]
+    seconds: float
+
+
+@dataclass
+class SpeakerData:
+    folder: Path
+    examples: list[Example]
+    problems: list[str] = field(default_factory=list)  # one line per clip left out
+    data_hash: str = ""
+    reference: str = ""  # the clip the speaker's conditionals are computed from
+
+    @property
+    def seconds(self) -> float:
+        return sum(e.seconds for e in self.examples)
+
+    def report(self) -> str:
+        lines = [f"{len(self.examples)} clips usable, {self.seconds / 60:.1f} minutes of "
+                 f"speech; {len(self.problems)} left out"]
+        lines += [f"  - {problem}" for problem in self.problems]
+        return "\n".join(lines)
+
+
+def find_clips(folder: Path) -> tuple[list[Clip], list[str]]:
+    """The clips a folder describes, and a line for each entry that cannot be a clip."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder} is not a folder: give a folder of clips with "
+                           "transcripts (metadata.csv + wavs/, or NAME.wav + NAME.txt)")
+    metadata = folder / "metadata.csv"
+    if metadata.exists():
+        return _ljspeech(folder, metadata)
+    clips, problems = [], []
+    for audio in sorted(folder.glob("*.wav")):
+        transcript = audio.with_suffix(".txt")
+        if not transcript.exists():
+            problems.append(f"{audio.name}: no transcript ({transcript.name} is missing)")
+            continue
+        clips.append(Clip(audio.stem, audio, _read_text(transcript)))
+    for transcript in sorted(folder.glob("*.txt")):
+        if not transcript.with_suffix(".wav").exists():
+            problems.append(f"{transcript.name}: no audio ({transcript.stem}.wav is missing)")
+    if not clips and not problems:
+        raise DatasetError(f"{folder} has no clips: expected metadata.csv with wavs/, or "
+                           "NAME.wav + NAME.txt pairs")
+    return clips, problems
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return " ".join(path.read_text(encoding="utf-8").split())
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _ljspeech(folder: Path, metadata: Path) -> tuple[list[Clip], list[str]]:
+    clips, problems = [], []
+    try:
+        rows = list(csv.reader(metadata.read_text(encoding="utf-8").splitlines(),
+                               delimiter="|", quoting=csv.QUOTE_NONE))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{metadata} is unreadable ({exc})") from None
+    for number, row in enumerate(rows, 1):
+        if not row or not row[0].strip():
+            continue
+        if len(row) < 2:
+            problems.append(f"metadata.csv line {number}: expected 'id|text'")
+            continue
+        clip_id = row[0].strip()
+        text = " ".join((row[2] if len(row) > 2 and row[2].strip() else row[1]).split())
+        if "/" in clip_id or "\\" in clip_id or clip_id.startswith("."):
+            problems.append(f"metadata.csv line {number}: id {clip_id!r} is not a file name")
+            continue
+        clips.append(Clip(clip_id, folder / "wavs" / f"{clip_id}.wav", text))
+    return clips, problems
+
+
+def check_clip(clip: Clip) -> tuple[np.ndarray | None, str | None]:
+    """(16 kHz mono samples, None) for a usable clip, else (None, why not)."""
+    if not clip.text or not any(ch.isalnum() for ch in clip.text):
+        return None, f"{clip.id}: empty transcript"
+    if not clip.audio.exists():
+        return None, f"{clip.id}: audio {clip.audio.name} is missing"
+    try:
+        info = sf.info(str(clip.audio))
+    except Exception:  # soundfile raises its own error types for every bad file
+        return None, f"{clip.id}: audio {clip.audio.name} is unreadable"
+    if not MIN_SECONDS <= info.duration <= MAX_SECONDS:
+        return None, (f"{clip.id}: {info.duration:.1f} s long; clips must be "
+                      f"{MIN_SECONDS}-{MAX_SECONDS:.0f} s")
+    wav, _ = librosa.load(str(clip.audio), sr=S3_SR, mono=True)
+    if not np.isfinite(wav).all() or np.abs(wav).max() < 1e-4:
+        return None, f"{clip.id}: audio is silent or damaged"
+    return wav, None
+
+
+def data_hash(clips: list[Clip]) -> str:
+    """One hash over every clip's id, audio bytes and transcript."""
+    digest = hashlib.sha256()
+    for clip in sorted(clips, key=lambda c: c.id):
+        digest.update(clip.id.encode())
+        digest.update(clip.text.encode())
+        if clip.audio.exists():
+            digest.update(hashlib.sha256(clip.audio.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def prepare(folder: Path, tts: ChatterboxTTS, weights_identity: str,
+            progress=None) -> SpeakerData:
+    """Check and tokenize a speaker's folder, or read the tokens cached by an earlier
+    call for the same clips and weights. Raises DatasetError when no clip is usable."""
+    folder = Path(folder)
+    clips, problems = find_clips(folder)
+    digest = data_hash(clips)
+    cached = _read_cache(folder, weights_identity, digest)
+    if cached is not None:
+        return cached
+    examples, lengths_by_audio = [], {}
+    for index, clip in enumerate(clips):
+        if progress:
+            progress(index / max(1, len(clips)), f"tokenizing {clip.id}")
+        wav, problem = check_clip(clip)
+        if problem:
+            problems.append(problem)
+            continue
+        seconds = len(wav) / S3_SR
+        with torch.inference_mode():
+            speech, lengths = tts.s3gen.tokenizer.forward([torch.from_numpy(wav)])
+        speech_tokens = speech[0, : int(lengths[0])].tolist()
+        text_tokens = tts.tokenizer.text_to_tokens(punc_norm(clip.text))[0].tolist()
+        examples.append(Example(clip.id, text_tokens, speech_tokens, round(seconds, 3)))
+        lengths_by_audio[str(clip.audio)] = seconds
+    if not examples:
+        raise DatasetError("No usable clip in " + str(folder) + ":\n" + "\n".join(problems))
+    # The speaker's conditionals come from the longest clip up to 10 s (upstream uses the
+    # first 10 s of a reference for S3Gen and 6 s for T3's prompt), else the shortest.
+    short = {a: s for a, s in lengths_by_audio.items() if s <= 10.0}
+    reference = (max(short, key=short.get) if short
+                 else min(lengths_by_audio, key=lengths_by_audio.get))
+    data = SpeakerData(folder, examples, problems, digest, reference)
+    _write_cache(folder, weights_identity, data)
+    return data
+
+
+def _read_cache(folder: Path, weights_identity: str, digest: str) -> SpeakerData | None:
+    path = folder / CACHE_NAME
+    try:
+        stored = json.loads(path.read_text())
+        if (stored["version"], stored["weights"], stored["data_hash"]) != (
+                CACHE_VERSION, weights_identity, digest):
+            return None
+        return SpeakerData(folder, [Example(**e) for e in stored["examples"]],
+                           stored["problems"], digest, stored["reference"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no cache, or one from other clips or weights: tokenize again
+
+
+def _write_cache(folder: Path, weights_identity: str, data: SpeakerData) -> None:
+    path = folder / CACHE_NAME
+    body = {"version": CACHE_VERSION, "weights": weights_identity,
+            "data_hash": data.data_hash, "reference": data.reference,
+            "problems": data.problems, "examples": [asdict(e) for e in data.examples]}
+    try:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only dataset folder: tokenize again next time
+
+
+DEMO_SENTENCES = (
+    "The morning train was late again, so I walked along the river instead.",
+    "Please put the blue folder on the second shelf by the window.",
+    "We planted tomatoes, beans and a row of sunflowers this spring.",
+    "The museum opens at nine and closes early on Sundays.",
+    "She laughed and said the recipe was her grandmother's secret.",
+    "A light rain fell over the harbour as the boats came home.",
+    "Turn left at the bakery and the library is just ahead.",
+    "He practised the piano every evening for an hour.",
+    "The results will be ready by Thursday afternoon.",
+    "Our neighbours have a small grey cat called Pepper.",
+    "Remember to bring a warm jacket; the hills get windy.",
+    "The old clock in the hall chimed twelve times.",
+)
+
+
+def make_espeak_dataset(folder: Path, clips: int = 12, voice: str = "en-us") -> Path:
+    """A small speaker dataset made offline with espeak-ng: ``NAME.wav`` + ``NAME.txt``
+    pairs in one synthetic voice. For trying the commands and for the tests; real use
+    wants 30-60 minutes of one person's clean speech."""
+    import shutil
+    import subprocess
+
+    if shutil.which("espeak-ng") is None:
+        raise DatasetError("espeak-ng is not installed (apt-get install espeak-ng)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(clips):
+        sentence = DEMO_SENTENCES[index % len(DEMO_SENTENCES)]
+        if index >= len(DEMO_SENTENCES):
+            sentence = f"Take {index // len(DEMO_SENTENCES) + 1}. {sentence}"
+        name = f"clip{index:03d}"
+        subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "-w",
+                        str(folder / f"{name}.wav"), sentence], check=True,
+                       capture_output=True)
+        (folder / f"{name}.txt").write_text(sentence + "\n", encoding="utf-8")
+    return folder
+
+
+MAX_ZIP_BYTES = 4 * 2**30  # uncompressed: an hour of 24 kHz WAV is about 170 MB
+MAX_ZIP_FILES = 50_000
+
+
+def extract_zip(archive: Path, dest: Path) -> Path:
+    """Unpack an uploaded zip into ``dest`` after checking every entry (no absolute or
+    ``..`` paths, no links, bounded size and count), and return the folder that holds the
+    content: ``dest`` itself, or the one folder everything was zipped in."""
+    import stat
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            entries = zipped.infolist()
+            if len(entries) > MAX_ZIP_FILES:
+                raise DatasetError(f"The zip has {len(entries)} entries; the limit is "
+                                   f"{MAX_ZIP_FILES}.")
+            if sum(e.file_size for e in entries) > MAX_ZIP_BYTES:
+                raise DatasetError(f"The zip unpacks to more than {MAX_ZIP_BYTES // 2**30} GB.")
+            for entry in entries:
+                parts = Path(entry.filename).parts
+                if entry.filename.startswith(("/", "\\")) or ".." in parts or \
+                        (parts and ":" in parts[0]):
+                    raise DatasetError(f"The zip entry {entry.filename!r} points outside "
+                                       "the archive; zip the folder itself.")
+                if stat.S_ISLNK(entry.external_attr >> 16):
+                    raise DatasetError(f"The zip entry {entry.filename!r} is a link; zip "
+                                       "plain files.")
+            zipped.extractall(dest)
+    except zipfile.BadZipFile:
+        raise DatasetError("The upload is not a zip file.") from None
+    inside = [p for p in Path(dest).iterdir() if p.name != "__MACOSX"]
+    return inside[0] if len(inside) == 1 and inside[0].is_dir() else Path(dest)

@@ -1,0 +1,257 @@
+"""Speaker fine-tuning on the tiny model and a synthetic espeak-ng dataset: data checks,
+training that learns and changes only what it should, adapters that load back exactly,
+LoRA merged equal to LoRA applied, and voices that switch back to the base model exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+from chatterbox_demo import finetune, speaker_data
+from chatterbox_demo.config import GenerationParams
+from chatterbox_demo.finetune import FinetuneError, TrainSettings
+from chatterbox_demo.speaker_data import DatasetError
+
+# Enough steps for the tiny model to learn the synthetic speaker, few enough to take seconds.
+QUICK = dict(steps=30, lr=3e-3, batch=2, checkpoint_every=10)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    return speaker_data.make_espeak_dataset(tmp_path_factory.mktemp("speaker") / "data", 8)
+
+
+@pytest.fixture(scope="session")
+def prepared(tiny_manager, dataset):
+    return tiny_manager.prepare_dataset(dataset)
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tiny_manager, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapters") / "lora"
+    tiny_manager.finetune(dataset, out, TrainSettings(method="lora", **QUICK))
+    return out
+
+
+def state_of(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def test_a_dataset_is_checked_tokenized_and_cached(tiny_manager, dataset, prepared,
+                                                   monkeypatch):
+    assert len(prepared.examples) == 8 and not prepared.problems
+    example = prepared.examples[0]
+    assert example.text_tokens and len(example.speech_tokens) == pytest.approx(
+        example.seconds * 25, abs=2)
+    assert (dataset / speaker_data.CACHE_NAME).exists()
+    # A second prepare reads the cache: the tokenizer is not needed again.
+    monkeypatch.setattr(tiny_manager.loaded.tts.s3gen.tokenizer, "forward",
+                        lambda *a, **k: pytest.fail("tokenized again"))
+    again = tiny_manager.prepare_dataset(dataset)
+    assert again.examples == prepared.examples and again.data_hash == prepared.data_hash
+
+
+def test_bad_clips_are_reported_one_line_each_and_the_rest_go_on(tiny_manager, dataset,
+                                                                  tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(dataset, folder, ignore=shutil.ignore_patterns(".chatterbox*"))
+    (folder / "clip000.txt").write_text("   ")  # empty transcript
+    (folder / "clip001.txt").unlink()  # audio without transcript
+    (folder / "orphan.txt").write_text("No audio for this one.")
+    (folder / "broken.wav").write_bytes(b"not audio at all")
+    (folder / "broken.txt").write_text("A broken file.")
+    sf.write(folder / "blip.wav", np.zeros(2400, np.float32) + 0.1, 24000)  # 0.1 s
+    (folder / "blip.txt").write_text("Too short.")
+    data = tiny_manager.prepare_dataset(folder)
+    report = "\n".join(data.problems)
+    assert "clip000: empty transcript" in report
+    assert "clip001.wav: no transcript" in report
+    assert "orphan.txt: no audio" in report
+    assert "broken: audio broken.wav is unreadable" in report
+    assert "blip: 0.1 s long" in report
+    assert len(data.examples) == 6  # the 8 clips less the two damaged ones
+    assert "6 clips usable" in data.report()
+
+
+def test_the_ljspeech_layout_and_unusable_folders(tiny_manager, dataset, tmp_path):
+    folder = tmp_path / "lj"
+    (folder / "wavs").mkdir(parents=True)
+    lines = []
+    for wav in sorted(dataset.glob("*.wav"))[:3]:
+        shutil.copy(wav, folder / "wavs" / wav.name)
+        lines.append(f"{wav.stem}|{wav.with_suffix('.txt').read_text().strip()}")
+    lines += ["missing|This clip has no audio.", "nocolumn", "../up|Escaping."]
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    data = tiny_manager.prepare_dataset(folder)
+    assert len(data.examples) == 3
+    assert any("missing: audio missing.wav is missing" in p for p in data.problems)
+    assert any("expected 'id|text'" in p for p in data.problems)
+    assert any("is not a file name" in p for p in data.problems)
+    with pytest.raises(DatasetError, match="is not a folder"):
+        tiny_manager.prepare_dataset(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="has no clips"):
+        tiny_manager.prepare_dataset(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.wav").write_bytes(b"junk")
+    (tmp_path / "bad" / "a.txt").write_text("Junk.")
+    with pytest.raises(DatasetError, match="No usable clip"):
+        tiny_manager.prepare_dataset(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"method": "qlora"}, "method must be one of"),
+    ({"target": ("q_proj", "wq")}, "target must name some of"),
+    ({"rank": 0}, "rank must be a whole number"),
+    ({"lr": float("nan")}, "lr must be between"),
+    ({"steps": 2.5}, "steps must be a whole number"),
+])
+def test_bad_settings_are_refused_with_the_reason(values, message):
+    with pytest.raises(FinetuneError, match=message):
+        TrainSettings(**values)
+
+
+def test_short_target_names_expand():
+    assert finetune.settings_from({"target": "q,v,gate"}).target == ("q_proj", "v_proj",
+                                                                      "gate_proj")
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def test_lora_learns_and_changes_only_the_adapter(tiny_manager, lora_dir):
+    card = json.loads((lora_dir / "card.json").read_text())
+    assert card["method"] == "lora" and card["steps"] == 30
+    assert card["base_weights"] == tiny_manager.loaded.identity
+    history = card["loss_history"]
+    assert np.mean(history[-5:]) < 0.8 * np.mean(history[:5])  # the loss falls
+    assert card["val_loss"] is not None and card["val_clips"] == 1
+    state = load_file(lora_dir / "adapter.safetensors")
+    assert state and all(k.endswith((".lora_A", ".lora_B")) for k in state)
+    assert any(k.startswith("layers.0.self_attn.q_proj") for k in state)
+    assert (lora_dir / "conds.pt").exists() and (lora_dir / "checkpoint.pt").exists()
+
+
+def test_training_leaves_the_base_model_untouched(tiny_manager, dataset, tmp_path):
+    before = state_of(tiny_manager.loaded.tts.t3)
+    tiny_manager.finetune(dataset, tmp_path / "full",
+                          TrainSettings(method="full", steps=3, lr=1e-3, batch=1))
+    assert same_state(before, state_of(tiny_manager.loaded.tts.t3))
+
+
+def test_merged_lora_gives_the_logits_of_the_applied_adapter(tiny_manager, lora_dir,
+                                                              prepared):
+    base = tiny_manager.loaded.tts.t3
+    card = json.loads((lora_dir / "card.json").read_text())
+    applied = copy.deepcopy(base)
+    finetune.add_lora(applied, card["settings"]["rank"], card["settings"]["alpha"],
+                      card["settings"]["target"])
+    weights = load_file(lora_dir / "adapter.safetensors")
+    with torch.no_grad():
+        for name, param in applied.tfmr.named_parameters():
+            for part in ("lora_A", "lora_B"):
+                marker = f".{part}.default.weight"
+                if name.endswith(marker):
+                    param.copy_(weights[name[: -len(marker)] + f".{part}"])
+    merged = finetune.adapted_t3(base, lora_dir, tiny_manager.loaded.identity)
+    conds = tiny_manager.library.conditionals(tiny_manager.library.get("calm-mid"))[0]
+    example = prepared.examples[0]
+
+    def logits(t3):
+        cond = finetune.speaker_cond(conds, 0.5, t3.device)
+        with torch.no_grad():
+            return finetune.example_loss(t3.eval(), cond, example.text_tokens,
+                                         example.speech_tokens)[1]
+
+    assert float(logits(merged)) == pytest.approx(float(logits(applied)), abs=1e-4)
+    assert abs(float(logits(merged)) - float(logits(base))) > 1e-3  # it did change T3
+    assert same_state(state_of(base), state_of(tiny_manager.loaded.tts.t3))
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_manager, dataset, tmp_path):
+    settings = TrainSettings(method="lora", steps=6, lr=3e-3, batch=2, checkpoint_every=3)
+    tiny_manager.finetune(dataset, tmp_path / "straight", settings)
+    halfway = TrainSettings(**{**settings.__dict__, "steps": 3})
+    tiny_manager.finetune(dataset, tmp_path / "resumed", halfway)
+    tiny_manager.finetune(dataset, tmp_path / "resumed", settings, resume=True)
+    straight = load_file(tmp_path / "straight" / "adapter.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "adapter.safetensors")
+    assert same_state(straight, resumed)
+    other = TrainSettings(**{**settings.__dict__, "rank": 4})
+    with pytest.raises(FinetuneError, match="other settings"):
+        tiny_manager.finetune(dataset, tmp_path / "resumed", other, resume=True)
+
+
+def test_the_speaker_adapter_trains_only_an_offset(tiny_manager, dataset, tmp_path):
+    out = tmp_path / "speaker"
+    card = tiny_manager.finetune(dataset, out, TrainSettings(method="speaker-adapter",
+                                                             **QUICK))
+    offset = load_file(out / "speaker_offset.safetensors")["speaker_emb_offset"]
+    assert offset.shape == (1, 256) and offset.abs().max() > 0
+    assert card["loss_history"][-1] < card["loss_history"][0]
+    assert finetune.adapted_t3(tiny_manager.loaded.tts.t3, out,
+                               tiny_manager.loaded.identity) is None
+
+
+def test_full_fine_tuning_saves_an_upstream_t3_checkpoint(tiny_manager, dataset, tmp_path):
+    out = tmp_path / "full"
+    tiny_manager.finetune(dataset, out, TrainSettings(method="full", steps=4, lr=1e-3,
+                                                      batch=1, gradient_checkpointing=True))
+    t3 = copy.deepcopy(tiny_manager.loaded.tts.t3)
+    t3.load_state_dict(load_file(out / "t3_cfg.safetensors"))  # strict: the upstream layout
+    assert not same_state(state_of(t3), state_of(tiny_manager.loaded.tts.t3))
+
+
+# --- use ---------------------------------------------------------------------------------------
+
+
+def test_a_fine_tuned_voice_generates_and_switching_back_is_exact(make_manager, lora_dir):
+    manager = make_manager()
+    params = GenerationParams(seed=3, max_new_tokens=20)
+    base_state = state_of(manager.loaded.tts.t3)
+    before = manager.generate("Back to the base model.", "calm-mid", params)
+    voice = manager.add_finetuned_voice("tuned", lora_dir)
+    assert voice.kind == "finetuned" and voice.method == "lora"
+    assert "tuned" in manager.library.names()
+    tuned = manager.generate("Back to the base model.", "tuned", params)
+    assert tuned.speech_tokens != before.speech_tokens  # the merged adapter is in use
+    after = manager.generate("Back to the base model.", "calm-mid", params)
+    assert np.array_equal(after.wav, before.wav)
+    assert same_state(base_state, state_of(manager.loaded.tts.t3))
+    # Saved in the library: a new process lists it and speaks with it the same way.
+    reopened = make_manager(cache_dir=manager.cache_dir)
+    assert reopened.library.get("tuned").kind == "finetuned"
+    again = reopened.generate("Back to the base model.", "tuned", params)
+    assert np.array_equal(again.wav, tuned.wav)
+
+
+def test_adapters_for_other_weights_or_incomplete_are_refused(make_manager, lora_dir,
+                                                              tmp_path):
+    manager = make_manager()
+    other = tmp_path / "other"
+    shutil.copytree(lora_dir, other)
+    card = json.loads((other / "card.json").read_text())
+    (other / "card.json").write_text(json.dumps({**card, "base_weights": "hub:someone"}))
+    with pytest.raises(FinetuneError, match="trained on weights hub:someone"):
+        manager.add_finetuned_voice("other", other)
+    (lora_dir.parent / "partial").mkdir()
+    shutil.copy(lora_dir / "card.json", lora_dir.parent / "partial" / "card.json")
+    with pytest.raises(FinetuneError, match="has no adapter.safetensors"):
+        manager.add_finetuned_voice("partial", lora_dir.parent / "partial")
+    with pytest.raises(FinetuneError, match="not an adapter directory"):
+        manager.add_finetuned_voice("none", tmp_path)
+    assert manager.library.names() == make_manager().library.names()
