@@ -203,7 +203,8 @@ def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
 
 
 MARKDOWN_COLUMNS = (
-    ("preset", "preset"), ("voice", "voice"), ("warmup_s", "warm-up s"), ("conditioning_s", "cond. s"),
+    ("preset", "preset"), ("voice", "voice"), ("warmup_s", "warm-up s"),
+    ("conditioning_s", "cond. s"),
     ("t3_s", "T3 s"), ("t3_tokens_per_s", "T3 tok/s"), ("t3_gb_per_s", "T3 GB/s"),
     ("s3gen_s", "S3Gen s"), ("watermark_s", "wm s"), ("total_s", "total s"), ("rtf", "RTF"),
     ("peak_mem_mb", "peak MB"), ("t3_weights_mb", "T3 weights MB"),

@@ -172,12 +172,7 @@ class VoiceLibrary:
 
     def add(self, name, audio_path, exaggeration: float = 0.5) -> Voice:
         """Add a user voice. Checks everything before touching the library or the disk."""
-        name = check_name(name)
-        if name_key(name) in self._voices:
-            raise VoiceError(f"A voice named {self._voices[name_key(name)].name!r} exists; "
-                             "choose another name or remove that one first.")
-        low, high = RANGES["exaggeration"]
-        check_number("exaggeration", exaggeration, low, high)
+        name = self._new_name(name, exaggeration)
         try:
             clip = load_reference(audio_path)
         except AudioError as exc:
@@ -195,12 +190,7 @@ class VoiceLibrary:
         cache (the training checkpoint is left behind) and its conditionals read."""
         from .finetune import FILES, read_card
 
-        name = check_name(name)
-        if name_key(name) in self._voices:
-            raise VoiceError(f"A voice named {self._voices[name_key(name)].name!r} exists; "
-                             "choose another name or remove that one first.")
-        low, high = RANGES["exaggeration"]
-        check_number("exaggeration", exaggeration, low, high)
+        name = self._new_name(name, exaggeration)
         adapter_dir = Path(adapter_dir)
         card = read_card(adapter_dir)
         files = ["card.json", "conds.pt", FILES[card["method"]]]
@@ -233,6 +223,16 @@ class VoiceLibrary:
                              "import the adapter again.") from None
         self._memory[voice.sha256] = conds
         return conds, "disk"
+
+    def _new_name(self, name, exaggeration) -> str:
+        """A free, valid name for a new voice, with its exaggeration checked too."""
+        name = check_name(name)
+        if name_key(name) in self._voices:
+            raise VoiceError(f"A voice named {self._voices[name_key(name)].name!r} exists; "
+                             "choose another name or remove that one first.")
+        low, high = RANGES["exaggeration"]
+        check_number("exaggeration", exaggeration, low, high)
+        return name
 
     def remove(self, name: str) -> Voice:
         voice = self._user_voice(name, "removed")
@@ -319,7 +319,14 @@ class VoiceLibrary:
 
     def _commit(self, voices: dict[str, Voice]) -> None:
         """Write the index for ``voices``, then adopt them: a failed write changes nothing."""
-        entries = [asdict(v) for v in voices.values() if v.kind in ("user", "finetuned")]
+        entries = []
+        for voice in voices.values():
+            if voice.kind not in ("user", "finetuned"):
+                continue
+            entry = asdict(voice)
+            if voice.kind == "user":  # the index format from before fine-tuned voices
+                entry = {k: v for k, v in entry.items() if k not in ("kind", "adapter", "method")}
+            entries.append(entry)
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.index_path.with_name(f".voices.json.tmp{os.getpid()}")

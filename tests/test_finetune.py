@@ -255,3 +255,76 @@ def test_adapters_for_other_weights_or_incomplete_are_refused(make_manager, lora
     with pytest.raises(FinetuneError, match="not an adapter directory"):
         manager.add_finetuned_voice("none", tmp_path)
     assert manager.library.names() == make_manager().library.names()
+
+
+# --- the Voices tab --------------------------------------------------------------------------
+
+
+def zipped(folder, tmp_path, name):
+    return shutil.make_archive(str(tmp_path / name), "zip", root_dir=folder.parent,
+                               base_dir=folder.name)
+
+
+def test_the_voices_tab_fine_tunes_from_a_zip_and_imports_an_adapter(make_manager, dataset,
+                                                                     lora_dir, tmp_path,
+                                                                     monkeypatch):
+    import gradio as gr
+
+    from chatterbox_demo import ui
+
+    manager = make_manager()
+    monkeypatch.setattr(ui, "manager", lambda: manager)
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    status, table = ui.finetune_voice(zipped(dataset, tmp_path, "data"), "zipped",
+                                      "speaker-adapter", 4, progress=quiet)
+    assert "Fine-tuned **zipped** (speaker-adapter, 4 steps" in status
+    assert ["zipped", "fine-tuned (speaker-adapter)"] == table[-1][:2]
+    status, table = ui.import_adapter(zipped(lora_dir, tmp_path, "adapter"), "imported")
+    assert "imported" in status and ["imported", "fine-tuned (lora)"] in [r[:2] for r in table]
+    assert "imported" in ui.voice_choices()[1]  # removable like any user voice
+    with pytest.raises(gr.Error, match="Upload a zip"):
+        ui.finetune_voice(None, "x", "lora", 4, progress=quiet)
+    not_zip = tmp_path / "data.zip"
+    not_zip.write_bytes(b"plain text")
+    with pytest.raises(gr.Error, match="not a zip file"):
+        ui.import_adapter(str(not_zip), "y")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "evil.zip", "w") as evil:
+        evil.writestr("../outside.txt", "escape")
+    with pytest.raises(gr.Error, match="points outside the archive"):
+        ui.finetune_voice(str(tmp_path / "evil.zip"), "z", "lora", 4, progress=quiet)
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_the_cli_goes_from_clips_to_a_voice(dataset, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from app_server import ROOT
+
+    env = {**os.environ, "CHATTERBOX_DEMO_CACHE": str(tmp_path / "cache")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "chatterbox_demo", *args,
+                               "--weights", "tiny"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    folder = tmp_path / "clips"
+    shutil.copytree(dataset, folder, ignore=shutil.ignore_patterns(".chatterbox*"))
+    (folder / "extra.txt").write_text("Nothing to hear.")
+    prepared = cli("finetune", "prepare", str(folder))
+    assert prepared.returncode == 0, prepared.stderr
+    assert "8 clips usable" in prepared.stdout and "extra.txt: no audio" in prepared.stdout
+    trained = cli("finetune", "train", str(folder), "--out", str(tmp_path / "adapter"),
+                  "--steps", "3", "--batch", "1", "--target", "q,v", "--name", "cli voice")
+    assert trained.returncode == 0, trained.stderr
+    assert "lora, 3 steps" in trained.stdout and "added voice 'cli voice'" in trained.stdout
+    assert "fine-tuning" in trained.stderr  # the progress bar
+    listed = cli("voices", "list")
+    assert "cli voice" in listed.stdout and "finetuned" in listed.stdout
+    bad = cli("finetune", "train", str(folder), "--out", str(tmp_path / "x"), "--rank", "0")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: rank")
+    missing = cli("finetune", "prepare", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "is not a folder" in missing.stderr
