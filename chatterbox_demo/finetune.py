@@ -268,7 +268,9 @@ def train(t3_base, conds: Conditionals, data: SpeakerData, out_dir: Path,
 
 
 def _state_of(params) -> dict[str, torch.Tensor]:
-    return {str(i): p.detach().cpu().clone() for i, p in enumerate(params)}
+    # No copy on a CPU: torch.save writes the live tensors (a copy of all of T3 would cost
+    # 2 GB more at full size).
+    return {str(i): p.detach().cpu() for i, p in enumerate(params)}
 
 
 def _save_checkpoint(path: Path, settings, params, optimizer, step: int, history) -> None:
@@ -314,7 +316,7 @@ def _write_outputs(out_dir: Path, t3, conds: Conditionals, settings: TrainSettin
         speaker = Conditionals(speaker_cond(conds, settings.exaggeration, "cpu",
                                             offset.detach().cpu()), conds.gen)
     else:
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in t3.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in t3.state_dict().items()}
         save_file(state, out_dir / FILES["full"])
     speaker.save(out_dir / "conds.pt")
 

@@ -395,7 +395,10 @@ class ModelManager:
         exaggeration = (chosen.exaggeration if params.exaggeration is None
                         else params.exaggeration)
         conds, source = library.conditionals(chosen, cached=config.cached_conditionals)
-        return conds, {"name": chosen.name, "source": source}, exaggeration
+        info = {"name": chosen.name, "source": source}
+        if chosen.kind == "finetuned":
+            info["finetuned"] = chosen.method
+        return conds, info, exaggeration
 
     def _report(self, config: OptimizationConfig, voice_info: dict, timings: dict,
                 samples: int, params: dict) -> dict:

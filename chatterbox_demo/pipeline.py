@@ -210,7 +210,10 @@ def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
 # early; four times larger after, because every S3Gen call pays for the whole reference
 # prompt (about 500 mel frames) however few tokens it renders: on a 2-core CPU that is
 # about 9 s a call, against 0.04 s per token rendered.
-FIRST_BLOCK = 16  # speech tokens before the first audio (0.64 s of speech)
+# Speech tokens before the first audio (0.48 s of speech): the fast decoder hands tokens
+# over every 16 steps, and 12 is reached at the first hand-over even when a few of the 16
+# are not speech (start/stop tokens, which random weights sample often).
+FIRST_BLOCK = 12
 BLOCK_GROWTH = 4
 MAX_BLOCK = 256
 LEFT_CONTEXT = 10  # tokens rendered again before a block, so S3Gen sees what precedes it
@@ -246,13 +249,14 @@ def run_stream(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration:
     sampling = _sampling(tts, t3, text, conds, exaggeration, params, max_new_tokens)
     seed_everything(params.seed)
     tokens = torch.zeros(0, dtype=torch.long, device=device)
-    sampled, emitted, block = 0, 0, FIRST_BLOCK
+    sampled, emitted, block, t3_s = 0, 0, FIRST_BLOCK, 0.0
     with torch.inference_mode(), suppress_stop_token(t3) if ignore_stop else nullcontext():
         blocks = _token_blocks(t3, sampling, config)
         while True:
             times: dict[str, float] = {}
             with timed(device, times, "t3"):
                 raw = next(blocks, None)
+            t3_s += times.pop("t3")  # decoding since the last piece, however many blocks
             final = raw is None
             if not final:
                 sampled += raw.shape[-1]
@@ -270,9 +274,9 @@ def run_stream(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration:
                 with timed("cpu", times, "watermark"):
                     wav = tts.watermarker.apply_watermark(wav, sample_rate=tts.sr)
                 yield StreamPiece(np.asarray(wav, dtype=np.float32), continues=emitted > 0,
-                                  final=final, t3_s=times.pop("t3", 0.0),
+                                  final=final, t3_s=t3_s,
                                   s3gen_s=times["s3gen"], watermark_s=times["watermark"],
                                   t3_tokens=sampled, speech_tokens=tokens[emitted:end].tolist())
-                emitted, block = end, min(BLOCK_GROWTH * block, MAX_BLOCK)
+                emitted, block, t3_s = end, min(BLOCK_GROWTH * block, MAX_BLOCK), 0.0
                 if final:
                     return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,27 @@ def test_a_long_text_streams_with_progress_per_chunk(page):
     assert live.evaluate("a => a.currentTime") > 0
     expect(page.locator("audio[src*='audio.wav']")).to_have_count(1)  # the whole result
     shoot(page, "7-streamed")
+
+
+def test_fine_tune_a_voice_from_a_zip(page, tmp_path):
+    from chatterbox_demo.speaker_data import make_espeak_dataset
+
+    data = make_espeak_dataset(tmp_path / "speaker", 4)
+    archive = shutil.make_archive(str(tmp_path / "speaker"), "zip", root_dir=tmp_path,
+                                  base_dir="speaker")
+    page.get_by_role("tab", name="Voices").click()
+    page.get_by_text("Fine-tune a voice").click()
+    page.locator("input[type=file]").nth(1).set_input_files(archive)
+    page.locator("#tune-name textarea, #tune-name input").first.fill("tuned in page")
+    steps = page.get_by_label("steps", exact=True)
+    steps.fill("3")
+    steps.press("Enter")
+    page.get_by_role("button", name="Fine-tune", exact=True).click()
+    expect(page.locator("#tune-status")).to_contain_text("Fine-tuned tuned in page",
+                                                         timeout=GENERATION_TIMEOUT_MS)
+    expect(page.get_by_text("fine-tuned (lora)").first).to_be_visible()
+    shoot(page, "8-finetuned")
+    assert data.exists()
 
 
 def test_an_error_is_a_readable_message_in_the_page(page):

@@ -229,6 +229,7 @@ def test_a_fine_tuned_voice_generates_and_switching_back_is_exact(make_manager, 
     assert "tuned" in manager.library.names()
     tuned = manager.generate("Back to the base model.", "tuned", params)
     assert tuned.speech_tokens != before.speech_tokens  # the merged adapter is in use
+    assert tuned.report["voice"] == {"name": "tuned", "source": "disk", "finetuned": "lora"}
     after = manager.generate("Back to the base model.", "calm-mid", params)
     assert np.array_equal(after.wav, before.wav)
     assert same_state(base_state, state_of(manager.loaded.tts.t3))
