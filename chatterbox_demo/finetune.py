@@ -316,9 +316,28 @@ def _write_outputs(out_dir: Path, t3, conds: Conditionals, settings: TrainSettin
         speaker = Conditionals(speaker_cond(conds, settings.exaggeration, "cpu",
                                             offset.detach().cpu()), conds.gen)
     else:
-        state = {k: v.detach().cpu().contiguous() for k, v in t3.state_dict().items()}
-        save_file(state, out_dir / FILES["full"])
+        save_file(upstream_state(t3), out_dir / FILES["full"])
     speaker.save(out_dir / "conds.pt")
+
+
+# Upstream's T3.inference attaches a wrapper of its own transformer as ``patched_model``
+# on first use; it shares every tensor and is not part of the checkpoint layout.
+DERIVED = "patched_model."
+
+
+def upstream_state(t3) -> dict[str, torch.Tensor]:
+    """T3's weights in the upstream ``t3_cfg.safetensors`` layout."""
+    return {k: v.detach().cpu().contiguous() for k, v in t3.state_dict().items()
+            if not k.startswith(DERIVED)}
+
+
+def load_upstream_state(t3, state: dict[str, torch.Tensor]) -> None:
+    """Load a full checkpoint, strictly but for the derived wrapper."""
+    missing, unexpected = t3.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(DERIVED)]
+    if missing or unexpected:
+        raise FinetuneError(f"The checkpoint does not fit this T3 (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}): it was trained on other weights.")
 
 
 def _write_json(path: Path, body: dict) -> None:
@@ -364,7 +383,7 @@ def adapted_t3(t3_base, adapter_dir: Path, base_identity: str):
         merge_lora(t3, load_file(Path(adapter_dir) / FILES["lora"]), settings["rank"],
                    settings["alpha"])
     else:
-        t3.load_state_dict(load_file(Path(adapter_dir) / FILES["full"]))
+        load_upstream_state(t3, load_file(Path(adapter_dir) / FILES["full"]))
     return t3.eval()
 
 

@@ -154,7 +154,8 @@ VOICE_HEADERS = ["name", "kind", "exaggeration", "seconds"]
 
 def voice_table() -> list[list]:
     return [[v.name, f"fine-tuned ({v.method})" if v.kind == "finetuned" else v.kind,
-             v.exaggeration, v.seconds] for v in manager().list_voices()]
+             v.exaggeration, "" if v.seconds is None else v.seconds]
+            for v in manager().list_voices()]
 
 
 def voice_choices() -> tuple[list[str], list[str]]:
@@ -691,7 +692,7 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     with gr.Column():
                         dataset_in = gr.File(label="Dataset (.zip)", file_types=[".zip"],
-                                             type="filepath")
+                                             type="filepath", elem_id="tune-data")
                         tune_name = gr.Textbox(label="Voice name", max_lines=1,
                                                elem_id="tune-name")
                         with gr.Row():
@@ -702,7 +703,8 @@ def build_demo() -> gr.Blocks:
                         tune_btn = gr.Button("Fine-tune", variant="primary")
                     with gr.Column():
                         adapter_in = gr.File(label="Adapter directory (.zip)",
-                                             file_types=[".zip"], type="filepath")
+                                             file_types=[".zip"], type="filepath",
+                                             elem_id="adapter-zip")
                         adapter_name = gr.Textbox(label="Voice name", max_lines=1,
                                                   elem_id="adapter-name")
                         import_btn = gr.Button("Import adapter")

@@ -136,7 +136,7 @@ def test_fine_tune_a_voice_from_a_zip(page, tmp_path):
                                   base_dir="speaker")
     page.get_by_role("tab", name="Voices").click()
     page.get_by_text("Fine-tune a voice").click()
-    page.locator("input[type=file]").nth(1).set_input_files(archive)
+    page.locator("#tune-data input[type=file]").set_input_files(archive)
     page.locator("#tune-name textarea, #tune-name input").first.fill("tuned in page")
     steps = page.get_by_label("steps", exact=True)
     steps.fill("3")
