@@ -521,9 +521,18 @@ def history_row(text: str, voice: str, label_a: str, label_b: str, repeats: int,
             fidelity.same_tokens]
 
 
+HISTORY_DIR = Path(tempfile.gettempdir()) / f"chatterbox-ab-history-{os.getpid()}"
+
+
 def history_csv(rows: list[list]) -> str:
-    """The page's run history as a CSV file Gradio can serve."""
-    path = Path(tempfile.mkdtemp(prefix="ab-history-")) / "ab-history.csv"
+    """The page's run history as a CSV file Gradio can serve (Gradio serves its own copy,
+    so ours are deleted after UPLOAD_TTL_S like the uploads)."""
+    HISTORY_DIR.mkdir(exist_ok=True)
+    expired = time.time() - UPLOAD_TTL_S
+    for old in HISTORY_DIR.iterdir():
+        if old.stat().st_mtime < expired:
+            shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(dir=HISTORY_DIR)) / "ab-history.csv"
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(HISTORY_HEADERS)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,11 +112,19 @@ def test_cancel_applies_to_the_asking_session_only():
     assert not cancels.is_cancelled("alice") and not cancels.cancel("alice")
 
 
-def test_history_csv_has_a_header_and_a_row_per_run(tmp_path):
-    path = ui.history_csv([["12:00:00", "hi", "v", "baseline", "cached", 1, 2.0, 1.0, 2.0,
-                            50.0, "inf", True]])
+def test_history_csv_has_a_header_and_a_row_per_run(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(ui, "HISTORY_DIR", tmp_path / "history")
+    row = ["12:00:00", "hi", "v", "baseline", "cached", 1, 2.0, 1.0, 2.0, 50.0, "inf", True]
+    path = ui.history_csv([row])
     lines = open(path, encoding="utf-8").read().splitlines()
     assert lines[0].split(",") == ui.HISTORY_HEADERS and len(lines) == 2
+    # Older than the upload lifetime: deleted when the next one is written.
+    stale = time.time() - ui.UPLOAD_TTL_S - 1
+    os.utime(Path(path).parent, (stale, stale))
+    newer = ui.history_csv([row, row])
+    assert not Path(path).exists() and Path(newer).exists()
 
 
 def test_gpu_work_runs_inside_spaces_gpu_when_the_package_is_there(monkeypatch):
