@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 import time
@@ -35,6 +34,7 @@ from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.tts import Conditionals
 from safetensors.torch import load_file, save_file
 
+from .config import RANGES, check_number
 from .speaker_data import SpeakerData
 
 METHODS = ("lora", "speaker-adapter", "full")
@@ -72,20 +72,16 @@ class TrainSettings:
         if unknown or not self.target:
             raise FinetuneError(f"target must name some of {', '.join(LORA_TARGETS)} "
                                 f"(got {','.join(self.target) or 'nothing'})")
-        for name, low, high in (("rank", 1, 512), ("steps", 1, 1_000_000), ("batch", 1, 512),
-                                ("checkpoint_every", 1, 1_000_000)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise FinetuneError(f"{name} must be a whole number from {low} to {high} "
-                                    f"(got {value!r})")
-        for name, low, high in (("alpha", 1e-6, 1e6), ("lr", 1e-9, 1.0),
-                                ("val_fraction", 0.0, 0.5), ("text_loss_weight", 0.0, 10.0),
-                                ("exaggeration", 0.0, 2.0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value) or not low <= value <= high:
-                raise FinetuneError(f"{name} must be between {low:g} and {high:g} "
-                                    f"(got {value!r})")
+        try:
+            for name, low, high in (("rank", 1, 512), ("steps", 1, 1_000_000),
+                                    ("batch", 1, 512), ("checkpoint_every", 1, 1_000_000)):
+                check_number(name, getattr(self, name), low, high, integer=True)
+            for name, low, high in (("alpha", 1e-6, 1e6), ("lr", 1e-9, 1.0),
+                                    ("val_fraction", 0.0, 0.5), ("text_loss_weight", 0.0, 10.0),
+                                    ("exaggeration", *RANGES["exaggeration"])):
+                check_number(name, getattr(self, name), low, high)
+        except ValueError as exc:
+            raise FinetuneError(str(exc)) from None
 
 
 # --- the loss -------------------------------------------------------------------------------
@@ -349,8 +345,9 @@ def _write_json(path: Path, body: dict) -> None:
 # --- using an adapter -----------------------------------------------------------------------
 
 
-def read_card(adapter_dir: Path) -> dict:
-    """The adapter's card, checked: every file the method needs is there."""
+def read_card(adapter_dir: Path, base_identity: str) -> dict:
+    """The adapter's card, checked: trained on the ``base_identity`` weights, and every
+    file the method needs is there."""
     adapter_dir = Path(adapter_dir)
     try:
         card = json.loads((adapter_dir / "card.json").read_text())
@@ -360,6 +357,9 @@ def read_card(adapter_dir: Path) -> dict:
                             "missing or unreadable") from None
     if method not in METHODS:
         raise FinetuneError(f"{adapter_dir}/card.json names an unknown method {method!r}")
+    if card.get("base_weights") != base_identity:
+        raise FinetuneError(f"This adapter was trained on weights {card.get('base_weights')}, "
+                            f"not the loaded {base_identity}; train it again on these.")
     for name in (FILES[method], "conds.pt"):
         if not (adapter_dir / name).exists():
             raise FinetuneError(f"{adapter_dir} has no {name}: copy the whole adapter "
@@ -371,10 +371,7 @@ def adapted_t3(t3_base, adapter_dir: Path, base_identity: str):
     """A copy of ``t3_base`` with the adapter's weights in it (LoRA merged, or the full
     checkpoint loaded); ``t3_base`` itself is left exactly as it was. None for a
     speaker-adapter, which changes only the conditionals."""
-    card = read_card(adapter_dir)
-    if card["base_weights"] != base_identity:
-        raise FinetuneError(f"This adapter was trained on weights {card['base_weights']}, "
-                            f"not the loaded {base_identity}; train it again on these.")
+    card = read_card(adapter_dir, base_identity)
     if card["method"] == "speaker-adapter":
         return None
     t3 = copy.deepcopy(t3_base)

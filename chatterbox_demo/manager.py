@@ -439,16 +439,9 @@ class ModelManager:
         with self.lock:  # one configuration for every chunk: no switch in between
             config = config or self.config
             name = self._preset_name(config)
-            # Conditionals come from the library after the first chunk, whatever the preset
-            # says: recomputing them per chunk would only repeat the same work.
-            later = replace(config, cached_conditionals=True)
-            results = []
-            for index, chunk in enumerate(chunks):
-                if progress:
-                    progress(index / len(chunks), f"chunk {index + 1} of {len(chunks)}")
-                seed = (params.seed + index) % 2**32
-                results.append(self.generate(chunk, voice, replace(params, seed=seed),
-                                             later if index else config))
+            results = [self.generate(chunk, voice, chunk_params, chunk_config)
+                       for _, chunk, chunk_params, chunk_config
+                       in _chunk_runs(chunks, params, config, progress)]
         sample_rate = results[0].sample_rate
         wav = longform.crossfade_join([r.wav for r in results], sample_rate)
         report = dict(results[0].report)
@@ -518,25 +511,21 @@ class ModelManager:
             build_started = time.perf_counter()
             t3, s3gen = self.variant(config, self._adapter_of(voice))
             build_s = time.perf_counter() - build_started
-            # As in generate_long: conditionals come from the library after the first chunk.
-            later = replace(config, cached_conditionals=True)
             stitcher = longform.Stitcher(int(longform.CROSSFADE_S * tts.sr))
             started = time.perf_counter()
             timings = dict.fromkeys(("conditioning_s", "t3_s", "s3gen_s", "watermark_s"), 0.0)
             timings["t3_tokens"] = 0
             first_audio_s, played, tokens, chunk_reports, timeline = None, [], [], [], []
-            for index, chunk in enumerate(chunks):
-                if progress:
-                    progress(index / len(chunks), f"chunk {index + 1} of {len(chunks)}")
+            for index, chunk, chunk_params, chunk_config in _chunk_runs(chunks, params, config,
+                                                                        progress):
                 conditioning_started = time.perf_counter()
                 conds, voice_info, exaggeration = self._voice_conditionals(
-                    voice, None, params, later if index else config)
+                    voice, None, chunk_params, chunk_config)
                 timings["conditioning_s"] += time.perf_counter() - conditioning_started
                 max_new_tokens = params.max_new_tokens or default_max_new_tokens(chunk)
                 chunk_samples = 0
                 for piece in pipeline.run_stream(
-                        tts, chunk, conds, exaggeration,
-                        replace(params, seed=(params.seed + index) % 2**32), max_new_tokens,
+                        tts, chunk, conds, exaggeration, chunk_params, max_new_tokens,
                         stitcher.overlap, config, t3=t3, s3gen=s3gen, ignore_stop=ignore_stop):
                     ready = stitcher.add(piece.wav, same_signal=piece.continues)
                     for key in ("t3_s", "s3gen_s", "watermark_s"):
@@ -594,13 +583,8 @@ class ModelManager:
     def add_finetuned_voice(self, name: str, adapter_dir, exaggeration: float = 0.5) -> Voice:
         """List an adapter directory as a voice, after checking it fits these weights."""
         with self.lock:
-            loaded = self.load()
-            card = finetune.read_card(Path(adapter_dir))
-            if card["base_weights"] != loaded.identity:
-                raise finetune.FinetuneError(
-                    f"This adapter was trained on weights {card['base_weights']}, not the "
-                    f"loaded {loaded.identity}; train it again on these.")
-            return self.library.add_finetuned(name, adapter_dir, exaggeration)
+            identity = self.load().identity
+            return self.library.add_finetuned(name, adapter_dir, identity, exaggeration)
 
     def _default_voice(self) -> str:
         names = self._library.names()
@@ -612,6 +596,20 @@ class ModelManager:
         if config == self.config:
             return self.preset
         return preset_name(config)
+
+
+def _chunk_runs(chunks: list[str], params: GenerationParams, config: OptimizationConfig,
+                progress: Progress | None):
+    """(index, chunk, its params, its config) for each chunk of a long text, reporting
+    progress as each starts. Chunk i uses seed + i, so the same seed gives the same audio;
+    conditionals come from the library after the first chunk, whatever the preset says:
+    recomputing them per chunk would only repeat the same work."""
+    later = replace(config, cached_conditionals=True)
+    for index, chunk in enumerate(chunks):
+        if progress:
+            progress(index / len(chunks), f"chunk {index + 1} of {len(chunks)}")
+        yield (index, chunk, replace(params, seed=(params.seed + index) % 2**32),
+               later if index else config)
 
 
 def _label(key: tuple) -> str:

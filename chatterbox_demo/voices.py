@@ -185,14 +185,16 @@ class VoiceLibrary:
         self._commit({**self._voices, name_key(name): voice})
         return voice
 
-    def add_finetuned(self, name, adapter_dir, exaggeration: float = 0.5) -> Voice:
-        """Add a fine-tuned voice from an adapter directory: its files are copied into the
-        cache (the training checkpoint is left behind) and its conditionals read."""
+    def add_finetuned(self, name, adapter_dir, base_identity: str,
+                      exaggeration: float = 0.5) -> Voice:
+        """Add a fine-tuned voice from an adapter directory trained on the
+        ``base_identity`` weights: its files are copied into the cache (the training
+        checkpoint is left behind) and its conditionals read."""
         from .finetune import FILES, read_card
 
         name = self._new_name(name, exaggeration)
         adapter_dir = Path(adapter_dir)
-        card = read_card(adapter_dir)
+        card = read_card(adapter_dir, base_identity)
         files = ["card.json", "conds.pt", FILES[card["method"]]]
         digest = hashlib.sha256()
         for file in files:

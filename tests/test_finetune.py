@@ -116,7 +116,7 @@ def test_the_ljspeech_layout_and_unusable_folders(tiny_manager, dataset, tmp_pat
 @pytest.mark.parametrize("values, message", [
     ({"method": "qlora"}, "method must be one of"),
     ({"target": ("q_proj", "wq")}, "target must name some of"),
-    ({"rank": 0}, "rank must be a whole number"),
+    ({"rank": 0}, r"rank must be between 1 and 512 \(got 0\)"),
     ({"lr": float("nan")}, "lr must be between"),
     ({"steps": 2.5}, "steps must be a whole number"),
 ])
