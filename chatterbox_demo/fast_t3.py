@@ -67,17 +67,20 @@ def _layer_output(layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tenso
 
 
 def _layer_forward(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, start: int) -> torch.Tensor:
-    """One Llama decoder layer over ``x`` (B, T, D) placed at positions start..start+T-1."""
+                   v_cache: torch.Tensor, start: int, causal: bool) -> torch.Tensor:
+    """One Llama decoder layer over ``x`` (B, T, D) placed at positions start..start+T-1.
+    ``causal``: whether ``x`` holds several positions (the prefill) rather than one."""
     q, k, v = _rotated_qkv(layer, x, cos, sin)
     steps = x.shape[1]
     end = start + steps
     k_cache[:, :, start:end] = k
     v_cache[:, :, start:end] = v
     # The prefill starts at 0 so a causal mask over the whole slice is right; a single
-    # decode step attends to everything before it and needs no mask.
+    # decode step attends to everything before it and needs no mask. ``causal`` comes from
+    # the caller: under torch.compile with dynamic shapes ``steps > 1`` would be symbolic,
+    # which SDPA refuses, breaking the compiled graph in two at every layer.
     out = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
-                                         is_causal=steps > 1, scale=layer.self_attn.scaling)
+                                         is_causal=causal, scale=layer.self_attn.scaling)
     return _layer_output(layer, x, out)
 
 
@@ -145,7 +148,7 @@ class FastT3Decoder:
         step = layer_step(getattr(self.t3, "compile_mode", "off"))
         x = embeds
         for i, layer in enumerate(tfmr.layers):
-            x = step(layer, x, cos, sin, cache.k[i], cache.v[i], start)
+            x = step(layer, x, cos, sin, cache.k[i], cache.v[i], start, steps > 1)
         x = tfmr.norm(x[:, -1:])
         return self.t3.speech_head(x)[:, -1].float()
 

@@ -69,6 +69,34 @@ def test_teacher_forced_logits_match_the_hf_model(model):
             assert torch.allclose(ours, expected, atol=1e-4), f"step {step}"
 
 
+def test_the_layer_step_compiles_as_one_graph_for_prefill_and_decode(model):
+    """torch.compile's target in the fast decoder: no graph break (one once hid in SDPA's
+    is_causal flag), and the compiled step computes what the eager one does."""
+    from chatterbox_demo import fast_t3
+
+    tts, conds = model
+    t3 = tts.t3
+    # fullgraph raises on any graph break; the eager backend keeps the test quick.
+    compiled = torch.compile(fast_t3._layer_forward, dynamic=True, fullgraph=True,
+                             backend="eager")
+    layer = t3.tfmr.layers[0]
+    with torch.inference_mode():
+        embeds = prefix_embeds(t3, conds, text_batch(tts))
+        length = embeds.shape[1]
+        for step_fn in (fast_t3._layer_forward, compiled):
+            cache = StaticKVCache(1, 2, 16, length + 4, 64, torch.float32, "cpu")
+            outputs = []
+            for start, x in ((0, embeds), (length, embeds[:, -1:]), (length + 1, embeds[:, :1])):
+                positions = torch.arange(start, start + x.shape[1]).unsqueeze(0)
+                cos, sin = t3.tfmr.rotary_emb(x, positions)
+                outputs.append(step_fn(layer, x, cos, sin, cache.k[0], cache.v[0], start,
+                                       x.shape[1] > 1))
+            if step_fn is fast_t3._layer_forward:
+                expected = outputs
+        for got, want in zip(outputs, expected):
+            assert torch.allclose(got, want, atol=1e-5)
+
+
 @pytest.mark.parametrize("temperature, repetition_penalty, min_p, top_p, cfg", [
     (0.8, 1.2, 0.05, 1.0, 0.5),  # upstream defaults
     (1.0, 1.0, 0.0, 1.0, 0.0),
