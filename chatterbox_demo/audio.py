@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from .files import write_atomically
+
 MIN_SECONDS = 1.0
 MAX_SECONDS = 300.0  # 5 minutes; only the first 10 s are used, the rest is wasted upload
 MAX_BYTES = 100 * 1024 * 1024
@@ -100,8 +102,6 @@ def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int) ->
     """Write mono float samples as 16-bit PCM WAV, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    sf.write(tmp, np.asarray(samples, dtype=np.float32), sample_rate, subtype="PCM_16",
-             format="WAV")
-    os.replace(tmp, path)
-    return path
+    samples = np.asarray(samples, dtype=np.float32)
+    return write_atomically(path, lambda tmp: sf.write(tmp, samples, sample_rate,
+                                                        subtype="PCM_16", format="WAV"))

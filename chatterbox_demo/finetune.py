@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, fields
@@ -35,6 +34,7 @@ from chatterbox.tts import Conditionals
 from safetensors.torch import load_file, save_file
 
 from .config import RANGES, check_number
+from .files import write_atomically
 from .speaker_data import SpeakerData
 
 METHODS = ("lora", "speaker-adapter", "full")
@@ -275,9 +275,7 @@ def _save_checkpoint(path: Path, settings, params, optimizer, step: int, history
     state = {"settings": json.dumps(asdict(settings)), "step": step, "history": history,
              "params": _state_of(params), "optimizer": optimizer.state_dict(),
              "rng": torch.get_rng_state()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def _load_checkpoint(path: Path, settings, params, optimizer) -> tuple[int, list]:
@@ -337,9 +335,7 @@ def load_upstream_state(t3, state: dict[str, torch.Tensor]) -> None:
 
 
 def _write_json(path: Path, body: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(body, indent=1))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(body, indent=1)))
 
 
 # --- using an adapter -----------------------------------------------------------------------

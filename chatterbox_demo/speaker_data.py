@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,8 @@ import soundfile as sf
 import torch
 from chatterbox.models.s3tokenizer import S3_SR
 from chatterbox.tts import ChatterboxTTS, punc_norm
+
+from .files import write_atomically
 
 MIN_SECONDS = 0.5
 # T3 was trained on utterances of up to about 40 s; longer clips make slow, memory-hungry
@@ -215,9 +216,7 @@ def _write_cache(folder: Path, weights_identity: str, data: SpeakerData) -> None
             "data_hash": data.data_hash, "reference": data.reference,
             "problems": data.problems, "examples": [asdict(e) for e in data.examples]}
     try:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(body)))
     except OSError:
         pass  # a read-only dataset folder: tokenize again next time
 

@@ -28,6 +28,7 @@ from chatterbox.tts import Conditionals
 
 from .audio import EXTENSIONS, AudioError, ReferenceClip, load_reference
 from .config import RANGES, check_number
+from .files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -284,9 +285,7 @@ class VoiceLibrary:
         path = self._conds_path(sha256)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            conds.save(tmp)
-            os.replace(tmp, path)
+            write_atomically(path, conds.save)
         except OSError as exc:
             log.warning("Could not write %s (%s); the voice stays cached in memory only",
                         path, exc)
@@ -297,9 +296,7 @@ class VoiceLibrary:
         target = self.audio_dir / f"{clip.sha256}{suffix}"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-            shutil.copyfile(clip.path, tmp)
-            os.replace(tmp, target)
+            write_atomically(target, lambda tmp: shutil.copyfile(clip.path, tmp))
         return target
 
     def _read_index(self) -> list[Voice]:
@@ -331,9 +328,8 @@ class VoiceLibrary:
             entries.append(entry)
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.index_path.with_name(f".voices.json.tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"version": INDEX_VERSION, "voices": entries}, indent=1))
-            os.replace(tmp, self.index_path)
+            body = json.dumps({"version": INDEX_VERSION, "voices": entries}, indent=1)
+            write_atomically(self.index_path, lambda tmp: tmp.write_text(body))
         except OSError as exc:
             raise VoiceError(f"Could not save the voice library ({exc.strerror or exc}); "
                              "nothing was changed.") from None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from chatterbox.models.voice_encoder import VoiceEncoder
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from s3tokenizer.model_v2 import AudioEncoderV2, FSQVectorQuantization
 from safetensors.torch import load_file, save_file
+
+from .files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,4 @@ def write_tokenizer_json(path: Path) -> None:
             merges.append((a, b))
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]"))
     tokenizer.add_special_tokens(list(special))
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tokenizer.save(str(tmp))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tokenizer.save(str(tmp)))

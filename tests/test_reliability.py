@@ -103,3 +103,21 @@ def test_a_full_or_read_only_disk_still_generates_and_damages_nothing(
     after = sorted((p.relative_to(cache), p.read_bytes()) for p in cache.rglob("*")
                    if p.is_file())
     assert after == before
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    from chatterbox_demo.files import write_atomically
+
+    target = tmp_path / "index.json"
+    write_atomically(target, lambda tmp: tmp.write_text("old"))
+
+    def half_then_disk_full(tmp):
+        tmp.write_text("half of the new fi")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomically(target, half_then_disk_full)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["index.json"]
+    write_atomically(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
