@@ -122,6 +122,13 @@ def _ratio(numerator, denominator) -> float | None:
 Progress = Callable[[float, str], None]
 
 
+def check_runnable(side: str, config: OptimizationConfig, device: str) -> None:
+    """Refuse a side that cannot run on ``device``, naming the side and the reason."""
+    reason = unavailable_reason(config, device)
+    if reason:
+        raise ValueError(f"Configuration {side} cannot run on {device}: {reason}")
+
+
 def compare_steps(manager: ModelManager, text: str, voice: str | None,
                   params: GenerationParams, config_a: OptimizationConfig,
                   config_b: OptimizationConfig, repeats: int = 1,
@@ -133,9 +140,7 @@ def compare_steps(manager: ModelManager, text: str, voice: str | None,
     text."""
     text = check_text(text)
     for side, config in (("A", config_a), ("B", config_b)):
-        reason = unavailable_reason(config, manager.device)
-        if reason:
-            raise ValueError(f"Configuration {side} cannot run on {manager.device}: {reason}")
+        check_runnable(side, config, manager.device)
     if params.max_new_tokens is None:
         params = replace(params, max_new_tokens=default_max_new_tokens(text))
     report = progress or (lambda fraction, message: None)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .audio import MAX_BYTES as MAX_UPLOAD_BYTES
 from .audio import to_pcm16
-from .compare import Comparison, compare_steps
+from .compare import Comparison, check_runnable, compare_steps
 from .config import (
     BASELINE,
     COMPILE_MODES,
@@ -485,10 +485,10 @@ def collect_configs(request: gr.Request, *values) -> tuple[dict, dict]:
             config = config_from_fields(side_values)
         except ValueError as exc:
             raise gr.Error(f"Configuration {side}: {exc}", print_exception=False) from None
-        reason = unavailable_reason(config, manager().device)
-        if reason:
-            raise gr.Error(f"Configuration {side} cannot run on "
-                           f"{manager().device.upper()}: {reason}", print_exception=False)
+        try:
+            check_runnable(side, config, manager().device)
+        except ValueError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
         configs.append(dataclasses.asdict(config))
     CANCELS.start(request.session_hash)
     return configs[0], configs[1]
