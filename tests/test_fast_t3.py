@@ -93,7 +93,7 @@ def test_the_layer_step_compiles_as_one_graph_for_prefill_and_decode(model):
                                        x.shape[1] > 1))
             if step_fn is fast_t3._layer_forward:
                 expected = outputs
-        for got, want in zip(outputs, expected):
+        for got, want in zip(outputs, expected, strict=True):
             assert torch.allclose(got, want, atol=1e-5)
 
 
