@@ -271,10 +271,13 @@ def _state_of(params) -> dict[str, torch.Tensor]:
 
 def _save_checkpoint(path: Path, settings, params, optimizer, step: int, history) -> None:
     # The random state too: T3's conditioning encoder has dropout, and a resumed run must
-    # draw what an uninterrupted one would.
+    # draw what an uninterrupted one would. On a GPU the dropout draws from CUDA's
+    # generators, so theirs is saved as well.
     state = {"settings": json.dumps(asdict(settings)), "step": step, "history": history,
              "params": _state_of(params), "optimizer": optimizer.state_dict(),
              "rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
     write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -296,6 +299,8 @@ def _load_checkpoint(path: Path, settings, params, optimizer) -> tuple[int, list
             p.copy_(state["params"][str(i)])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], list(state["history"])
 
 
