@@ -127,6 +127,17 @@ def test_int8_weight_only_quantizes_weights_in_place_and_quarters_them(tts):
     assert module_bytes(t3.tfmr) <= 0.3 * module_bytes(tts.t3.tfmr)
 
 
+def test_s3gen_int8_quantizes_every_linear_layer_of_the_estimator(tts):
+    """diffusers' LoRACompatibleLinear subclasses nn.Linear; quantize_dynamic matches exact
+    types, so those layers used to stay fp32."""
+    s3gen = build_s3gen(tts.s3gen, OptimizationConfig(s3gen_quant="int8-dynamic"))
+    layers = [m for m in s3gen.flow.decoder.estimator.modules()
+              if isinstance(m, nn.Linear) or type(m).__name__ == "Linear"]
+    assert layers and all("quantized" in type(m).__module__ for m in layers)
+    pristine = tts.s3gen.flow.decoder.estimator
+    assert any(type(m).__name__ == "LoRACompatibleLinear" for m in pristine.modules())
+
+
 def test_s3gen_precision_touches_only_the_estimator(tts):
     s3gen = build_s3gen(tts.s3gen, OptimizationConfig(s3gen_dtype="bf16"))
     assert next(s3gen.flow.decoder.estimator.parameters()).dtype == torch.bfloat16
