@@ -217,18 +217,21 @@ MARKDOWN_COLUMNS = (
 
 def to_markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
+    # Columns no row fills (the streaming ones without --stream) are left out.
+    columns = [(key, label) for key, label in MARKDOWN_COLUMNS
+               if key in ("preset", "voice") or any(row.get(key) is not None
+                                                    for row in result["rows"])]
     lines = [f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}"
              + (f" ({m['gpu']})" if "gpu" in m else "")
              + f", weights {m['weights']}; {s['tokens']} speech tokens, {s['repeats']} "
              "repeat(s), medians", "",
-             "| " + " | ".join(label for _, label in MARKDOWN_COLUMNS) + " |",
-             "|" + "---|" * len(MARKDOWN_COLUMNS)]
+             "| " + " | ".join(label for _, label in columns) + " |",
+             "|" + "---|" * len(columns)]
     for row in result["rows"]:
         if "error" in row:
             lines.append(f"| {row['preset']} | {row['voice']} | error: {row['error']} |")
             continue
-        lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in MARKDOWN_COLUMNS)
-                     + " |")
+        lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

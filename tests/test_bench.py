@@ -38,6 +38,7 @@ def test_rows_compare_like_with_like_and_a_failure_is_a_row(tiny_manager):
     markdown = bench.to_markdown(result)
     assert markdown.count("\n| ") == 4  # header and three rows
     assert "| gpu-fast | calm-mid | error:" in markdown
+    assert "| total s |" in markdown and "first audio" not in markdown  # no --stream here
 
 
 @pytest.mark.parametrize("to_file", [True, False])
