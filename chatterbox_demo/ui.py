@@ -50,7 +50,7 @@ from .manager import ModelManager
 from .optimizations import unavailable_reason
 from .pipeline import GenerationError
 from .speaker_data import extract_zip
-from .voices import check_name
+from .voices import USER_KINDS, check_name
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def voice_choices() -> tuple[list[str], list[str]]:
     """(all voice names, the names a user may rename or remove)."""
     voices = manager().list_voices()
     return ([v.name for v in voices],
-            [v.name for v in voices if v.kind in ("user", "finetuned")])
+            [v.name for v in voices if v.kind in USER_KINDS])
 
 
 @user_errors

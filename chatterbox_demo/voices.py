@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 BUILTIN_NAME = "builtin"
 MAX_NAME_CHARS = 64
 INDEX_VERSION = 1
+# Voices a user added (a clip, or a fine-tuned adapter): kept in the index, renamable and
+# removable; the others ship with the weights or the app.
+USER_KINDS = ("user", "finetuned")
 
 
 class VoiceError(ValueError):
@@ -257,7 +260,7 @@ class VoiceLibrary:
 
     def _user_voice(self, name: str, verb: str) -> Voice:
         voice = self.get(name)
-        if voice.kind not in ("user", "finetuned"):
+        if voice.kind not in USER_KINDS:
             where = "the weights" if voice.kind == "builtin" else "the app"
             raise VoiceError(f"{voice.name!r} ships with {where} and cannot be {verb}.")
         return voice
@@ -305,9 +308,9 @@ class VoiceLibrary:
         try:
             data = json.loads(self.index_path.read_text())
             fields = set(Voice.__dataclass_fields__)
-            kinds = ("user", "finetuned")
             return [Voice(**{**{k: v for k, v in entry.items() if k in fields},
-                             "kind": entry.get("kind") if entry.get("kind") in kinds else "user"})
+                             "kind": entry.get("kind") if entry.get("kind") in USER_KINDS
+                             else "user"})
                     for entry in data["voices"]]
         except Exception as exc:
             aside = self.index_path.with_name("voices.json.corrupt")
@@ -320,7 +323,7 @@ class VoiceLibrary:
         """Write the index for ``voices``, then adopt them: a failed write changes nothing."""
         entries = []
         for voice in voices.values():
-            if voice.kind not in ("user", "finetuned"):
+            if voice.kind not in USER_KINDS:
                 continue
             entry = asdict(voice)
             if voice.kind == "user":  # the index format from before fine-tuned voices
