@@ -206,12 +206,14 @@ class VoiceLibrary:
         sha256 = digest.hexdigest()
         stored = self.cache_dir / "adapters" / sha256
         if not stored.exists():
-            tmp = stored.with_name(f".{sha256}.tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for file in files:
-                shutil.copyfile(adapter_dir / file, tmp / file)
-            os.replace(tmp, stored)
+            stored.parent.mkdir(parents=True, exist_ok=True)
+
+            def copy(tmp: Path) -> None:
+                shutil.rmtree(tmp, ignore_errors=True)  # left by a killed earlier run
+                tmp.mkdir()
+                for file in files:
+                    shutil.copyfile(adapter_dir / file, tmp / file)
+            write_atomically(stored, copy)
         voice = Voice(name, "finetuned", float(exaggeration), sha256, None, None,
                       str(stored), card["method"])
         self._adapter_conds(voice)  # a damaged conds.pt fails here, before it is listed

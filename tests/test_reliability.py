@@ -121,3 +121,16 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["index.json"]
     write_atomically(target, lambda tmp: tmp.write_text("new"))
     assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_failed_directory_write_leaves_nothing_behind(tmp_path):
+    from chatterbox_demo.files import write_atomically
+
+    def half_a_folder(tmp):
+        tmp.mkdir()
+        (tmp / "card.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomically(tmp_path / "adapter", half_a_folder)
+    assert list(tmp_path.iterdir()) == []
