@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from .config import RANGES, check_number
 from .files import write_atomically
 from .speaker_data import SpeakerData
+from .weights import DERIVED_PREFIX, checkpoint_state
 
 METHODS = ("lora", "speaker-adapter", "full")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -315,25 +316,14 @@ def _write_outputs(out_dir: Path, t3, conds: Conditionals, settings: TrainSettin
         speaker = Conditionals(speaker_cond(conds, settings.exaggeration, "cpu",
                                             offset.detach().cpu()), conds.gen)
     else:
-        save_file(upstream_state(t3), out_dir / FILES["full"])
+        save_file(checkpoint_state(t3), out_dir / FILES["full"])
     speaker.save(out_dir / "conds.pt")
-
-
-# Upstream's T3.inference attaches a wrapper of its own transformer as ``patched_model``
-# on first use; it shares every tensor and is not part of the checkpoint layout.
-DERIVED = "patched_model."
-
-
-def upstream_state(t3) -> dict[str, torch.Tensor]:
-    """T3's weights in the upstream ``t3_cfg.safetensors`` layout."""
-    return {k: v.detach().cpu().contiguous() for k, v in t3.state_dict().items()
-            if not k.startswith(DERIVED)}
 
 
 def load_upstream_state(t3, state: dict[str, torch.Tensor]) -> None:
     """Load a full checkpoint, strictly but for the derived wrapper."""
     missing, unexpected = t3.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(DERIVED)]
+    missing = [k for k in missing if not k.startswith(DERIVED_PREFIX)]
     if missing or unexpected:
         raise FinetuneError(f"The checkpoint does not fit this T3 (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}): it was trained on other weights.")

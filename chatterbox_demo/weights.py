@@ -238,16 +238,23 @@ def _tiny_s3gen() -> S3Gen:
     return s3gen
 
 
+# T3.inference registers ``patched_model``, a wrapper sharing T3's own parameters; saving
+# it would fail (shared tensors) and no loader expects its keys.
+DERIVED_PREFIX = "patched_model."
+
+
+def checkpoint_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s weights as the upstream checkpoint files hold them."""
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()
+            if not k.startswith(DERIVED_PREFIX)}
+
+
 def write_checkpoint(tts: ChatterboxTTS, directory: Path, arch: str) -> Path:
     """Write ``tts`` in the upstream checkpoint layout (plus our arch marker when tiny)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for module, name in ((tts.ve, "ve"), (tts.t3, "t3_cfg"), (tts.s3gen, "s3gen")):
-        # T3.inference registers ``patched_model``, a wrapper sharing T3's own parameters;
-        # saving it would fail (shared tensors) and no loader expects its keys.
-        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()
-                 if not k.startswith("patched_model.")}
-        save_file(state, directory / f"{name}.safetensors")
+        save_file(checkpoint_state(module), directory / f"{name}.safetensors")
     write_tokenizer_json(directory / "tokenizer.json")
     if tts.conds is not None:
         tts.conds.save(directory / BUILTIN_VOICE_FILE)

@@ -18,6 +18,7 @@ from chatterbox_demo import finetune, speaker_data
 from chatterbox_demo.config import GenerationParams
 from chatterbox_demo.finetune import FinetuneError, TrainSettings
 from chatterbox_demo.speaker_data import DatasetError
+from chatterbox_demo.weights import checkpoint_state
 
 # Enough steps for the tiny model to learn the synthetic speaker, few enough to take seconds.
 QUICK = dict(steps=30, lr=3e-3, batch=2, checkpoint_every=10)
@@ -217,11 +218,11 @@ def test_full_fine_tuning_saves_an_upstream_t3_checkpoint(tiny_manager, dataset,
                                                       batch=1, gradient_checkpointing=True))
     saved = load_file(out / "t3_cfg.safetensors")
     base = tiny_manager.loaded.tts.t3
-    assert set(saved) == set(finetune.upstream_state(base))  # the upstream layout
+    assert set(saved) == set(checkpoint_state(base))  # the upstream layout
     assert not any(k.startswith("patched_model.") for k in saved)
     fresh = type(base)(base.hp)  # an upstream T3 as the package builds it
     fresh.load_state_dict(saved)  # strict
-    assert not same_state(finetune.upstream_state(fresh), finetune.upstream_state(base))
+    assert not same_state(checkpoint_state(fresh), checkpoint_state(base))
 
 
 # --- use ---------------------------------------------------------------------------------------
