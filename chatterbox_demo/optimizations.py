@@ -132,9 +132,8 @@ def apply_s3gen_int8_dynamic(s3gen: S3Gen) -> S3Gen:
 def _plain_linears(module: nn.Module) -> None:
     """Swap diffusers' ``LoRACompatibleLinear`` layers that carry no LoRA for ``nn.Linear``
     sharing their weights. The CFM estimator's 56 feed-forward output layers are of that
-    subclass, and ``quantize_dynamic`` matches exact types, so it left them in fp32 (a
-    profile found them taking an eighth of S3Gen's time). Without a LoRA layer they compute
-    what ``nn.Linear`` does. Mutates ``module``."""
+    subclass, and ``quantize_dynamic`` matches exact types, so it left them in fp32.
+    Without a LoRA layer they compute what ``nn.Linear`` does. Mutates ``module``."""
     from diffusers.models.lora import LoRACompatibleLinear
 
     for parent in list(module.modules()):
