@@ -9,6 +9,7 @@ speech tokens and noise (SNR in dB).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -79,11 +80,24 @@ class Reference:
     mel: torch.Tensor
 
 
+@contextmanager
+def full_fp32():
+    """TF32 off while the block runs: a configuration with ``tf32`` set turns it on for the
+    whole process, and the reference must be fp32 proper."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def reference(pristine_t3, pristine_s3gen, conds: Conditionals, text_tokens: torch.Tensor,
               speech_tokens: torch.Tensor) -> Reference:
     valid = speech_tokens[speech_tokens < SPEECH_VOCAB_SIZE]
-    return Reference(teacher_forced_logits(pristine_t3, conds, text_tokens, speech_tokens),
-                     mel(pristine_s3gen, conds, valid, UPSTREAM_CFM_STEPS, True))
+    with full_fp32():
+        return Reference(teacher_forced_logits(pristine_t3, conds, text_tokens, speech_tokens),
+                         mel(pristine_s3gen, conds, valid, UPSTREAM_CFM_STEPS, True))
 
 
 def measure(ref: Reference, t3, s3gen, conds: Conditionals, text_tokens: torch.Tensor,

@@ -183,6 +183,20 @@ def test_presets_keeping_upstream_semantics_agree_with_fp32(tiny_manager, name):
     assert row["mel_snr_db"] >= 25.0
 
 
+def test_the_fidelity_reference_is_computed_without_tf32(monkeypatch):
+    """gpu-fast turns TF32 on for the whole process; the fp32 reference must not use it."""
+    seen = []
+    monkeypatch.setattr(fidelity, "teacher_forced_logits", lambda *a: seen.append(
+        torch.backends.cuda.matmul.allow_tf32))
+    monkeypatch.setattr(fidelity, "mel", lambda *a, **k: seen.append(
+        torch.backends.cudnn.allow_tf32))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    fidelity.reference(None, None, None, None, torch.arange(4))
+    assert seen == [False, False]
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
 def test_manager_switches_without_reloading_and_keeps_voices(tiny_manager, monkeypatch):
     from chatterbox_demo import weights
 
