@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Everything issue 3 asks of a GPU, in one call on the lent machine (its device time is
+# short: about 15 minutes a task, the start included), so a session that is lent one runs:
+#
+#   bash docs/experiments/gpu_wheels.sh          # here, once: .whl/ (about 51 MB)
+#   device run, carry [".whl"], timeout_s 540:   bash docs/experiments/gpu_check.sh
+#
+# and copies what comes back under $OUT into docs/benchmarks.md with the hardware line:
+#   machine.txt   GPU, driver, Python, torch and CUDA versions
+#   pytest.log    tests/test_cuda.py and the CUDA-graph test of tests/test_fast_t3.py
+#   bench-gpu.*   baseline against gpu-fast and the single-optimization presets on the
+#                 full-size model (random weights), 200 speech tokens, 3 repeats, streamed
+#                 columns included (JSON, markdown table, chart)
+# Each step has its own time limit, so one that hangs still leaves the others' results.
+set -uo pipefail
+out=${OUT:-/tmp/gpu-check}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export CHATTERBOX_DEMO_CACHE=/tmp/chatterbox-demo-cache
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import sys, torch; print('Python', sys.version.split()[0], 'torch', \
+torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
+  grep -m1 'model name' /proc/cpuinfo
+  nproc
+} 2>&1 | tee "$out/machine.txt"
+
+echo "== CUDA tests (tiny model)"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+  tests/test_fast_t3.py -k "cuda" 2>&1 | tee "$out/pytest.log" | tail -n 25
+
+echo "== benchmark (full size, random weights)"
+timeout 300 python3 -m chatterbox_demo bench --weights random --device cuda \
+  --presets baseline,cached,fast-decoder,t3-bf16,gpu-fast --tokens 200 --repeats 3 --stream \
+  --json "$out/bench-gpu.json" --markdown "$out/bench-gpu.md" --plot "$out/bench-gpu.png" \
+  > "$out/bench.log" 2>&1
+grep '^\[bench\]' "$out/bench.log" | grep -v ' \.\.\.$'
+cat "$out/bench-gpu.md" 2>/dev/null || tail -n 20 "$out/bench.log"
