@@ -52,9 +52,14 @@ def _rotated_qkv(layer, x: torch.Tensor, cos, sin):
     batch, steps, _ = x.shape
     h = layer.input_layernorm(x)
     shape = (batch, steps, -1, attn.head_dim)
-    q = attn.q_proj(h).view(shape).transpose(1, 2)
-    k = attn.k_proj(h).view(shape).transpose(1, 2)
-    v = attn.v_proj(h).view(shape).transpose(1, 2)
+    fused = getattr(attn, "qkv_proj", None)  # int8 variants join the three (optimizations)
+    if fused is not None:
+        q, k, v = fused(h).split([attn.q_proj.end - attn.q_proj.start,
+                                  attn.k_proj.end - attn.k_proj.start,
+                                  attn.v_proj.end - attn.v_proj.start], dim=-1)
+    else:
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+    q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v
 
@@ -63,7 +68,13 @@ def _layer_output(layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tenso
     """The rest of the layer after attention: output projection, residual, MLP."""
     batch, steps, _ = x.shape
     x = x + layer.self_attn.o_proj(attended.transpose(1, 2).reshape(batch, steps, -1))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+    h = layer.post_attention_layernorm(x)
+    mlp = layer.mlp
+    fused = getattr(mlp, "gate_up_proj", None)  # joined like qkv_proj
+    if fused is None:
+        return x + mlp(h)
+    gate, up = fused(h).chunk(2, dim=-1)
+    return x + mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 def _layer_forward(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,

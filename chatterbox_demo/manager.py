@@ -37,7 +37,13 @@ from .config import (
     get_preset,
     preset_name,
 )
-from .optimizations import apply_runtime_settings, build_s3gen, build_t3, unavailable_reason
+from .optimizations import (
+    apply_runtime_settings,
+    build_s3gen,
+    build_t3,
+    t3_variant_key,
+    unavailable_reason,
+)
 from .voices import Voice, VoiceLibrary
 
 log = logging.getLogger(__name__)
@@ -275,7 +281,7 @@ class ModelManager:
         back to any other voice is exact)."""
         with self.lock:
             tts = self.load().tts
-            key = (config.t3_dtype, config.t3_quant, config.compile_mode)
+            key = t3_variant_key(config)
             t3 = self._cached_variant(self._t3_variants, "T3",
                                       (*key, adapter) if adapter else key,
                                       lambda: build_t3(self._t3_base(adapter), config))

@@ -89,14 +89,59 @@ def apply_t3_precision(t3: T3, dtype: str) -> T3:
     return t3.to(DTYPES[dtype])
 
 
-def apply_t3_int8_dynamic(t3: T3) -> T3:
+def apply_t3_int8_dynamic(t3: T3, fuse: bool = False) -> T3:
     """int8 dynamic quantization (torch.ao) of the transformer's Linear layers: weights
-    stored as int8, activations quantized per call. CPU only. The speech head (1.5% of the
-    weights) stays float: upstream reads ``T3.device`` from its weight. Mutates ``t3``."""
-    from torch.ao.quantization import quantize_dynamic
+    stored as int8 with a scale per output channel, activations quantized per call. CPU
+    only. The speech head (1.5% of the weights) stays float: upstream reads ``T3.device``
+    from its weight.
 
-    t3.tfmr = quantize_dynamic(t3.tfmr, {nn.Linear}, dtype=torch.qint8)
+    With ``fuse`` (for the fast decoder), each layer's query, key and value projections
+    become one Linear, and the MLP's gate and up projections another, before quantizing:
+    a decode step then makes 4 int8 matmul calls per layer instead of 7, each of which
+    also quantizes its input. Per-channel scales make that the same arithmetic as the
+    separate layers. Mutates ``t3``."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    fused = []
+    if fuse:
+        for layer in t3.tfmr.layers:
+            fused.append(_fuse(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
+            fused.append(_fuse(layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj"))
+    quantize_dynamic(t3.tfmr, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
+                     inplace=True)
+    # Only now: quantizing would otherwise meet each fused layer once per slice.
+    for parent, names, fused_name, sizes in fused:
+        start = 0
+        for name, size in zip(names, sizes, strict=True):
+            setattr(parent, name, OutputSlice(getattr(parent, fused_name), start, start + size))
+            start += size
     return t3
+
+
+class OutputSlice(nn.Module):
+    """One projection of a fused one, for callers that want the separate layers (the
+    HF forward, which the fidelity check's teacher-forced pass runs): it computes the
+    fused output and keeps its rows. The fast decoder calls the fused layer once."""
+
+    def __init__(self, fused: nn.Module, start: int, end: int):
+        super().__init__()
+        self.fused, self.start, self.end = fused, start, end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)[..., self.start:self.end]
+
+
+def _fuse(parent: nn.Module, names: tuple[str, ...], fused_name: str):
+    """Replace ``parent``'s bias-free Linear layers ``names`` by one, ``fused_name``, whose
+    output rows are theirs in order; returns what it takes to slice them back out."""
+    layers = [getattr(parent, name) for name in names]
+    sizes = [layer.out_features for layer in layers]
+    fused = nn.Linear(layers[0].in_features, sum(sizes), bias=False)
+    fused.weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]))
+    for name in names:
+        delattr(parent, name)
+    setattr(parent, fused_name, fused)
+    return parent, names, fused_name, sizes
 
 
 def apply_t3_int8_weight_only(t3: T3) -> T3:
@@ -153,6 +198,18 @@ def apply_compile(module: nn.Module, mode: str) -> nn.Module:
     return module
 
 
+def t3_variant_key(config: OptimizationConfig) -> tuple:
+    """What :func:`build_t3` reads from ``config``: configurations with equal keys share one
+    built T3. int8 layers are fused for the fast decoder only (the stock decoder calls the
+    separate ones, which would then each compute the fused output)."""
+    key = (config.t3_dtype, config.t3_quant, config.compile_mode)
+    return (*key, "fused") if fuses_int8(config) else key
+
+
+def fuses_int8(config: OptimizationConfig) -> bool:
+    return config.t3_quant == "int8-dynamic" and config.t3_decoder == "fast"
+
+
 def build_t3(pristine: T3, config: OptimizationConfig) -> T3:
     """The T3 a configuration needs: the pristine module itself when nothing changes its
     weights, else a transformed copy."""
@@ -162,7 +219,7 @@ def build_t3(pristine: T3, config: OptimizationConfig) -> T3:
     if config.t3_dtype != "fp32":
         apply_t3_precision(t3, config.t3_dtype)
     if config.t3_quant == "int8-dynamic":
-        apply_t3_int8_dynamic(t3)
+        apply_t3_int8_dynamic(t3, fuse=fuses_int8(config))
     elif config.t3_quant == "int8-weight-only":
         apply_t3_int8_weight_only(t3)
     if config.compile_mode != "off":

@@ -118,6 +118,39 @@ def test_int8_dynamic_replaces_linear_layers_and_halves_their_memory(tts):
     assert linear_bytes(t3.tfmr) <= 0.5 * linear_bytes(tts.t3.tfmr)
 
 
+def test_int8_for_the_fast_decoder_joins_projections_with_the_same_arithmetic(tts, conds):
+    """t3-int8 joins q/k/v and gate/up into one int8 layer each (4 calls per layer, not 7);
+    with per-channel scales that computes what the separate layers do, in the fast decoder
+    and in the HF forward (slices of the joined output), at the same memory."""
+    from chatterbox_demo.fast_t3 import FastT3Decoder, StaticKVCache
+    from chatterbox_demo.pipeline import padded_text_tokens
+
+    joined = build_t3(tts.t3, PRESETS["t3-int8"])
+    separate = build_t3(tts.t3, dataclasses.replace(PRESETS["t3-int8"], t3_decoder="stock"))
+    attn, mlp = joined.tfmr.layers[0].self_attn, joined.tfmr.layers[0].mlp
+    assert hasattr(attn, "qkv_proj") and hasattr(mlp, "gate_up_proj")
+    assert not hasattr(separate.tfmr.layers[0].self_attn, "qkv_proj")
+    calls = [m for m in joined.tfmr.modules()
+             if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(calls) == 4 * len(joined.tfmr.layers)
+    assert linear_bytes(joined.tfmr) == linear_bytes(separate.tfmr)
+
+    text = padded_text_tokens(tts, tts.t3, "Joined or not.")
+    tokens = torch.randint(0, 6561, (30,), generator=torch.Generator().manual_seed(0))
+    hf_joined, hf_separate = (fidelity.teacher_forced_logits(t3, conds, text, tokens)
+                              for t3 in (joined, separate))
+    assert torch.allclose(hf_joined, hf_separate, atol=1e-5)
+    embeds = torch.randn(2, 12, tts.t3.cfg.hidden_size, generator=torch.Generator()
+                         .manual_seed(1))
+    fast = []
+    for t3 in (joined, separate):
+        cache = StaticKVCache(len(t3.tfmr.layers), 2, t3.cfg.num_attention_heads, 16,
+                              t3.tfmr.layers[0].self_attn.head_dim, torch.float32, "cpu")
+        with torch.inference_mode():
+            fast.append(FastT3Decoder(t3).forward(embeds, cache, 0))
+    assert torch.allclose(fast[0], fast[1], atol=1e-5)
+
+
 def test_int8_weight_only_quantizes_weights_in_place_and_quarters_them(tts):
     t3 = build_t3(tts.t3, OptimizationConfig(t3_quant="int8-weight-only"))
     weights = [m.weight for m in t3.tfmr.modules() if isinstance(m, nn.Linear)]
