@@ -10,6 +10,7 @@ import pytest
 
 from chatterbox_demo import weights
 from chatterbox_demo.cli import build_parser
+from chatterbox_demo.config import PRESETS
 from chatterbox_demo.manager import DEVICES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,3 +75,20 @@ def test_readme_api_examples_match_the_api():
     for model in api.MODELS:
         assert f"`{model}`" in README
     assert "CHATTERBOX_API_KEY" in README
+
+
+def test_the_gpu_check_carries_the_versions_this_environment_runs():
+    """docs/experiments/gpu_wheels.sh pins what requirements.txt installs here, so the GPU
+    machine runs the same packages the tests ran; a requirements bump must move it too."""
+    from importlib.metadata import version
+
+    script = (ROOT / "docs" / "experiments" / "gpu_wheels.sh").read_text()
+    pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s)]*)", script))
+    assert {"chatterbox-tts", "transformers", "diffusers", "librosa"} <= set(pins)
+    assert {name: version(name) for name in pins} == pins
+    # And the check's benchmark command parses, with presets that exist.
+    check = (ROOT / "docs" / "experiments" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    command = re.search(r"python3 -m chatterbox_demo (bench [^>]+)>", check).group(1)
+    args = build_parser().parse_args(shlex.split(command))
+    assert args.device == "cuda" and "gpu-fast" in args.presets.split(",")
+    assert set(args.presets.split(",")) <= set(PRESETS)
