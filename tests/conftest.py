@@ -101,6 +101,34 @@ def make_manager(tiny_manager, tmp_path, monkeypatch):
     return factory
 
 
+def presets_keeping_semantics(device: str) -> list[str]:
+    """The presets that keep upstream semantics and can run on ``device``: the ones the
+    fidelity thresholds apply to."""
+    from chatterbox_demo.config import PRESETS
+    from chatterbox_demo.optimizations import unavailable_reason
+
+    return [name for name, config in PRESETS.items()
+            if not config.changes_output and unavailable_reason(config, device) is None]
+
+
+def assert_agrees_with_fp32(manager, config, text: str = "Fidelity check.", tokens: int = 40,
+                            top1: bool = True) -> None:
+    """The thresholds docs/benchmarks.md promises for configurations that keep upstream
+    semantics: logits cosine, top-1 agreement and mel SNR against the fp32 stock path, over
+    a fixed sequence of ``tokens`` speech tokens."""
+    import torch
+
+    from chatterbox_demo.bench import fidelity_row
+
+    fixed = torch.randint(0, 6561, (tokens,), generator=torch.Generator().manual_seed(0))
+    row = fidelity_row(manager, config, text, "calm-mid", fixed)
+    assert row["logits_cosine"] >= 0.999, row
+    # Random weights give nearly flat logits, where near-ties make top-1 the most fragile
+    # figure; real weights are far more peaked.
+    assert not top1 or row["top1_agreement"] >= 0.8, row
+    assert row["mel_snr_db"] >= 25.0, row
+
+
 @pytest.fixture
 def ref_wav() -> Path:
     """One of the shipped reference clips (real espeak-ng speech, 24 kHz mono)."""

@@ -10,13 +10,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import VOICES_DIR
+from conftest import VOICES_DIR, assert_agrees_with_fp32, presets_keeping_semantics
 from safetensors.torch import load_file
 
 from chatterbox_demo import speaker_data
 from chatterbox_demo.config import PRESETS, GenerationParams
 from chatterbox_demo.finetune import TrainSettings
-from chatterbox_demo.optimizations import unavailable_reason
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (docs/experiments/gpu_check.sh)")
@@ -54,35 +53,21 @@ def test_switching_on_cuda_keeps_voices_and_generates(gpu_manager):
         gpu_manager.apply_preset("gpu-fast")
 
 
-GPU_SEMANTICS_KEEPING = [n for n, c in PRESETS.items()
-                         if not c.changes_output and unavailable_reason(c, "cuda") is None]
-
-
-@pytest.mark.parametrize("name", GPU_SEMANTICS_KEEPING)
+@pytest.mark.parametrize("name", presets_keeping_semantics("cuda"))
 def test_gpu_presets_agree_with_fp32(gpu_manager, name):
     """The thresholds docs/benchmarks.md promises, as on the CPU."""
-    from chatterbox_demo.bench import fidelity_row
-
-    tokens = torch.randint(0, 6561, (40,), generator=torch.Generator().manual_seed(0))
-    row = fidelity_row(gpu_manager, PRESETS[name], "Fidelity check.", "calm-mid", tokens)
-    assert row["logits_cosine"] >= 0.999
-    assert row["top1_agreement"] >= 0.8
-    assert row["mel_snr_db"] >= 25.0
+    assert_agrees_with_fp32(gpu_manager, PRESETS[name])
 
 
 def test_compiled_cuda_graphs_warm_up_on_apply_and_agree_with_fp32(gpu_manager):
     """torch.compile's reduce-overhead mode (CUDA graphs through Inductor) on the fast
     decoder: compiled when applied, not in the first generation, and the same model."""
-    from chatterbox_demo.bench import fidelity_row
-
     config = dataclasses.replace(PRESETS["fast-decoder"], compile_mode="reduce-overhead")
     try:
         gpu_manager.apply(config)
         result = gpu_manager.generate("Compiled.", "calm-mid", SHORT)
         assert result.report["timings"]["build_s"] < 1.0
-        tokens = torch.randint(0, 6561, (30,), generator=torch.Generator().manual_seed(0))
-        row = fidelity_row(gpu_manager, config, "Compiled.", "calm-mid", tokens)
-        assert row["logits_cosine"] >= 0.999 and row["mel_snr_db"] >= 25.0
+        assert_agrees_with_fp32(gpu_manager, config, "Compiled.", tokens=30, top1=False)
     finally:
         gpu_manager.apply_preset("gpu-fast")
 

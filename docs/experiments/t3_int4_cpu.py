@@ -81,7 +81,10 @@ def timed_generation(t3, inputs: dict, tokens: int) -> float:
     return time.perf_counter() - started
 
 
-def main(weights: str) -> None:
+def compare(weights: str, build_variants) -> None:
+    """Load ``weights``; for each T3 that ``build_variants(pristine_t3)`` returns (name to
+    module), print its teacher-forced logits' agreement with fp32, then its prefill time and
+    decode tokens/s in the fast decoder, alternated twice."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     manager = ModelManager(weights, device="cpu", cache_dir=Path(tempfile.mkdtemp()),
                            shipped_voices=ROOT / "voices")
@@ -94,8 +97,7 @@ def main(weights: str) -> None:
     speech_tokens = torch.randint(0, 6561, (100,), generator=torch.Generator().manual_seed(0))
     reference = fidelity.teacher_forced_logits(tts.t3, conds, text_tokens, speech_tokens)
 
-    variants = {"int8-dynamic": int8_t3(tts.t3), "int4 g128": int4_t3(tts.t3, 128),
-                "int4 g32": int4_t3(tts.t3, 32)}
+    variants = build_variants(tts.t3)
     for name, t3 in variants.items():
         cosine, top1 = fidelity.compare_logits(
             reference, fidelity.teacher_forced_logits(t3, conds, text_tokens, speech_tokens))
@@ -107,6 +109,11 @@ def main(weights: str) -> None:
             whole = timed_generation(t3, inputs, 101)
             print(f"run {run} {name}: prefill + 1 token {first:.2f} s, 101 tokens "
                   f"{whole:.2f} s, decode {100 / (whole - first):.1f} tokens/s", flush=True)
+
+
+def main(weights: str) -> None:
+    compare(weights, lambda t3: {"int8-dynamic": int8_t3(t3), "int4 g128": int4_t3(t3, 128),
+                                 "int4 g32": int4_t3(t3, 32)})
 
 
 if __name__ == "__main__":
