@@ -52,13 +52,13 @@ def _rotated_qkv(layer, x: torch.Tensor, cos, sin):
     batch, steps, _ = x.shape
     h = layer.input_layernorm(x)
     shape = (batch, steps, -1, attn.head_dim)
+    projections = attn.q_proj, attn.k_proj, attn.v_proj
     fused = getattr(attn, "qkv_proj", None)  # int8 variants join the three (optimizations)
-    if fused is not None:
-        q, k, v = fused(h).split([attn.q_proj.end - attn.q_proj.start,
-                                  attn.k_proj.end - attn.k_proj.start,
-                                  attn.v_proj.end - attn.v_proj.start], dim=-1)
+    if fused is not None:  # one matmul; the separate layers are slices of its output
+        qkv = fused(h)
+        q, k, v = (qkv[..., p.start:p.end] for p in projections)
     else:
-        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q, k, v = (projection(h) for projection in projections)
     q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v
