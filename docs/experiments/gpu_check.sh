@@ -29,8 +29,8 @@ torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/machine.txt"
 
 echo "== CUDA tests (tiny model)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-  tests/test_fast_t3.py -k "cuda" 2>&1 | tee "$out/pytest.log" | tail -n 25
+timeout 210 python3 -m pytest -q -p no:cacheprovider tests/test_fast_t3.py \
+  tests/test_cuda.py -k "cuda" 2>&1 | tee "$out/pytest.log" | tail -n 25
 
 echo "== benchmark (full size, random weights)"
 timeout 300 python3 -m chatterbox_demo bench --weights random --device cuda \
