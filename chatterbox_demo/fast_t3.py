@@ -18,6 +18,11 @@ What it changes, and why:
   values are written with ``index_copy_`` at it, and attention reads the first ``bucket``
   cache positions under a mask of the used ones. That step runs eagerly too (``bucketed``),
   which is how it is checked on a CPU.
+- on a CPU (``traced``) the single-token step is recorded once with ``torch.jit.trace`` and
+  replayed by TorchScript's interpreter: the same operators without Python's per-operator
+  cost, about a fifth of an int8 step at full size (docs/benchmarks.md). The step reads the
+  position from a device tensor and the used cache length from it through a scripted
+  helper, so one recording serves every position.
 
 The prompt is built exactly as upstream builds it, including its quirk of feeding the
 start-of-speech embedding twice (once from ``prepare_input_embeds``, once as "BOS").
@@ -95,24 +100,39 @@ def _layer_forward(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
     return _layer_output(layer, x, out)
 
 
+@torch.jit.script
+def _up_to(cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Cache positions 0..pos of a (B, heads, L, head_dim) cache. Scripted, so that a
+    traced step computes the length from ``pos`` on each call instead of keeping the one
+    it was recorded at."""
+    return cache[:, :, : int(pos[0]) + 1]
+
+
 def _layer_forward_at(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, pos: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
-    """One decoder layer for one token at the device-tensor position ``pos`` (shape (1,)),
-    attending to the cache positions ``mask`` (1, 1, 1, bucket) allows. Shapes and addresses
-    do not depend on the position, so the step can be captured as a CUDA graph."""
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """One decoder layer for one token at the device-tensor position ``pos`` (shape (1,)).
+    With ``mask`` (1, 1, 1, bucket) it attends to the first ``bucket`` cache positions
+    under the mask, so that shapes and addresses do not depend on the position (a CUDA
+    graph); without, to positions 0..pos, as :func:`_layer_forward` does (a traced step).
+    Either way nothing in it depends on the position as a Python number."""
     q, k, v = _rotated_qkv(layer, x, cos, sin)
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
-    bucket = mask.shape[-1]
-    out = F.scaled_dot_product_attention(q, k_cache[:, :, :bucket], v_cache[:, :, :bucket],
-                                         attn_mask=mask, scale=layer.self_attn.scaling)
+    if mask is None:
+        keys, values = _up_to(k_cache, pos), _up_to(v_cache, pos)
+    else:
+        keys, values = k_cache[:, :, :mask.shape[-1]], v_cache[:, :, :mask.shape[-1]]
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                         scale=layer.self_attn.scaling)
     return _layer_output(layer, x, out)
 
 
 _COMPILED_STEPS: dict[str, object] = {}
-# Per T3 module: its CUDA-graph steps (with their caches), dropped with the module.
+# Per T3 module: its CUDA-graph steps (with their caches) and its traced steps, dropped
+# with the module. Neither holds the module itself, or it would never be dropped.
 _GRAPH_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TRACED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def layer_step(compile_mode: str):
@@ -126,7 +146,7 @@ def layer_step(compile_mode: str):
     return _COMPILED_STEPS[compile_mode]
 
 
-STEP_MODES = ("plain", "bucketed", "cuda-graph")
+STEP_MODES = ("plain", "bucketed", "cuda-graph", "traced")
 BUCKET = 64  # cache positions per CUDA graph: attention reads at most 63 unused ones
 
 
@@ -134,7 +154,9 @@ class FastT3Decoder:
     """Decode speech tokens from a T3 with a static cache and on-device sampling.
 
     ``step_mode``: ``plain`` slices the cache to the used length (any device); ``bucketed``
-    is the CUDA-graph-ready step run eagerly; ``cuda-graph`` captures it (CUDA only).
+    is the CUDA-graph-ready step run eagerly; ``cuda-graph`` captures it (CUDA only);
+    ``traced`` replays :meth:`forward_at` without a bucket, recorded by ``torch.jit.trace``
+    (meant for CPUs, where Python's cost per operator is a large part of a step).
     """
 
     def __init__(self, t3: T3, stop_check_every: int = 16, step_mode: str = "plain"):
@@ -163,18 +185,40 @@ class FastT3Decoder:
         x = tfmr.norm(x[:, -1:])
         return self.t3.speech_head(x)[:, -1].float()
 
-    def forward_at(self, embed: torch.Tensor, cache: StaticKVCache, pos: torch.Tensor,
-                   bucket: int) -> torch.Tensor:
-        """One token (B, 1, D) at device position ``pos`` (shape (1,)), attending to the
-        first ``bucket`` cache positions; returns (B, vocab) logits. Graph-capturable."""
+    def forward_at(self, embed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   pos: torch.Tensor, bucket: int | None = None) -> torch.Tensor:
+        """One token (B, 1, D) at device position ``pos`` (shape (1,)), with the caches of
+        all layers (``StaticKVCache.k`` and ``.v``); returns (B, vocab) logits. With a
+        ``bucket`` it attends to the first ``bucket`` cache positions under a mask of the
+        used ones (graph-capturable); without, to the used ones only (traceable once for
+        every position). Both compute what :meth:`forward` does for the same token."""
         tfmr = self.t3.tfmr
         cos, sin = tfmr.rotary_emb(embed, pos.view(1, 1))
-        used = torch.arange(bucket, device=embed.device) <= pos
-        mask = used.view(1, 1, 1, bucket)
+        mask = None
+        if bucket is not None:
+            mask = (torch.arange(bucket, device=embed.device) <= pos).view(1, 1, 1, bucket)
         x = embed
         for i, layer in enumerate(tfmr.layers):
-            x = _layer_forward_at(layer, x, cos, sin, cache.k[i], cache.v[i], pos, mask)
+            x = _layer_forward_at(layer, x, cos, sin, k_cache[i], v_cache[i], pos, mask)
         return self.t3.speech_head(tfmr.norm(x))[:, -1].float()
+
+    def traced_step(self, batch: int):
+        """:meth:`forward_at` (no bucket) recorded once per T3, batch and precision (about two
+        seconds at full size; the manager records it when a configuration is applied)."""
+        steps = _TRACED_STEPS.setdefault(self.t3, {})
+        key = (batch, self.dtype)
+        if key not in steps:
+            t3 = self.t3
+            # Recorded on small tensors of its own: the decode loop's are inference tensors,
+            # which tracing cannot record in-place writes to.
+            with torch.inference_mode(False), torch.no_grad():
+                cache = self._new_cache(batch, 2)
+                embed = torch.zeros(batch, 1, t3.cfg.hidden_size, dtype=self.dtype,
+                                    device=t3.device)
+                pos = torch.ones(1, dtype=torch.long, device=t3.device)
+                steps[key] = torch.jit.trace(_TokenStep(t3), (embed, cache.k, cache.v, pos),
+                                             check_trace=False)
+        return steps[key]
 
     def _new_cache(self, batch: int, length: int) -> StaticKVCache:
         t3 = self.t3
@@ -187,12 +231,17 @@ class FastT3Decoder:
         if self.step_mode == "plain":
             cache = self._new_cache(batch, length)
             return cache, lambda embed, position: self.forward(embed, cache, position)
+        if self.step_mode == "traced":
+            cache, traced = self._new_cache(batch, length), self.traced_step(batch)
+            return cache, lambda embed, position: traced(
+                embed, cache.k, cache.v, torch.tensor([position], device=embed.device))
         if self.step_mode == "bucketed":
             cache = self._new_cache(batch, length)
 
             def step(embed, position):
                 pos = torch.tensor([position], device=embed.device)
-                return self.forward_at(embed, cache, pos, bucket_for(position, cache.max_len))
+                return self.forward_at(embed, cache.k, cache.v, pos,
+                                       bucket_for(position, cache.max_len))
             return cache, step
         # Graphs hold the cache's addresses, so the cache and its graphs live as long as
         # this T3 and serve every later call that fits: stale entries past the current
@@ -201,10 +250,10 @@ class FastT3Decoder:
         rounded = -(-length // 256) * 256
         key = (batch, self.dtype)
         if key not in steps or steps[key].cache.max_len < length:
-            steps[key] = CudaGraphStep(self, self._new_cache(batch, rounded), batch)
+            steps[key] = CudaGraphStep(self._new_cache(batch, rounded), batch,
+                                       self.t3.cfg.hidden_size)
         graph_step = steps[key]
-        graph_step.decoder = self
-        return graph_step.cache, graph_step
+        return graph_step.cache, lambda embed, position: graph_step(self, embed, position)
 
     def generate(self, **sampling) -> torch.Tensor:
         """Same arguments and result as ``T3.inference``: (1, n) sampled tokens, ending
@@ -262,6 +311,19 @@ class FastT3Decoder:
             logits = step_fn(embed.expand(batch, -1, -1).to(self.dtype), prefix + step)
 
 
+class _TokenStep(torch.nn.Module):
+    """:meth:`FastT3Decoder.forward_at` as a module for ``torch.jit.trace``: the T3
+    becomes a submodule, so its weights are recorded as the traced module's own
+    parameters (shared, not copied) rather than as constants."""
+
+    def __init__(self, t3: T3):
+        super().__init__()
+        self.t3 = t3
+
+    def forward(self, embed, k_cache, v_cache, pos):
+        return FastT3Decoder(self.t3).forward_at(embed, k_cache, v_cache, pos)
+
+
 def bucket_for(position: int, max_len: int) -> int:
     """The cache length a step at ``position`` attends over: the next multiple of BUCKET
     that covers it, capped at the cache size."""
@@ -275,29 +337,30 @@ class CudaGraphStep:
     graph replays fixed addresses. Sampling stays outside the graph (it draws from the
     generator, and costs a few kernels)."""
 
-    def __init__(self, decoder: FastT3Decoder, cache: StaticKVCache, batch: int):
-        t3 = decoder.t3
+    def __init__(self, cache: StaticKVCache, batch: int, hidden_size: int):
         device = cache.k.device
-        self.decoder, self.cache = decoder, cache
-        self.embed = torch.zeros(batch, 1, t3.cfg.hidden_size, dtype=cache.k.dtype,
-                                 device=device)
+        self.cache = cache
+        self.embed = torch.zeros(batch, 1, hidden_size, dtype=cache.k.dtype, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
-    def __call__(self, embed: torch.Tensor, position: int) -> torch.Tensor:
+    def __call__(self, decoder: FastT3Decoder, embed: torch.Tensor,
+                 position: int) -> torch.Tensor:
+        # The decoder is an argument, not an attribute: this object lives in _GRAPH_STEPS
+        # under the T3, and holding the decoder (and so the T3) would keep it alive forever.
         self.embed.copy_(embed)
         self.pos.fill_(position)
         bucket = bucket_for(position, self.cache.max_len)
         if bucket not in self.graphs:
-            self.graphs[bucket] = self._capture(bucket)
+            self.graphs[bucket] = self._capture(decoder, bucket)
         graph, logits = self.graphs[bucket]
         graph.replay()
         return logits
 
-    def _capture(self, bucket: int):
+    def _capture(self, decoder: FastT3Decoder, bucket: int):
         def run():
-            return self.decoder.forward_at(self.embed, self.cache, self.pos, bucket)
+            return decoder.forward_at(self.embed, self.cache.k, self.cache.v, self.pos, bucket)
 
         # Warm up on a side stream (lazy kernel setup must not land in the graph). Re-running
         # the step at the same position rewrites the same cache entries, so this is harmless.

@@ -257,7 +257,8 @@ class ModelManager:
         with self.lock:
             self.load()
             started = time.perf_counter()
-            self.variant(config)
+            t3, _ = self.variant(config)
+            pipeline.prepare_decoder(t3, config)
             if config.compile_mode != "off" and config.variant_key() not in self._warmed:
                 # torch.compile compiles on first call: pay that here, not in a user's
                 # first generation, and report it apart.

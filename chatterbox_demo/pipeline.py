@@ -24,6 +24,8 @@ from .config import BASELINE, GenerationParams, OptimizationConfig
 from .fast_t3 import FastT3Decoder
 from .optimizations import cfm_guidance
 
+CFG_BATCH = 2  # T3 always runs the conditional and the unconditional row (see _sampling)
+
 
 class GenerationError(RuntimeError):
     """The model ran but produced nothing usable; the message says what to try."""
@@ -128,21 +130,38 @@ def _sampling(tts: ChatterboxTTS, t3, text: str, conds: Conditionals, exaggerati
     # Row 2 is the unconditional one. Upstream skips it when cfg_weight is 0, but its
     # T3.inference then fails (it always builds a batch of 2); with the row present and a
     # weight of 0 the guided logits are exactly the conditional ones, so keep it.
-    text_tokens = torch.cat([text_tokens, text_tokens], dim=0)
+    text_tokens = torch.cat([text_tokens] * CFG_BATCH, dim=0)
     return dict(t3_cond=t3_cond, text_tokens=text_tokens, max_new_tokens=max_new_tokens,
                 temperature=params.temperature, cfg_weight=params.cfg_weight,
                 repetition_penalty=params.repetition_penalty, min_p=params.min_p,
                 top_p=params.top_p)
 
 
+def prepare_decoder(t3, config: OptimizationConfig) -> None:
+    """Record the fast decoder's traced step now, where it will be used, rather than in
+    the first generation (about two seconds at full size)."""
+    if config.t3_decoder == "fast" and step_mode(t3, config) == "traced":
+        FastT3Decoder(t3, step_mode="traced").traced_step(CFG_BATCH)
+
+
 def _token_blocks(t3, sampling: dict, config: OptimizationConfig):
     """Sampled tokens as (1, k) blocks: the fast decoder hands them over as it goes, the
     stock ``T3.inference`` all at once."""
     if config.t3_decoder == "fast":
-        step_mode = "cuda-graph" if config.cuda_graphs else "plain"
-        yield from FastT3Decoder(t3, step_mode=step_mode).token_blocks(**sampling)
+        yield from FastT3Decoder(t3, step_mode=step_mode(t3, config)).token_blocks(**sampling)
     else:
         yield t3.inference(**sampling)
+
+
+def step_mode(t3, config: OptimizationConfig) -> str:
+    """How the fast decoder runs its single-token step: as CUDA graphs when asked; on a
+    CPU replayed from a trace (the same operators, without Python's cost per operator),
+    unless ``torch.compile`` is to compile the step; otherwise eagerly."""
+    if config.cuda_graphs:
+        return "cuda-graph"
+    if t3.device.type == "cpu" and config.compile_mode == "off":
+        return "traced"
+    return "plain"
 
 
 def _speakable(tokens: torch.Tensor, device) -> torch.Tensor:

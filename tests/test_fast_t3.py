@@ -204,7 +204,7 @@ def test_graph_ready_step_matches_the_plain_step_over_stale_cache(model):
             embed = embed.expand(2, -1, -1)
             position = prefix + step
             expected = decoder.forward(embed, plain, position)
-            ours = decoder.forward_at(embed, bucketed, torch.tensor([position]),
+            ours = decoder.forward_at(embed, bucketed.k, bucketed.v, torch.tensor([position]),
                                       bucket_for(position, bucketed.max_len))
             assert torch.allclose(ours, expected, atol=1e-4), f"step {step}"
 
@@ -219,6 +219,61 @@ def test_graph_ready_decoder_draws_the_same_tokens(model):
             max_new_tokens=90, stop_on_eos=False)
     assert runs["plain"].shape == (1, 90)
     assert torch.equal(runs["plain"], runs["bucketed"])
+
+
+@pytest.mark.parametrize("preset", ["fast-decoder", "t3-int8"])
+def test_traced_step_draws_the_same_tokens_at_every_length(model, preset):
+    """One trace, recorded at position 1 of a 2-position cache, serves generations of
+    other lengths and texts and draws exactly the tokens the eager step does: the used
+    cache length is computed from the position on each call, not frozen in the trace."""
+    from chatterbox_demo.config import PRESETS
+    from chatterbox_demo.fast_t3 import _TRACED_STEPS
+    from chatterbox_demo.optimizations import build_t3
+
+    tts, conds = model
+    t3 = build_t3(tts.t3, PRESETS[preset])
+    cond = t3_cond_for(conds, 0.5, "cpu", t3.speech_emb.weight.dtype)
+    for text, tokens in (("Hello world, a test.", 90), ("A longer sentence, to move the "
+                                                        "prompt along the cache.", 30)):
+        runs = {}
+        for mode in ("plain", "traced"):
+            torch.manual_seed(5)
+            runs[mode] = FastT3Decoder(t3, step_mode=mode).generate(
+                t3_cond=cond, text_tokens=text_batch(tts, text), max_new_tokens=tokens,
+                stop_on_eos=False)
+        assert runs["plain"].shape == (1, tokens)
+        assert torch.equal(runs["plain"], runs["traced"])
+    assert len(_TRACED_STEPS[t3]) == 1  # recorded once for both generations
+
+
+def test_decode_steps_kept_per_t3_do_not_keep_the_t3_alive(model):
+    """Traced steps and CUDA-graph steps are kept per T3 module for later calls; an
+    evicted variant must still be freed, so they may not hold the module."""
+    import copy
+    import gc
+    import weakref
+
+    tts, conds = model
+    t3 = copy.deepcopy(tts.t3)
+    for mode in ("traced", "cuda-graph"):  # a CUDA-graph step captures only when called
+        FastT3Decoder(t3, step_mode=mode)._cache_and_step(2, 64)
+    alive = weakref.ref(t3)
+    del t3
+    gc.collect()
+    assert alive() is None
+
+
+def test_cpu_decoding_replays_a_trace_unless_compiling():
+    from dataclasses import replace
+
+    from chatterbox_demo.config import PRESETS
+    from chatterbox_demo.pipeline import step_mode
+
+    cpu = torch.nn.Linear(1, 1)
+    cpu.device = torch.device("cpu")
+    assert step_mode(cpu, PRESETS["cpu-fast"]) == "traced"
+    assert step_mode(cpu, replace(PRESETS["cpu-fast"], compile_mode="default")) == "plain"
+    assert step_mode(cpu, PRESETS["gpu-fast"]) == "cuda-graph"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

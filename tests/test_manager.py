@@ -237,6 +237,21 @@ def test_apply_preset(tiny_manager, monkeypatch):
     assert tiny_manager.preset == "baseline"  # a refused preset changes nothing
 
 
+def test_applying_a_cpu_fast_decoder_records_its_traced_step(tiny_manager, monkeypatch):
+    """The traced decode step is recorded when the configuration is applied (reported as
+    its warm-up), so a user's first generation does not pay for it."""
+    from chatterbox_demo.config import get_preset
+    from chatterbox_demo.fast_t3 import _TRACED_STEPS
+
+    monkeypatch.setattr(tiny_manager, "config", tiny_manager.config)
+    monkeypatch.setattr(tiny_manager, "preset", tiny_manager.preset)
+    t3, _ = tiny_manager.variant(get_preset("t3-int8"))
+    _TRACED_STEPS.pop(t3, None)  # whatever earlier tests generated with it
+    tiny_manager.apply_preset("t3-int8")
+    assert (2, torch.float32) in _TRACED_STEPS[t3]
+    assert tiny_manager.last_apply_s > 0
+
+
 def test_voice_file_for_trusted_callers(tiny_manager, make_wav):
     path = make_wav("adhoc.wav", seed=21)
     one = tiny_manager.generate(TEXT, voice_file=path, params=small(seed=6, tokens=6))
