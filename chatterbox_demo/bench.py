@@ -1,9 +1,10 @@
-"""The benchmark: presets measured one after another in one process, like with like.
+"""The benchmark: presets measured in one process, like with like.
 
 Every row uses the same text, voice, seed and number of speech tokens (the stop token is
 masked, so T3 always decodes exactly ``tokens``). Warm-up (building the variant, compiling,
 one short generation) is timed apart from the steady-state repeats, whose median and
-minimum are reported. The A/B tab calls :func:`measure` too.
+minimum are reported; the repeats are taken in turns across the rows. The A/B tab calls
+:func:`measure` too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
 
 from . import fidelity, plots
-from .config import GenerationParams, get_preset
+from .config import PRESETS, GenerationParams, get_preset
 from .manager import ModelManager, Synthesis
 from .optimizations import module_bytes, unavailable_reason
 from .pipeline import padded_text_tokens
@@ -80,57 +81,84 @@ def peak_memory_mb(device: str) -> float | None:
     return None
 
 
+class Measurement:
+    """One configuration's row, taken one repeat at a time, so that :func:`run` can take
+    its rows' repeats in turns: a drift in the machine's speed during a run then reaches
+    every row alike instead of whichever ran last."""
+
+    def __init__(self, manager: ModelManager, config, text: str, voice: str | None,
+                 params: GenerationParams, ignore_stop: bool = False, warmup: bool = True):
+        """Build ``config``'s variant and warm it up with one short generation (when
+        ``warmup``); ``warmup_s`` is the build plus warm-up time."""
+        self.manager, self.config, self.text, self.voice = manager, config, text, voice
+        self.params, self.ignore_stop = params, ignore_stop
+        started = time.perf_counter()
+        self.t3, _ = manager.variant(config)
+        if warmup:
+            short = replace(params, max_new_tokens=min(WARMUP_TOKENS,
+                                                       params.max_new_tokens or 8))
+            manager.generate(text, voice, short, config, ignore_stop=True)
+        self.warmup_s = time.perf_counter() - started
+        self.runs: list[Synthesis] = []
+        self.peak_mb = 0.0
+
+    def repeat(self) -> None:
+        device = self.manager.device
+        reset_peak_memory(device)
+        self.runs.append(self.manager.generate(self.text, self.voice, self.params, self.config,
+                                               ignore_stop=self.ignore_stop))
+        self.peak_mb = max(self.peak_mb, peak_memory_mb(device) or 0)
+
+    def row(self, stream: bool = False) -> dict:
+        """The figures over the repeats taken (medians and minima), plus the last
+        result's audio under ``"synthesis"``. With ``stream``, one more run of the same
+        generation streamed: ``first_audio_s`` (time to the first playable audio),
+        ``stream_total_s``, and ``first_audio_share`` (first audio over the one-shot
+        total: how much sooner a listener hears something)."""
+        config, runs, t3 = self.config, self.runs, self.t3
+        last = runs[-1].report
+        row = {"device": self.manager.device, "t3_dtype": config.t3_dtype,
+               "t3_quant": config.t3_quant, "t3_decoder": config.t3_decoder,
+               "warmup_s": round(self.warmup_s, 3)}
+        for stage in STAGES:
+            values = [r.report["timings"][stage] for r in runs]
+            row[stage] = round(statistics.median(values), 4)
+            row[stage.replace("_s", "_min_s")] = round(min(values), 4)
+        tokens = last["timings"]["t3_tokens"]
+        row["t3_tokens"] = tokens
+        row["t3_tokens_per_s"] = round(tokens / row["t3_s"], 2) if row["t3_s"] else None
+        # Each decode step reads every transformer weight once, so bytes x tokens/s is the
+        # bandwidth achieved, to hold against the machine's.
+        weight_bytes = module_bytes(t3.tfmr) + module_bytes(t3.speech_head)
+        row["t3_weights_mb"] = round(weight_bytes / 2**20, 1)
+        row["t3_gb_per_s"] = (round(weight_bytes * row["t3_tokens_per_s"] / 1e9, 2)
+                              if row["t3_tokens_per_s"] else None)
+        row["audio_seconds"] = last["audio_seconds"]
+        row["rtf"] = round(row["total_s"] / last["audio_seconds"], 3) \
+            if last["audio_seconds"] else None
+        row["peak_mem_mb"] = round(self.peak_mb, 1)
+        row["voice_source"] = last["voice"]["source"]
+        if stream:
+            *_, end = self.manager.stream(self.text, self.voice, self.params, config,
+                                          ignore_stop=self.ignore_stop)
+            streamed = end.synthesis.report
+            row["first_audio_s"] = streamed["first_audio_s"]
+            row["stream_total_s"] = streamed["timings"]["total_s"]
+            row["first_audio_share"] = round(streamed["first_audio_s"] / row["total_s"], 3)
+            row["stream_pieces"] = streamed["pieces"]
+        row["synthesis"] = runs[-1]
+        return row
+
+
 def measure(manager: ModelManager, config, text: str, voice: str | None,
             params: GenerationParams, repeats: int = 1, ignore_stop: bool = False,
             warmup: bool = True, stream: bool = False) -> dict:
-    """Build ``config``'s variant, warm it up with one short generation (when ``warmup``),
-    then run it ``repeats`` times; one flat row of figures plus the last result's audio
-    under ``"synthesis"``. ``warmup_s`` is the build plus warm-up time. With ``stream``,
-    one more run of the same generation streamed: ``first_audio_s`` (time to the first
-    playable audio), ``stream_total_s``, and ``first_audio_share`` (first audio over the
-    one-shot total: how much sooner a listener hears something)."""
-    device = manager.device
-    started = time.perf_counter()
-    t3, _ = manager.variant(config)
-    if warmup:
-        short = replace(params, max_new_tokens=min(WARMUP_TOKENS, params.max_new_tokens or 8))
-        manager.generate(text, voice, short, config, ignore_stop=True)
-    warmup_s = time.perf_counter() - started
-
-    reset_peak_memory(device)
-    runs: list[Synthesis] = [manager.generate(text, voice, params, config,
-                                              ignore_stop=ignore_stop)
-                             for _ in range(repeats)]
-    last = runs[-1].report
-    row = {"device": device, "t3_dtype": config.t3_dtype, "t3_quant": config.t3_quant,
-           "t3_decoder": config.t3_decoder, "warmup_s": round(warmup_s, 3)}
-    for stage in STAGES:
-        values = [r.report["timings"][stage] for r in runs]
-        row[stage] = round(statistics.median(values), 4)
-        row[stage.replace("_s", "_min_s")] = round(min(values), 4)
-    tokens = last["timings"]["t3_tokens"]
-    row["t3_tokens"] = tokens
-    row["t3_tokens_per_s"] = round(tokens / row["t3_s"], 2) if row["t3_s"] else None
-    # Each decode step reads every transformer weight once, so bytes x tokens/s is the
-    # bandwidth achieved, to hold against the machine's.
-    weight_bytes = module_bytes(t3.tfmr) + module_bytes(t3.speech_head)
-    row["t3_weights_mb"] = round(weight_bytes / 2**20, 1)
-    row["t3_gb_per_s"] = (round(weight_bytes * row["t3_tokens_per_s"] / 1e9, 2)
-                          if row["t3_tokens_per_s"] else None)
-    row["audio_seconds"] = last["audio_seconds"]
-    row["rtf"] = round(row["total_s"] / last["audio_seconds"], 3) if last["audio_seconds"] \
-        else None
-    row["peak_mem_mb"] = round(peak_memory_mb(device) or 0, 1)
-    row["voice_source"] = last["voice"]["source"]
-    if stream:
-        *_, end = manager.stream(text, voice, params, config, ignore_stop=ignore_stop)
-        streamed = end.synthesis.report
-        row["first_audio_s"] = streamed["first_audio_s"]
-        row["stream_total_s"] = streamed["timings"]["total_s"]
-        row["first_audio_share"] = round(streamed["first_audio_s"] / row["total_s"], 3)
-        row["stream_pieces"] = streamed["pieces"]
-    row["synthesis"] = runs[-1]
-    return row
+    """One configuration measured on its own: built, warmed up, run ``repeats`` times;
+    one flat row of figures (see :meth:`Measurement.row`)."""
+    measurement = Measurement(manager, config, text, voice, params, ignore_stop, warmup)
+    for _ in range(repeats):
+        measurement.repeat()
+    return measurement.row(stream)
 
 
 def fidelity_row(manager: ModelManager, config, text: str, voice: str,
@@ -156,7 +184,7 @@ def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
         voice: str | None = None, tokens: int = 100, repeats: int = 1, seed: int = 0,
         with_fidelity: bool = True, log=print, configs: dict | None = None,
         stream: bool = False, voices: list[str] | None = None) -> dict:
-    """Measure each preset in turn; a preset that fails becomes a row with its error.
+    """Measure each preset; a preset that fails becomes a row with its error.
     ``configs`` maps extra names (the sweep's points) to configurations; ``stream`` adds
     the streamed columns (see :func:`measure`). With ``voices``, every preset runs once per
     voice (a fine-tuned voice against the same speaker as a reference clip, say)."""
@@ -168,28 +196,65 @@ def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
     # One fixed token sequence for every fidelity row: valid speech tokens from the seed.
     generator = torch.Generator().manual_seed(seed)
     fixed_tokens = torch.randint(0, SPEECH_VOCAB_SIZE, (tokens,), generator=generator)
-    rows = []
+    runs = [(p, v) for p in presets for v in voices]
+    rows = [{"preset": name, "voice": voice} for name, voice in runs]
+    known = {**PRESETS, **(configs or {})}
+    # The repeats in turns (every row's first, then every row's second...), so that the
+    # machine's drift over a run, which reached 20-30% here, does not favour any row;
+    # unless the rows need more variants than the manager keeps built, when turns would
+    # rebuild (and recompile) them between repeats: then one row after another.
+    in_turns = manager.variants_fit([(known[name], voice) for name, voice in runs
+                                      if name in known])
+    log(f"[bench] repeats {'in turns' if in_turns else 'one row after another'}")
+    measurements: dict[int, Measurement] = {}
     references: dict = {}
-    for name, voice in [(p, v) for p in presets for v in voices]:
-        log(f"[bench] {name} ({voice}) ...")
-        row = {"preset": name, "voice": voice}
+
+    def attempt(index: int, action) -> None:
+        """Run one step of a row; a failure becomes the row's error and ends the row."""
         try:
-            config = configs[name] if configs and name in configs else get_preset(name)
-            reason = unavailable_reason(config, manager.device)
-            if reason:
-                raise ValueError(f"unavailable on {manager.device}: {reason}")
-            row.update(measure(manager, config, text, voice, params, repeats,
-                               ignore_stop=True, stream=stream))
-            del row["synthesis"]
-            if with_fidelity:
-                row.update(fidelity_row(manager, config, text, voice, fixed_tokens,
-                                        references))
+            action(index)
         except Exception as exc:  # report and go on to the next preset
-            row["error"] = f"{type(exc).__name__}: {exc}"
-        rows.append(row)
-        log(f"[bench] {name}: " + (row.get("error") or
-                                   f"total {row['total_s']:.2f} s, T3 {row['t3_tokens_per_s']} "
-                                   f"tokens/s, S3Gen {row['s3gen_s']:.2f} s"))
+            rows[index]["error"] = f"{type(exc).__name__}: {exc}"
+            measurements.pop(index, None)
+
+    def start(index: int) -> None:
+        name, voice = runs[index]
+        log(f"[bench] {name} ({voice}): warm-up")
+        config = known.get(name) or get_preset(name)  # an unknown name: the row's error
+        reason = unavailable_reason(config, manager.device)
+        if reason:
+            raise ValueError(f"unavailable on {manager.device}: {reason}")
+        measurements[index] = Measurement(manager, config, text, voice, params,
+                                          ignore_stop=True)
+
+    def repeat(index: int) -> None:
+        log(f"[bench] {runs[index][0]} ({runs[index][1]}): repeat")
+        measurements[index].repeat()
+
+    def finish(index: int) -> None:
+        row = rows[index]
+        row.update(measurements[index].row(stream))
+        del row["synthesis"]
+        if with_fidelity:
+            row.update(fidelity_row(manager, measurements[index].config, text, row["voice"],
+                                    fixed_tokens, references))
+
+    steps = (start, *[repeat] * repeats, finish)
+    if in_turns:
+        for step in steps:
+            for index in range(len(runs)):
+                if step is start or index in measurements:
+                    attempt(index, step)
+    else:
+        for index in range(len(runs)):
+            for step in steps:
+                if step is start or index in measurements:
+                    attempt(index, step)
+    for row in rows:
+        log(f"[bench] {row['preset']}: " + (row.get("error") or
+                                            f"total {row['total_s']:.2f} s, T3 "
+                                            f"{row['t3_tokens_per_s']} tokens/s, S3Gen "
+                                            f"{row['s3gen_s']:.2f} s"))
     first = next((r for r in rows if "total_s" in r), None)
     for row in rows:
         if first and "total_s" in row:

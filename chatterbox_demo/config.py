@@ -111,7 +111,8 @@ class OptimizationConfig:
     # a quarter of the fp32 bytes per token. int8-weight-only: torchao, GPU and CPU.
     t3_quant: str = "none"
     # stock: the package's T3.inference untouched. fast: our static-cache decode loop with
-    # SDPA and on-device sampling (same sampling semantics); see fast_t3.py.
+    # SDPA and on-device sampling (same sampling semantics); on a CPU its single-token
+    # step is replayed from a trace, unless torch.compile compiles it; see fast_t3.py.
     t3_decoder: str = "stock"
     # CUDA only, fast decoder only: capture the single-token decode step as CUDA graphs
     # (one per 64 cache positions), so a token costs one launch instead of hundreds.
@@ -208,7 +209,8 @@ PRESETS: dict[str, OptimizationConfig] = {
 PRESET_DESCRIPTIONS = {
     "baseline": "the stock upstream path: fp32, stock decoder, conditionals recomputed per call",
     "cached": "baseline + the voice library's cached conditionals",
-    "fast-decoder": "cached + our static-cache T3 decode loop (SDPA, on-device sampling)",
+    "fast-decoder": "cached + our static-cache T3 decode loop (SDPA, on-device sampling; "
+                    "on a CPU the step replayed from a trace)",
     "t3-bf16": "fast-decoder with T3 in bf16 (half the bytes per token)",
     "t3-int8": "fast-decoder with T3's Linear layers in int8 (CPU)",
     "t3-int8-wo": "fast-decoder with T3's Linear weights in int8, activations in float "

@@ -204,7 +204,7 @@ class FastT3Decoder:
 
     def traced_step(self, batch: int):
         """:meth:`forward_at` (no bucket) recorded once per T3, batch and precision (about two
-        seconds at full size; the manager records it when a configuration is applied)."""
+        seconds at full size; the manager records it when it builds a variant)."""
         steps = _TRACED_STEPS.setdefault(self.t3, {})
         key = (batch, self.dtype)
         if key not in steps:

@@ -41,6 +41,7 @@ from .optimizations import (
     apply_runtime_settings,
     build_s3gen,
     build_t3,
+    s3gen_variant_key,
     t3_variant_key,
     unavailable_reason,
 )
@@ -257,8 +258,7 @@ class ModelManager:
         with self.lock:
             self.load()
             started = time.perf_counter()
-            t3, _ = self.variant(config)
-            pipeline.prepare_decoder(t3, config)
+            self.variant(config)
             if config.compile_mode != "off" and config.variant_key() not in self._warmed:
                 # torch.compile compiles on first call: pay that here, not in a user's
                 # first generation, and report it apart.
@@ -282,15 +282,26 @@ class ModelManager:
         back to any other voice is exact)."""
         with self.lock:
             tts = self.load().tts
-            key = t3_variant_key(config)
-            t3 = self._cached_variant(self._t3_variants, "T3",
-                                      (*key, adapter) if adapter else key,
+            t3_key, s3gen_key = self._variant_keys(config, adapter)
+            t3 = self._cached_variant(self._t3_variants, "T3", t3_key,
                                       lambda: build_t3(self._t3_base(adapter), config))
-            s3gen = self._cached_variant(self._s3gen_variants, "S3Gen", (config.s3gen_dtype,
-                                         config.s3gen_quant, config.compile_mode),
+            s3gen = self._cached_variant(self._s3gen_variants, "S3Gen", s3gen_key,
                                          lambda: build_s3gen(tts.s3gen, config))
             apply_runtime_settings(config, self.device)  # only once both parts exist
+            # Part of building: a traced decode step is recorded here, outside any timing.
+            pipeline.prepare_decoder(t3, config)
             return t3, s3gen
+
+    @staticmethod
+    def _variant_keys(config: OptimizationConfig, adapter: str | None) -> tuple[tuple, tuple]:
+        t3_key = t3_variant_key(config)
+        return ((*t3_key, adapter) if adapter else t3_key), s3gen_variant_key(config)
+
+    def variants_fit(self, runs: list[tuple[OptimizationConfig, str | None]]) -> bool:
+        """Whether the variants these (configuration, voice) pairs run on can all stay
+        built at once, so that taking turns between them never rebuilds one."""
+        keys = [self._variant_keys(config, self._adapter_of(voice)) for config, voice in runs]
+        return all(len({pair[part] for pair in keys}) <= MAX_VARIANTS for part in (0, 1))
 
     def _t3_base(self, adapter: str | None) -> torch.nn.Module:
         """The fp32 T3 variants are derived from: the pristine one, or a fine-tuned copy."""

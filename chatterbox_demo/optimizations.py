@@ -206,6 +206,11 @@ def t3_variant_key(config: OptimizationConfig) -> tuple:
     return (*key, "fused") if fuses_int8(config) else key
 
 
+def s3gen_variant_key(config: OptimizationConfig) -> tuple:
+    """What :func:`build_s3gen` reads from ``config``, like :func:`t3_variant_key`."""
+    return (config.s3gen_dtype, config.s3gen_quant, config.compile_mode)
+
+
 def fuses_int8(config: OptimizationConfig) -> bool:
     return config.t3_quant == "int8-dynamic" and config.t3_decoder == "fast"
 

@@ -19,11 +19,15 @@ ROW_KEYS = {"preset", "t3_tokens_per_s", "total_s", "s3gen_s", "conditioning_s",
 
 
 def test_rows_compare_like_with_like_and_a_failure_is_a_row(tiny_manager):
+    lines = []
     try:
         result = bench.run(tiny_manager, ["baseline", "gpu-fast", "cpu-fast"],
-                           voice="calm-mid", tokens=12, repeats=2, log=lambda line: None)
+                           voice="calm-mid", tokens=12, repeats=2, log=lines.append)
     finally:
         tiny_manager.apply_preset("cached")
+    # Both rows' variants stay built, so the repeats take turns: drift hits both alike.
+    assert [line.split(" (")[0] for line in lines if line.endswith(": repeat")] == \
+        ["[bench] baseline", "[bench] cpu-fast"] * 2
     baseline, gpu, fast = result["rows"]
     assert ROW_KEYS <= set(baseline) and ROW_KEYS <= set(fast)
     # The stop token is masked: every row decodes exactly the budget.
@@ -39,6 +43,36 @@ def test_rows_compare_like_with_like_and_a_failure_is_a_row(tiny_manager):
     assert markdown.count("\n| ") == 4  # header and three rows
     assert "| gpu-fast | calm-mid | error:" in markdown
     assert "| total s |" in markdown and "first audio" not in markdown  # no --stream here
+
+
+def test_rows_run_one_after_another_when_their_variants_do_not_fit(tiny_manager,
+                                                                   monkeypatch):
+    """Taking turns would rebuild (and for compiled ones, recompile) variants between
+    repeats, inside the timings: then each row runs whole, warm-up included, in turn."""
+    monkeypatch.setattr(tiny_manager, "variants_fit", lambda runs: False)
+    lines = []
+    try:
+        result = bench.run(tiny_manager, ["baseline", "cpu-fast"], voice="calm-mid",
+                           tokens=6, repeats=2, with_fidelity=False, log=lines.append)
+    finally:
+        tiny_manager.apply_preset("cached")
+    steps = [line.split(": ", 1)[1] if ": " in line else line for line in lines[1:]
+             if "baseline (" in line or "cpu-fast (" in line]
+    assert steps == ["warm-up", "repeat", "repeat"] * 2
+    assert "one row after another" in lines[0]
+    assert all("total_s" in row for row in result["rows"])
+
+
+def test_variants_fit_counts_each_part_against_the_bound(tiny_manager):
+    from chatterbox_demo.config import get_preset
+    from chatterbox_demo.manager import MAX_VARIANTS
+
+    presets = ["baseline", "cached", "fast-decoder", "s3gen-int8", "cpu-fast"]
+    runs = [(get_preset(name), "calm-mid") for name in presets]
+    assert tiny_manager.variants_fit(runs)  # T3: fp32, int8; S3Gen: fp32, int8
+    different_t3 = ["t3-bf16", "t3-int8", "t3-int8-wo", "baseline"]
+    assert len(different_t3) > MAX_VARIANTS
+    assert not tiny_manager.variants_fit([(get_preset(name), None) for name in different_t3])
 
 
 @pytest.mark.parametrize("to_file", [True, False])

@@ -238,8 +238,8 @@ def test_apply_preset(tiny_manager, monkeypatch):
 
 
 def test_applying_a_cpu_fast_decoder_records_its_traced_step(tiny_manager, monkeypatch):
-    """The traced decode step is recorded when the configuration is applied (reported as
-    its warm-up), so a user's first generation does not pay for it."""
+    """The traced decode step is recorded with the variant, when the configuration is
+    applied (reported as its warm-up), so no generation's timings include it."""
     from chatterbox_demo.config import get_preset
     from chatterbox_demo.fast_t3 import _TRACED_STEPS
 
