@@ -264,11 +264,13 @@ class FastT3Decoder:
     def token_blocks(self, *, t3_cond: T3Cond, text_tokens: torch.Tensor,
                      max_new_tokens: int, temperature: float = 0.8, cfg_weight: float = 0.5,
                      repetition_penalty: float = 1.2, min_p: float = 0.05, top_p: float = 1.0,
-                     stop_on_eos: bool = True):
+                     stop_on_eos: bool = True, allow_stop: bool = True):
         """:meth:`generate` as it happens: yields (1, k) tensors of new tokens every
         ``stop_check_every`` steps (when the host looks at them anyway), the last one
         ending with the stop token when one was drawn. Streaming renders audio from them
-        while decoding goes on."""
+        while decoding goes on. ``allow_stop=False`` masks the stop token's logit, as the
+        pipeline's ``suppress_stop_token`` does for the stock decoder, so that exactly
+        ``max_new_tokens`` are drawn (benchmarks)."""
         t3, hp = self.t3, self.t3.hp
         device = t3.device
         text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=device)
@@ -291,6 +293,8 @@ class FastT3Decoder:
         cfg = torch.tensor(cfg_weight, device=device)
         emitted = 0
         for step in range(max_new_tokens):
+            if not allow_stop:  # finite, as in suppress_stop_token: CFG subtracts the rows
+                logits[:, hp.stop_speech_token] = -1e4
             next_token = sample_token(logits, seen, cfg, temperature, repetition_penalty,
                                       min_p, top_p)
             tokens[step] = next_token[0, 0]

@@ -78,8 +78,10 @@ def trim_prompt(gen: dict, seconds: float | None) -> dict:
 
 @contextmanager
 def suppress_stop_token(t3):
-    """Make the stop token impossible to sample, for either decoder, by masking its logit
-    at the speech head. Benchmarks use it so every row decodes the same number of tokens."""
+    """Make the stop token impossible for the stock decoder to sample, by masking its logit
+    at the speech head (the fast decoder masks the same logit itself: a hook would not
+    reach its traced step). Benchmarks use it so every row decodes the same number of
+    tokens."""
     stop = t3.hp.stop_speech_token
 
     def mask_stop(module, inputs, output):
@@ -144,13 +146,15 @@ def prepare_decoder(t3, config: OptimizationConfig) -> None:
         FastT3Decoder(t3, step_mode="traced").traced_step(CFG_BATCH)
 
 
-def _token_blocks(t3, sampling: dict, config: OptimizationConfig):
+def _token_blocks(t3, sampling: dict, config: OptimizationConfig, ignore_stop: bool):
     """Sampled tokens as (1, k) blocks: the fast decoder hands them over as it goes, the
-    stock ``T3.inference`` all at once."""
+    stock ``T3.inference`` all at once. ``ignore_stop``: the stop token cannot be drawn."""
     if config.t3_decoder == "fast":
-        yield from FastT3Decoder(t3, step_mode=step_mode(t3, config)).token_blocks(**sampling)
+        decoder = FastT3Decoder(t3, step_mode=step_mode(t3, config))
+        yield from decoder.token_blocks(**sampling, allow_stop=not ignore_stop)
     else:
-        yield t3.inference(**sampling)
+        with suppress_stop_token(t3) if ignore_stop else nullcontext():
+            yield t3.inference(**sampling)
 
 
 def step_mode(t3, config: OptimizationConfig) -> str:
@@ -204,8 +208,9 @@ def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
     sampling = _sampling(tts, t3, text, conds, exaggeration, params, max_new_tokens)
     seed_everything(params.seed)
     with torch.inference_mode():
-        with timed(device, times, "t3"), suppress_stop_token(t3) if ignore_stop else nullcontext():
-            speech_tokens = torch.cat(list(_token_blocks(t3, sampling, config)), dim=1)
+        with timed(device, times, "t3"):
+            blocks = _token_blocks(t3, sampling, config, ignore_stop)
+            speech_tokens = torch.cat(list(blocks), dim=1)
         sampled = int(speech_tokens.shape[-1])
         speech_tokens = _speakable(speech_tokens, device)
         if speech_tokens.numel() < 2:
@@ -269,8 +274,8 @@ def run_stream(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration:
     seed_everything(params.seed)
     tokens = torch.zeros(0, dtype=torch.long, device=device)
     sampled, emitted, block, t3_s = 0, 0, FIRST_BLOCK, 0.0
-    with torch.inference_mode(), suppress_stop_token(t3) if ignore_stop else nullcontext():
-        blocks = _token_blocks(t3, sampling, config)
+    with torch.inference_mode():
+        blocks = _token_blocks(t3, sampling, config, ignore_stop)
         while True:
             times: dict[str, float] = {}
             with timed(device, times, "t3"):

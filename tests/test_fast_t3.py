@@ -263,6 +263,37 @@ def test_decode_steps_kept_per_t3_do_not_keep_the_t3_alive(model):
     assert alive() is None
 
 
+@pytest.mark.parametrize("preset", ["cached", "fast-decoder", "cpu-fast"])
+def test_ignoring_the_stop_token_holds_for_every_decoder(model, preset):
+    """A T3 whose head all but always draws the stop token decodes the whole budget when
+    told to ignore it: the stock decoder through a hook on the speech head, the fast one
+    (its step traced on a CPU, where no hook can reach) by masking the logit itself."""
+    import copy
+
+    from chatterbox_demo import pipeline
+    from chatterbox_demo.config import PRESETS, GenerationParams
+    from chatterbox_demo.optimizations import build_t3
+
+    tts, conds = model
+    t3 = copy.deepcopy(tts.t3)
+    head = t3.speech_head
+    t3.speech_head = torch.nn.Linear(head.in_features, head.out_features)
+    with torch.no_grad():
+        t3.speech_head.weight.copy_(head.weight)
+        t3.speech_head.bias.zero_()
+        t3.speech_head.bias[STOP] = 1e3
+    config = PRESETS[preset]
+    t3 = build_t3(t3, config)
+    sampling = pipeline._sampling(tts, t3, "Hello world, a test.", conds, 0.5,
+                                  GenerationParams(max_new_tokens=20), 20)
+    for ignore_stop, expected in ((False, 1), (True, 20)):
+        with torch.inference_mode():
+            blocks = list(pipeline._token_blocks(t3, sampling, config, ignore_stop))
+        tokens = torch.cat(blocks, dim=1)
+        assert tokens.shape[-1] == expected, (ignore_stop, tokens)
+        assert (tokens == STOP).any().item() is not ignore_stop
+
+
 def test_cpu_decoding_replays_a_trace_unless_compiling():
     from dataclasses import replace
 
