@@ -74,17 +74,18 @@ def int8_t3(pristine):
     return optimizations.apply_t3_int8_dynamic(t3).eval()
 
 
-def timed_generation(t3, inputs: dict, tokens: int) -> float:
+def timed_generation(t3, inputs: dict, tokens: int, step_mode: str = "plain") -> float:
     torch.manual_seed(0)
     started = time.perf_counter()
-    FastT3Decoder(t3).generate(**inputs, max_new_tokens=tokens, stop_on_eos=False)
+    FastT3Decoder(t3, step_mode=step_mode).generate(**inputs, max_new_tokens=tokens,
+                                                    stop_on_eos=False)
     return time.perf_counter() - started
 
 
-def compare(weights: str, build_variants) -> None:
+def compare(weights: str, build_variants, step_modes=("plain",)) -> None:
     """Load ``weights``; for each T3 that ``build_variants(pristine_t3)`` returns (name to
     module), print its teacher-forced logits' agreement with fp32, then its prefill time and
-    decode tokens/s in the fast decoder, alternated twice."""
+    decode tokens/s in the fast decoder, in each of ``step_modes``, alternated twice."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     manager = ModelManager(weights, device="cpu", cache_dir=Path(tempfile.mkdtemp()),
                            shipped_voices=ROOT / "voices")
@@ -102,13 +103,17 @@ def compare(weights: str, build_variants) -> None:
         cosine, top1 = fidelity.compare_logits(
             reference, fidelity.teacher_forced_logits(t3, conds, text_tokens, speech_tokens))
         print(f"{name}: logits cosine {cosine:.4f}, top-1 {top1:.2f}", flush=True)
-        timed_generation(t3, inputs, 8)  # warm-up
+        for mode in step_modes:
+            timed_generation(t3, inputs, 8, mode)  # warm-up (and a traced step's recording)
     for run in (1, 2):  # alternated, so drifts in the machine's speed hit every variant
         for name, t3 in variants.items():
-            first = timed_generation(t3, inputs, 1)
-            whole = timed_generation(t3, inputs, 101)
-            print(f"run {run} {name}: prefill + 1 token {first:.2f} s, 101 tokens "
-                  f"{whole:.2f} s, decode {100 / (whole - first):.1f} tokens/s", flush=True)
+            for mode in step_modes:
+                first = timed_generation(t3, inputs, 1, mode)
+                whole = timed_generation(t3, inputs, 101, mode)
+                label = name if step_modes == ("plain",) else f"{name}, {mode} step"
+                print(f"run {run} {label}: prefill + 1 token {first:.2f} s, 101 tokens "
+                      f"{whole:.2f} s, decode {100 / (whole - first):.1f} tokens/s",
+                      flush=True)
 
 
 def main(weights: str) -> None:
