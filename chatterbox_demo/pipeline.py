@@ -160,10 +160,13 @@ def _token_blocks(t3, sampling: dict, config: OptimizationConfig, ignore_stop: b
 def step_mode(t3, config: OptimizationConfig) -> str:
     """How the fast decoder runs its single-token step: as CUDA graphs when asked; on a
     CPU replayed from a trace (the same operators, without Python's cost per operator),
-    unless ``torch.compile`` is to compile the step; otherwise eagerly."""
+    unless ``torch.compile`` is to compile the step, or the weights are torchao tensor
+    subclasses (tracing through their dispatch warns that it may freeze a branch, and
+    they are not the CPU's fast path); otherwise eagerly."""
     if config.cuda_graphs:
         return "cuda-graph"
-    if t3.device.type == "cpu" and config.compile_mode == "off":
+    if (t3.device.type == "cpu" and config.compile_mode == "off"
+            and config.t3_quant != "int8-weight-only"):
         return "traced"
     return "plain"
 

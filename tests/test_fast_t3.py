@@ -294,7 +294,7 @@ def test_ignoring_the_stop_token_holds_for_every_decoder(model, preset):
         assert (tokens == STOP).any().item() is not ignore_stop
 
 
-def test_cpu_decoding_replays_a_trace_unless_compiling():
+def test_cpu_decoding_replays_a_trace_unless_compiling_or_torchao():
     from dataclasses import replace
 
     from chatterbox_demo.config import PRESETS
@@ -304,6 +304,7 @@ def test_cpu_decoding_replays_a_trace_unless_compiling():
     cpu.device = torch.device("cpu")
     assert step_mode(cpu, PRESETS["cpu-fast"]) == "traced"
     assert step_mode(cpu, replace(PRESETS["cpu-fast"], compile_mode="default")) == "plain"
+    assert step_mode(cpu, PRESETS["t3-int8-wo"]) == "plain"  # torchao: not traced
     assert step_mode(cpu, PRESETS["gpu-fast"]) == "cuda-graph"
 
 
