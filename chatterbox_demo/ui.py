@@ -346,8 +346,12 @@ def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weig
         progress(fraction, desc=f"Speaking {message}")
 
     if not stream:
+        # The live player is a streaming output, which must be started once per run (or
+        # Gradio fails the event at its end); and the page drops an audio value sent in
+        # the same message as a stream's start. So start it empty, then send the result.
+        yield gr.skip(), gr.skip(), gr.skip(), None
         result = m.generate_long(text, voice, params, progress=say)
-        yield playable(result), report_markdown(result.report), result.report, None
+        yield playable(result), report_markdown(result.report), result.report, gr.skip()
         return
     if not STREAMING:
         raise gr.Error(f"Untick 'Stream': {STREAM_OFF_REASON}.", print_exception=False)

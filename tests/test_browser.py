@@ -106,6 +106,20 @@ def test_upload_a_voice_synthesize_and_compare(page):
     shoot(page, "4-compare-phone")
 
 
+def test_synthesize_without_streaming_shows_the_result(page):
+    """With Stream unticked (always so without ffmpeg), the result reaches the Result
+    player: the page loads its audio file and shows its length."""
+    page.get_by_role("tab", name="Synthesize").click()
+    page.get_by_role("textbox").first.fill("Hello there, a short test.")
+    page.get_by_label("Stream").uncheck()
+    with page.expect_response(lambda r: "audio.wav" in r.url and r.ok,
+                              timeout=GENERATION_TIMEOUT_MS):
+        page.get_by_role("button", name="Synthesize", exact=True).click()
+    expect(page.get_by_text("voice from")).to_be_visible()
+    expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+    shoot(page, "8-synthesize-no-stream")
+
+
 def test_a_long_text_streams_with_progress_per_chunk(page):
     text = " ".join(f"This is sentence number {i} of a long text, spoken in pieces."
                     for i in range(40))[:2000]

@@ -142,5 +142,8 @@ def test_the_page_says_why_it_cannot_stream_without_ffmpeg(tiny_manager, monkeyp
     monkeypatch.setattr(ui, "STREAMING", False)
     with pytest.raises(gr.Error, match="ffmpeg"):
         synthesize_in_page(stream=True)
-    (whole, _, report, live), = synthesize_in_page(stream=False)
-    assert live is None and "streamed" not in report
+    start, (whole, _, report, live) = synthesize_in_page(stream=False)
+    # The live player is started empty first (the page drops a result that arrives with
+    # a stream's start; see tests/test_browser.py), then left alone.
+    assert start == (gr.skip(), gr.skip(), gr.skip(), None)
+    assert live == gr.skip() and "streamed" not in report
