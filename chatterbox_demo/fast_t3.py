@@ -20,9 +20,9 @@ What it changes, and why:
   which is how it is checked on a CPU.
 - on a CPU (``traced``) the single-token step is recorded once with ``torch.jit.trace`` and
   replayed by TorchScript's interpreter: the same operators without Python's per-operator
-  cost, about a fifth of an int8 step at full size (docs/benchmarks.md). The step reads the
-  position from a device tensor and the used cache length from it through a scripted
-  helper, so one recording serves every position.
+  cost, which was over a quarter of an int8 step at full size (docs/benchmarks.md). The step
+  reads the position from a device tensor and the used cache length from it through a
+  scripted helper, so one recording serves every position.
 
 The prompt is built exactly as upstream builds it, including its quirk of feeding the
 start-of-speech embedding twice (once from ``prepare_input_embeds``, once as "BOS").
