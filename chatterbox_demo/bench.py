@@ -239,17 +239,12 @@ def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
             row.update(fidelity_row(manager, measurements[index].config, text, row["voice"],
                                     fixed_tokens, references))
 
-    steps = (start, *[repeat] * repeats, finish)
-    if in_turns:
-        for step in steps:
-            for index in range(len(runs)):
-                if step is start or index in measurements:
-                    attempt(index, step)
-    else:
-        for index in range(len(runs)):
-            for step in steps:
-                if step is start or index in measurements:
-                    attempt(index, step)
+    steps, indices = (start, *[repeat] * repeats, finish), range(len(runs))
+    order = ([(step, index) for step in steps for index in indices] if in_turns
+             else [(step, index) for index in indices for step in steps])
+    for step, index in order:
+        if step is start or index in measurements:  # a failed row takes no more steps
+            attempt(index, step)
     for row in rows:
         log(f"[bench] {row['preset']}: " + (row.get("error") or
                                             f"total {row['total_s']:.2f} s, T3 "
