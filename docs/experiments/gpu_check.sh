@@ -3,11 +3,12 @@
 # short: about 15 minutes a task, the start included), so a session that is lent one runs:
 #
 #   bash docs/experiments/gpu_wheels.sh          # here, once: .whl/ (about 51 MB)
-#   device run, carry [".whl"], timeout_s 540:   bash docs/experiments/gpu_check.sh
+#   device run, carry [".whl"], timeout_s 600:   bash docs/experiments/gpu_check.sh
 #
 # and copies what comes back under $OUT into docs/benchmarks.md with the hardware line:
 #   machine.txt   GPU, driver, Python, torch and CUDA versions
 #   pytest.log    tests/test_cuda.py and the CUDA-graph test of tests/test_fast_t3.py
+#   split.log     where a gpu-fast token's time goes (docs/experiments/gpu_step_split.py)
 #   bench-gpu.*   baseline against gpu-fast and the single-optimization presets on the
 #                 full-size model (random weights), 200 speech tokens, 3 repeats, streamed
 #                 columns included (JSON, markdown table, chart)
@@ -29,11 +30,15 @@ torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/machine.txt"
 
 echo "== CUDA tests (tiny model)"
-timeout 210 python3 -m pytest -q -p no:cacheprovider tests/test_fast_t3.py \
+timeout 180 python3 -m pytest -q -rs --tb=short -p no:cacheprovider tests/test_fast_t3.py \
   tests/test_cuda.py -k "cuda" 2>&1 | tee "$out/pytest.log" | tail -n 25
 
+echo "== one token's time, split (full size, random weights)"
+timeout 90 python3 docs/experiments/gpu_step_split.py random cuda > "$out/split.log" 2>&1
+grep -E '^(T3|bf16) ' "$out/split.log" || tail -n 15 "$out/split.log"
+
 echo "== benchmark (full size, random weights)"
-timeout 300 python3 -m chatterbox_demo bench --weights random --device cuda \
+timeout 290 python3 -m chatterbox_demo bench --weights random --device cuda \
   --presets baseline,cached,fast-decoder,t3-bf16,gpu-fast --tokens 200 --repeats 3 --stream \
   --json "$out/bench-gpu.json" --markdown "$out/bench-gpu.md" --plot "$out/bench-gpu.png" \
   > "$out/bench.log" 2>&1
