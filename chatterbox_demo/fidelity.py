@@ -50,7 +50,7 @@ def mel(s3gen, conds: Conditionals, speech_tokens: torch.Tensor, steps: int, cfg
     """S3Gen's output mel for ``speech_tokens`` with the CFM noise drawn from ``seed``."""
     torch.manual_seed(seed)
     with cfm_guidance(s3gen, cfg):
-        out = s3gen.flow_inference(speech_tokens.view(1, -1),
+        out = s3gen.flow_inference(speech_tokens.to(s3gen.device).view(1, -1),
                                    ref_dict=trim_prompt(conds.gen, prompt_seconds),
                                    n_cfm_timesteps=steps, finalize=True)
     return out.float()

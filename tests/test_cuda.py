@@ -6,6 +6,9 @@ with fp32, streaming gives audio before the end, and a resumed fine-tune is exac
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +24,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (docs/experiments/gpu_check.sh)")
 
 SHORT = GenerationParams(max_new_tokens=24)
+
+
+def espeak_clips(folder: Path) -> Path:
+    """Eight espeak-ng clips to fine-tune on: made here, or copied from the folder that
+    CHATTERBOX_DEMO_CLIPS names. The GPU machine has no espeak-ng, so
+    docs/experiments/gpu_wheels.sh makes them beforehand and they travel with the wheels."""
+    made = os.environ.get("CHATTERBOX_DEMO_CLIPS")
+    if made:
+        return Path(shutil.copytree(made, folder))
+    return speaker_data.make_espeak_dataset(folder, 8)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +86,7 @@ def test_a_resumed_fine_tune_on_cuda_ends_where_an_uninterrupted_one_does(gpu_ma
     """Dropout on a GPU draws from CUDA's generator, which the checkpoint keeps. CUDA's
     attention backward may add in any order, so equal means within a rounding tolerance,
     and another seed (other dropout masks and batches) must land well outside it."""
-    dataset = speaker_data.make_espeak_dataset(tmp_path / "data", 8)
+    dataset = espeak_clips(tmp_path / "data")
     settings = TrainSettings(method="lora", steps=6, lr=3e-3, batch=2, checkpoint_every=3)
 
     def adapter(name, settings, resume=False):

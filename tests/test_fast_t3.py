@@ -97,6 +97,48 @@ def test_the_layer_step_compiles_as_one_graph_for_prefill_and_decode(model):
             assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_the_single_token_step_compiles_as_one_graph_under_a_bucket_mask(model):
+    """The step CUDA graphs capture, compiled (a compiled configuration with CUDA graphs):
+    no graph break, and the same output as eager at positions in two buckets."""
+    from chatterbox_demo import fast_t3
+
+    tts, conds = model
+    t3 = tts.t3
+    compiled = torch.compile(fast_t3._layer_forward_at, dynamic=True, fullgraph=True,
+                             backend="eager")
+    layer = t3.tfmr.layers[0]
+    with torch.inference_mode():
+        x = prefix_embeds(t3, conds, text_batch(tts))[:, -1:]
+        outputs = {}
+        for step_fn in (fast_t3._layer_forward_at, compiled):
+            cache = StaticKVCache(1, 2, 16, 256, 64, torch.float32, "cpu")
+            cache.k.normal_(generator=torch.Generator().manual_seed(0))
+            cache.v.normal_(generator=torch.Generator().manual_seed(1))
+            outputs[step_fn] = []
+            for position in (40, 70):
+                pos = torch.tensor([position])
+                bucket = bucket_for(position, cache.max_len)
+                mask = (torch.arange(bucket) <= pos).view(1, 1, 1, bucket)
+                cos, sin = t3.tfmr.rotary_emb(x, pos.view(1, 1))
+                outputs[step_fn].append(step_fn(layer, x, cos, sin, cache.k[0], cache.v[0],
+                                                pos, mask))
+    for got, want in zip(outputs[compiled], outputs[fast_t3._layer_forward_at], strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_compiled_t3_compiles_the_single_token_step_too():
+    """With ``compile_mode`` set on the T3, the graph-capturable step is the compiled one,
+    not only the prefill's (before, a compiled configuration with CUDA graphs captured the
+    eager step)."""
+    from chatterbox_demo import fast_t3
+
+    assert fast_t3.layer_step("off", at_position=True) is fast_t3._layer_forward_at
+    compiled = fast_t3.layer_step("default", at_position=True)
+    assert compiled is not fast_t3._layer_forward_at
+    assert compiled is fast_t3.layer_step("default", at_position=True)  # once per mode
+    assert compiled is not fast_t3.layer_step("default")
+
+
 @pytest.mark.parametrize("temperature, repetition_penalty, min_p, top_p, cfg", [
     (0.8, 1.2, 0.05, 1.0, 0.5),  # upstream defaults
     (1.0, 1.0, 0.0, 1.0, 0.0),

@@ -9,7 +9,8 @@
 # its Llama internals. gradio, torchao, pykakasi and spacy-pkuseg stay behind (the web page,
 # t3-int8-wo and the Japanese/Chinese tokenizers are not part of the GPU check).
 #
-# Run from the repository root: bash docs/experiments/gpu_wheels.sh [PYTHON_VERSION] [DIR]
+# Run from the repository root, after `make install` (its .venv makes the clips below, or
+# name another Python in PYTHON): bash docs/experiments/gpu_wheels.sh [PYTHON_VERSION] [DIR]
 # The defaults (3.12, .whl) are the GPU machine's; 3.11 fetches the same set for a Python
 # like this machine's, to try the install here first.
 set -euo pipefail
@@ -30,4 +31,7 @@ done
 rm -rf "$dest"
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$pyver" \
   --implementation cp "${platforms[@]}" -d "$dest" "${wheels[@]}"
-du -ch "$dest"/*.whl | tail -n 1
+# The GPU machine has no espeak-ng either: the fine-tuning test's clips travel along.
+"${PYTHON:-.venv/bin/python}" -c "import sys; from chatterbox_demo.speaker_data import \
+make_espeak_dataset; make_espeak_dataset(sys.argv[1], 8)" "$dest/clips"
+du -sh "$dest"
