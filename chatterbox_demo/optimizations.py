@@ -32,6 +32,23 @@ def torchao_problem() -> str | None:
     return None
 
 
+# Compile modes in which Inductor captures CUDA graphs of its own, and the same mode
+# without them. T3's layers are always compiled without: Inductor records one graph per
+# compiled function and replays it into the same memory, but a layer is one function
+# called 30 times per token, and T3's forward keeps every layer's output (hidden states).
+# On an H100 its teacher-forced pass failed with "accessing tensor output of CUDAGraphs
+# that has been overwritten by a subsequent run". Instead, in these modes the fast decoder
+# captures its whole compiled step in CUDA graphs itself (pipeline.step_mode), as with
+# ``cuda_graphs``. S3Gen's estimator and HiFT, one call per use, keep the mode as asked.
+INDUCTOR_GRAPH_MODES = {"reduce-overhead": "default",
+                        "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def t3_compile_mode(mode: str) -> str:
+    """The mode T3's layers are compiled in for ``compile_mode`` ``mode``."""
+    return INDUCTOR_GRAPH_MODES.get(mode, mode)
+
+
 def unavailable_reason(config: OptimizationConfig, device: str) -> str | None:
     """Why ``config`` cannot run on ``device``, or None when it can. Shown in the UI next to
     the option, and raised by the manager: nothing is silently ignored."""
@@ -53,10 +70,7 @@ def unavailable_reason(config: OptimizationConfig, device: str) -> str | None:
         reasons.append("TF32 and cudnn.benchmark are CUDA settings")
     if device != "cuda" and config.cuda_graphs:
         reasons.append("CUDA graphs need a CUDA GPU")
-    if config.cuda_graphs and config.compile_mode in ("reduce-overhead", "max-autotune"):
-        reasons.append(f"compile mode {config.compile_mode} captures its own CUDA graphs; "
-                       "turn one of the two off")
-    if config.compile_mode in ("reduce-overhead", "max-autotune") and device != "cuda":
+    if config.compile_mode in INDUCTOR_GRAPH_MODES and device != "cuda":
         reasons.append(f"compile mode {config.compile_mode} captures CUDA graphs; on "
                        f"{device} use default or max-autotune-no-cudagraphs")
     return "; ".join(reasons) or None
@@ -236,10 +250,11 @@ def build_t3(pristine: T3, config: OptimizationConfig) -> T3:
         apply_t3_int8_weight_only(t3)
     if config.compile_mode != "off":
         # The stock decoder calls each layer's forward; the fast decoder calls its own
-        # per-layer step, which it compiles when it finds this attribute.
+        # per-layer steps, which it compiles when it finds this attribute.
+        mode = t3_compile_mode(config.compile_mode)
         for layer in t3.tfmr.layers:
-            apply_compile(layer, config.compile_mode)
-        t3.compile_mode = config.compile_mode
+            apply_compile(layer, mode)
+        t3.compile_mode = mode
     return t3.eval()
 
 

@@ -22,7 +22,7 @@ from chatterbox.tts import ChatterboxTTS, Conditionals, punc_norm
 
 from .config import BASELINE, GenerationParams, OptimizationConfig
 from .fast_t3 import FastT3Decoder
-from .optimizations import cfm_guidance
+from .optimizations import INDUCTOR_GRAPH_MODES, cfm_guidance
 
 CFG_BATCH = 2  # T3 always runs the conditional and the unconditional row (see _sampling)
 
@@ -158,12 +158,15 @@ def _token_blocks(t3, sampling: dict, config: OptimizationConfig, ignore_stop: b
 
 
 def step_mode(t3, config: OptimizationConfig) -> str:
-    """How the fast decoder runs its single-token step: as CUDA graphs when asked; on a
-    CPU replayed from a trace (the same operators, without Python's cost per operator),
-    unless ``torch.compile`` is to compile the step, or the weights are torchao tensor
-    subclasses (tracing through their dispatch warns that it may freeze a branch, and
-    they are not the CPU's fast path); otherwise eagerly."""
-    if config.cuda_graphs:
+    """How the fast decoder runs its single-token step: as CUDA graphs when asked, or on
+    CUDA when the compile mode is one that captures graphs (T3's own compiled step is
+    captured then, see optimizations.INDUCTOR_GRAPH_MODES); on a CPU replayed from a trace
+    (the same operators, without Python's cost per operator), unless ``torch.compile`` is
+    to compile the step, or the weights are torchao tensor subclasses (tracing through
+    their dispatch warns that it may freeze a branch, and they are not the CPU's fast
+    path); otherwise eagerly."""
+    if config.cuda_graphs or (t3.device.type == "cuda"
+                              and config.compile_mode in INDUCTOR_GRAPH_MODES):
         return "cuda-graph"
     if (t3.device.type == "cpu" and config.compile_mode == "off"
             and config.t3_quant != "int8-weight-only"):

@@ -92,3 +92,19 @@ def test_the_gpu_check_carries_the_versions_this_environment_runs():
     args = build_parser().parse_args(shlex.split(command))
     assert args.device == "cuda" and "gpu-fast" in args.presets.split(",")
     assert set(args.presets.split(",")) <= set(PRESETS)
+
+
+def test_the_gpu_figures_quoted_are_the_recorded_runs():
+    """README's H100 sentence quotes docs/bench-gpu-h100.json; a new run must move both."""
+    import json
+
+    rows = {row["preset"]: row for row in
+            json.loads((ROOT / "docs" / "bench-gpu-h100.json").read_text())["rows"]}
+    fast, base = rows["gpu-fast"], rows["baseline"]
+    assert "H100" in json.dumps(json.loads((ROOT / "docs" / "bench-gpu-h100.json")
+                                           .read_text())["machine"])
+    sentence = " ".join(README.split("On an H100, ")[1].split(".\n")[0].split())
+    assert f"runs {fast['speedup']:.1f}x `baseline`" in sentence
+    assert f"RTF {fast['rtf']:.2f}" in sentence
+    assert f"{fast['t3_tokens_per_s']:.0f} speech tokens a second against " \
+           f"{base['t3_tokens_per_s']:.0f}" in sentence

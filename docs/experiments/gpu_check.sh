@@ -7,13 +7,14 @@
 #
 # and copies what comes back under $OUT into docs/benchmarks.md with the hardware line:
 #   machine.txt   GPU, driver, Python, torch and CUDA versions
-#   pytest.log    tests/test_cuda.py and the CUDA-graph test of tests/test_fast_t3.py
-#   split.log     where a gpu-fast token's time goes (docs/experiments/gpu_step_split.py)
-#   bench-gpu.*   baseline against gpu-fast and the single-optimization presets on the
+#   bench-gpu.*   baseline against the fast decoder, gpu-fast and gpu-compiled on the
 #                 full-size model (random weights), 200 speech tokens, 3 repeats, streamed
 #                 columns included (JSON, markdown table, chart)
+#   pytest.log    tests/test_cuda.py and the CUDA-graph test of tests/test_fast_t3.py
 # Each step has its own time limit, so one that hangs still leaves the others' results;
-# the benchmark goes first, as the one a cut-short run must not lose.
+# the benchmark goes first, as the one a cut-short run must not lose. Where a token's time
+# goes (docs/experiments/gpu_step_split.py, about two minutes) was measured on 2026-11-26
+# and is not part of this call; add it at the end when there is time to spare.
 set -uo pipefail
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
@@ -32,17 +33,13 @@ torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/machine.txt"
 
 echo "== benchmark (full size, random weights)"
-timeout 160 python3 -m chatterbox_demo bench --weights random --device cuda \
-  --presets baseline,cached,fast-decoder,t3-bf16,gpu-fast --tokens 200 --repeats 3 --stream \
+timeout 240 python3 -m chatterbox_demo bench --weights random --device cuda \
+  --presets baseline,fast-decoder,gpu-fast,gpu-compiled --tokens 200 --repeats 3 --stream \
   --json "$out/bench-gpu.json" --markdown "$out/bench-gpu.md" --plot "$out/bench-gpu.png" \
   > "$out/bench.log" 2>&1
 grep '^\[bench\]' "$out/bench.log" | grep -v ' \.\.\.$'
 cat "$out/bench-gpu.md" 2>/dev/null || tail -n 20 "$out/bench.log"
 
 echo "== CUDA tests (tiny model)"
-timeout 170 python3 -m pytest -q -rs --tb=short --show-capture=no -p no:cacheprovider tests/test_fast_t3.py \
-  tests/test_cuda.py -k "cuda" 2>&1 | tee "$out/pytest.log" | tail -n 25
-
-echo "== one token's time, split (full size, random weights)"
-timeout 150 python3 docs/experiments/gpu_step_split.py random cuda > "$out/split.log" 2>&1
-grep -E '^(T3|bf16|compiled|sampling) ' "$out/split.log" || tail -n 15 "$out/split.log"
+timeout 250 python3 -m pytest -q -rs --tb=short --show-capture=no -p no:cacheprovider \
+  tests/test_fast_t3.py tests/test_cuda.py -k "cuda" 2>&1 | tee "$out/pytest.log" | tail -n 25
