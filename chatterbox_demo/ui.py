@@ -346,11 +346,14 @@ def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weig
         progress(fraction, desc=f"Speaking {message}")
 
     if not stream:
-        # The live player is a streaming output, which must be started once per run (or
-        # Gradio fails the event at its end); and the page drops an audio value sent in
-        # the same message as a stream's start. So start it empty, then send the result.
-        yield gr.skip(), gr.skip(), gr.skip(), None
         result = m.generate_long(text, voice, params, progress=say)
+        if STREAMING:
+            # The live player is then a streaming output, which must be started once per
+            # run (or Gradio fails the event at its end); a stream started empty makes the
+            # page poll its playlist without end (hundreds of requests a second); and the
+            # page drops an audio value sent in the same message as a stream's start. So
+            # the whole result is the stream's one piece, and the Result follows it.
+            yield gr.skip(), gr.skip(), gr.skip(), playable(result)
         yield playable(result), report_markdown(result.report), result.report, gr.skip()
         return
     if not STREAMING:
@@ -739,8 +742,15 @@ def build_demo() -> gr.Blocks:
                         info="play audio as it is made" if STREAMING else STREAM_OFF_REASON)
                     synth_btn = gr.Button("Synthesize", variant="primary")
                 with gr.Column():
-                    live_out = gr.Audio(label="Live playback", streaming=True, autoplay=True,
-                                        interactive=False, elem_id="live-audio")
+                    # A plain player without ffmpeg: a streaming one would be started
+                    # and left empty (see synthesize). Gradio 6.8's player attaches only
+                    # the first stream of a page (gradio-app/gradio#13807): a run starts
+                    # by clearing it (below), and without the live waveform, as that
+                    # issue advises; with either alone a second run stayed silent here.
+                    live_out = gr.Audio(
+                        label="Live playback", streaming=STREAMING, autoplay=True,
+                        interactive=False, elem_id="live-audio",
+                        waveform_options=gr.WaveformOptions(show_recording_waveform=False))
                     audio_out = gr.Audio(label="Result", type="numpy", interactive=False)
                     timings = gr.Markdown()
                     with gr.Accordion("Full report (JSON)", open=False):
@@ -809,7 +819,9 @@ def build_demo() -> gr.Blocks:
         # A voice's saved exaggeration becomes the slider's value when it is picked.
         voice.change(voice_exaggeration, voice, settings[0], api_visibility="private",
                      queue=False)
-        synth_btn.click(synthesize, [text, voice, preset, *settings, stream],
+        synth_btn.click(lambda: None, outputs=live_out, queue=False,  # see live_out
+                        api_visibility="private").then(
+                        synthesize, [text, voice, preset, *settings, stream],
                         [audio_out, timings, report, live_out], api_name="synthesize",
                         concurrency_id=MODEL_SLOT).then(header_html, outputs=header,
                                                         api_visibility="private", queue=False)

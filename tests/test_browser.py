@@ -120,6 +120,33 @@ def test_synthesize_without_streaming_shows_the_result(page):
     shoot(page, "8-synthesize-no-stream")
 
 
+def test_runs_one_after_another_each_play_live_without_polling(page):
+    """In one page: unstreamed, then streamed twice. Gradio 6.8's live player attached
+    only a page's first stream (later runs were silent), and an unstreamed run left an
+    empty stream that the page then polled hundreds of times a second (a streamed run
+    after it took minutes instead of seconds on 2 cores)."""
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.get_by_role("tab", name="Synthesize").click()
+    live = page.locator("#live-audio audio")
+    sources = []
+    for run, streamed in enumerate((False, True, True)):
+        page.get_by_role("textbox").first.fill(f"Run number {run}, one sentence.")
+        box = page.get_by_label("Stream")
+        box.check() if streamed else box.uncheck()
+        with page.expect_response(lambda r: "audio.wav" in r.url and r.ok,
+                                  timeout=GENERATION_TIMEOUT_MS):
+            page.get_by_role("button", name="Synthesize", exact=True).click()
+        expect(live).to_have_count(1)
+        page.wait_for_function("a => a.currentTime > 0", arg=live.element_handle(),
+                               timeout=10_000)  # this run's audio is playing
+        sources.append(live.get_attribute("src"))
+    assert len(set(sources)) == 3  # each run attached its own source
+    page.wait_for_timeout(2_000)
+    playlist_polls = [url for url in requests if "playlist.m3u8" in url]
+    assert len(playlist_polls) < 30, f"{len(playlist_polls)} playlist requests"
+
+
 def test_a_long_text_streams_with_progress_per_chunk(page):
     text = " ".join(f"This is sentence number {i} of a long text, spoken in pieces."
                     for i in range(40))[:2000]

@@ -142,8 +142,23 @@ def test_the_page_says_why_it_cannot_stream_without_ffmpeg(tiny_manager, monkeyp
     monkeypatch.setattr(ui, "STREAMING", False)
     with pytest.raises(gr.Error, match="ffmpeg"):
         synthesize_in_page(stream=True)
-    start, (whole, _, report, live) = synthesize_in_page(stream=False)
-    # The live player is started empty first (the page drops a result that arrives with
-    # a stream's start; see tests/test_browser.py), then left alone.
-    assert start == (gr.skip(), gr.skip(), gr.skip(), None)
+    # Without ffmpeg the live player is a plain one, left alone: one message.
+    [(whole, _, report, live)] = synthesize_in_page(stream=False)
     assert live == gr.skip() and "streamed" not in report
+
+
+def test_unstreamed_with_ffmpeg_the_live_stream_gets_the_whole_result_first(tiny_manager,
+                                                                             monkeypatch):
+    """A streaming player must be started once per run, and one started empty made the
+    page poll its playlist hundreds of times a second; the page drops a result sent with
+    a stream's start (tests/test_browser.py holds both in a real page)."""
+    import gradio as gr
+
+    from chatterbox_demo import ui
+
+    monkeypatch.setattr(ui, "manager", lambda: tiny_manager)
+    monkeypatch.setattr(ui, "STREAMING", True)
+    (*skipped, piece), (whole, _, report, live) = synthesize_in_page(stream=False)
+    assert skipped == [gr.skip()] * 3 and live == gr.skip()
+    assert piece[0] == whole[0] and np.array_equal(piece[1], whole[1])
+    assert "streamed" not in report
