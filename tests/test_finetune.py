@@ -77,6 +77,9 @@ def test_bad_clips_are_reported_one_line_each_and_the_rest_go_on(tiny_manager, d
     (folder / "broken.txt").write_text("A broken file.")
     sf.write(folder / "blip.wav", np.zeros(2400, np.float32) + 0.1, 24000)  # 0.1 s
     (folder / "blip.txt").write_text("Too short.")
+    hum = 5e-4 * np.sin(np.linspace(0, 2000, 48000, dtype=np.float32))  # -66 dBFS, 2 s
+    sf.write(folder / "hum.wav", hum, 24000)
+    (folder / "hum.txt").write_text("Too quiet to be speech.")
     data = tiny_manager.prepare_dataset(folder)
     report = "\n".join(data.problems)
     assert "clip000: empty transcript" in report
@@ -84,6 +87,7 @@ def test_bad_clips_are_reported_one_line_each_and_the_rest_go_on(tiny_manager, d
     assert "orphan.txt: no audio" in report
     assert "broken: audio broken.wav is unreadable" in report
     assert "blip: 0.1 s long" in report
+    assert "hum: audio is silent" in report  # the voice library's threshold
     assert len(data.examples) == 6  # the 8 clips less the two damaged ones
     assert "6 clips usable" in data.report()
 
