@@ -69,6 +69,17 @@ def test_teacher_forced_logits_match_the_hf_model(model):
             assert torch.allclose(ours, expected, atol=1e-4), f"step {step}"
 
 
+def assert_compiles_as_one_graph(step, run) -> None:
+    """``run(step_fn)`` (a list of outputs) gives the same for ``step`` and for ``step``
+    compiled with ``fullgraph``, which raises on any graph break; the eager backend keeps
+    it quick."""
+    compiled = torch.compile(step, dynamic=True, fullgraph=True, backend="eager")
+    with torch.inference_mode():
+        expected, outputs = run(step), run(compiled)
+    for got, want in zip(outputs, expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_the_layer_step_compiles_as_one_graph_for_prefill_and_decode(model):
     """torch.compile's target in the fast decoder: no graph break (one once hid in SDPA's
     is_causal flag), and the compiled step computes what the eager one does."""
@@ -76,25 +87,20 @@ def test_the_layer_step_compiles_as_one_graph_for_prefill_and_decode(model):
 
     tts, conds = model
     t3 = tts.t3
-    # fullgraph raises on any graph break; the eager backend keeps the test quick.
-    compiled = torch.compile(fast_t3._layer_forward, dynamic=True, fullgraph=True,
-                             backend="eager")
-    layer = t3.tfmr.layers[0]
-    with torch.inference_mode():
+
+    def run(step_fn):
         embeds = prefix_embeds(t3, conds, text_batch(tts))
         length = embeds.shape[1]
-        for step_fn in (fast_t3._layer_forward, compiled):
-            cache = StaticKVCache(1, 2, 16, length + 4, 64, torch.float32, "cpu")
-            outputs = []
-            for start, x in ((0, embeds), (length, embeds[:, -1:]), (length + 1, embeds[:, :1])):
-                positions = torch.arange(start, start + x.shape[1]).unsqueeze(0)
-                cos, sin = t3.tfmr.rotary_emb(x, positions)
-                outputs.append(step_fn(layer, x, cos, sin, cache.k[0], cache.v[0], start,
-                                       x.shape[1] > 1))
-            if step_fn is fast_t3._layer_forward:
-                expected = outputs
-        for got, want in zip(outputs, expected, strict=True):
-            assert torch.allclose(got, want, atol=1e-5)
+        cache = StaticKVCache(1, 2, 16, length + 4, 64, torch.float32, "cpu")
+        outputs = []
+        for start, x in ((0, embeds), (length, embeds[:, -1:]), (length + 1, embeds[:, :1])):
+            positions = torch.arange(start, start + x.shape[1]).unsqueeze(0)
+            cos, sin = t3.tfmr.rotary_emb(x, positions)
+            outputs.append(step_fn(t3.tfmr.layers[0], x, cos, sin, cache.k[0], cache.v[0],
+                                   start, x.shape[1] > 1))
+        return outputs
+
+    assert_compiles_as_one_graph(fast_t3._layer_forward, run)
 
 
 def test_the_single_token_step_compiles_as_one_graph_under_a_bucket_mask(model):
@@ -104,26 +110,23 @@ def test_the_single_token_step_compiles_as_one_graph_under_a_bucket_mask(model):
 
     tts, conds = model
     t3 = tts.t3
-    compiled = torch.compile(fast_t3._layer_forward_at, dynamic=True, fullgraph=True,
-                             backend="eager")
-    layer = t3.tfmr.layers[0]
-    with torch.inference_mode():
+
+    def run(step_fn):
         x = prefix_embeds(t3, conds, text_batch(tts))[:, -1:]
-        outputs = {}
-        for step_fn in (fast_t3._layer_forward_at, compiled):
-            cache = StaticKVCache(1, 2, 16, 256, 64, torch.float32, "cpu")
-            cache.k.normal_(generator=torch.Generator().manual_seed(0))
-            cache.v.normal_(generator=torch.Generator().manual_seed(1))
-            outputs[step_fn] = []
-            for position in (40, 70):
-                pos = torch.tensor([position])
-                bucket = bucket_for(position, cache.max_len)
-                mask = (torch.arange(bucket) <= pos).view(1, 1, 1, bucket)
-                cos, sin = t3.tfmr.rotary_emb(x, pos.view(1, 1))
-                outputs[step_fn].append(step_fn(layer, x, cos, sin, cache.k[0], cache.v[0],
-                                                pos, mask))
-    for got, want in zip(outputs[compiled], outputs[fast_t3._layer_forward_at], strict=True):
-        assert torch.allclose(got, want, atol=1e-5)
+        cache = StaticKVCache(1, 2, 16, 256, 64, torch.float32, "cpu")
+        cache.k.normal_(generator=torch.Generator().manual_seed(0))
+        cache.v.normal_(generator=torch.Generator().manual_seed(1))
+        outputs = []
+        for position in (40, 70):
+            pos = torch.tensor([position])
+            bucket = bucket_for(position, cache.max_len)
+            mask = (torch.arange(bucket) <= pos).view(1, 1, 1, bucket)
+            cos, sin = t3.tfmr.rotary_emb(x, pos.view(1, 1))
+            outputs.append(step_fn(t3.tfmr.layers[0], x, cos, sin, cache.k[0], cache.v[0],
+                                   pos, mask))
+        return outputs
+
+    assert_compiles_as_one_graph(fast_t3._layer_forward_at, run)
 
 
 def test_a_compiled_t3_compiles_the_single_token_step_too():
