@@ -191,8 +191,9 @@ CPU_BF16 = hardware.native_bf16()
 CPU_FAST = cpu_fast(CPU_BF16)
 
 # For a CUDA GPU: bf16 T3 with the fast decoder as CUDA graphs, fp16 CFM estimator, TF32.
-# Without cudnn.benchmark: on an H100 it made a streamed generation take 9.2 s against
-# 1.3 s one-shot (every streamed piece is a new shape to autotune for).
+# Without cudnn.benchmark: with it, a streamed generation on an H100 took 9.2 s against
+# 1.3 s one-shot, where the rows without it streamed within 1-3 s of their one-shot time
+# (every streamed piece is a new shape to autotune for; not yet re-measured without it).
 GPU_FAST = replace(_CACHED, t3_decoder="fast", t3_dtype="bf16", cuda_graphs=True,
                    s3gen_dtype="fp16", tf32=True)
 

@@ -85,8 +85,8 @@ def apply_runtime_settings(config: OptimizationConfig, device: str) -> None:
 
     On CUDA, cuDNN's attention is also left out of SDPA's choice, whatever the
     configuration: it builds a plan per new sequence length, and a decoder's keys grow by
-    one each token (on an H100 with torch 2.11, the fast decoder's eager bf16 step ran at
-    20.6 tokens/s, against 70 in fp32, which cuDNN does not serve). Flash and memory-
+    one each token. On an H100 with torch 2.11 the fast decoder's eager bf16 step ran at
+    14.4 tokens/s with it and 48.2 without (docs/benchmarks.md). Flash and memory-
     efficient attention serve the same shapes without a plan."""
     torch.set_num_threads(config.cpu_threads or DEFAULT_THREADS)
     if device == "cuda":
