@@ -3,7 +3,7 @@
 # short: about 15 minutes a task, the start included), so a session that is lent one runs:
 #
 #   bash docs/experiments/gpu_wheels.sh          # here, once: .whl/ (about 53 MB)
-#   device run, carry [".whl"], timeout_s 520:   bash docs/experiments/gpu_check.sh
+#   device run, carry [".whl"], timeout_s 600:   bash docs/experiments/gpu_check.sh
 #
 # and copies what comes back under $OUT into docs/benchmarks.md with the hardware line:
 #   machine.txt   GPU, driver, Python, torch and CUDA versions
@@ -33,7 +33,7 @@ torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/machine.txt"
 
 echo "== benchmark (full size, random weights)"
-timeout 240 python3 -m chatterbox_demo bench --weights random --device cuda \
+timeout 300 python3 -m chatterbox_demo bench --weights random --device cuda \
   --presets baseline,fast-decoder,gpu-fast,gpu-compiled --tokens 200 --repeats 3 --stream \
   --json "$out/bench-gpu.json" --markdown "$out/bench-gpu.md" --plot "$out/bench-gpu.png" \
   > "$out/bench.log" 2>&1
@@ -41,5 +41,5 @@ grep '^\[bench\]' "$out/bench.log" | grep -v ' \.\.\.$'
 cat "$out/bench-gpu.md" 2>/dev/null || tail -n 20 "$out/bench.log"
 
 echo "== CUDA tests (tiny model)"
-timeout 250 python3 -m pytest -q -rs --tb=short --show-capture=no -p no:cacheprovider \
+timeout 280 python3 -m pytest -q -rs --tb=short --show-capture=no -p no:cacheprovider \
   tests/test_fast_t3.py tests/test_cuda.py -k "cuda" 2>&1 | tee "$out/pytest.log" | tail -n 25
