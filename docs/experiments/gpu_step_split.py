@@ -1,5 +1,6 @@
-"""Where one speech token's time goes in the fast decoder on a GPU, run by
-docs/experiments/gpu_check.sh after the benchmark, all with T3 in bf16 (`gpu-fast`):
+"""Where one speech token's time goes in the fast decoder on a GPU, all with T3 in bf16
+(`gpu-fast`). Part of docs/experiments/gpu_check.sh in the two H100 runs of 2026-11-26
+(docs/benchmarks.md), left out of it since to leave time for compiling `gpu-compiled`:
 
 - decode tokens/s with the eager step (``plain``), with cuDNN's attention left out of
   SDPA's choice (what the app does on CUDA) and allowed (PyTorch's default);
@@ -9,7 +10,8 @@ docs/experiments/gpu_check.sh after the benchmark, all with T3 in bf16 (`gpu-fas
 - the graph replay alone, and the on-device sampling alone, per token. If they add up to
   about the whole, the next gain is in the larger; if not, the host is the gap.
 
-Run from the repository root (about a minute on an H100, most of it compiling):
+Run from the repository root (on an H100 it ended inside the 150 s it was given, most of
+it loading the model and compiling):
 
     python docs/experiments/gpu_step_split.py random cuda
 
