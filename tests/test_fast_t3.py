@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,18 +341,40 @@ def test_ignoring_the_stop_token_holds_for_every_decoder(model, preset):
         assert (tokens == STOP).any().item() is not ignore_stop
 
 
+def on_device(kind: str) -> torch.nn.Module:
+    """A stand-in T3 for step_mode, which reads only the module's device."""
+    module = torch.nn.Linear(1, 1)
+    module.device = torch.device(kind)
+    return module
+
+
 def test_cpu_decoding_replays_a_trace_unless_compiling_or_torchao():
     from dataclasses import replace
 
     from chatterbox_demo.config import PRESETS
     from chatterbox_demo.pipeline import step_mode
 
-    cpu = torch.nn.Linear(1, 1)
-    cpu.device = torch.device("cpu")
+    cpu = on_device("cpu")
     assert step_mode(cpu, PRESETS["cpu-fast"]) == "traced"
     assert step_mode(cpu, replace(PRESETS["cpu-fast"], compile_mode="default")) == "plain"
     assert step_mode(cpu, PRESETS["t3-int8-wo"]) == "plain"  # torchao: not traced
     assert step_mode(cpu, PRESETS["gpu-fast"]) == "cuda-graph"
+
+
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs", "reduce-overhead",
+                                  "max-autotune"])
+def test_cuda_captures_the_step_itself_in_the_compile_modes_that_capture_graphs(mode):
+    """T3's layers are compiled without Inductor's CUDA graphs (test_optimizations), so
+    in the modes that promise graphs the fast decoder captures its compiled step itself."""
+    from chatterbox_demo.config import OptimizationConfig
+    from chatterbox_demo.optimizations import INDUCTOR_GRAPH_MODES
+    from chatterbox_demo.pipeline import step_mode
+
+    config = OptimizationConfig(compile_mode=mode, t3_decoder="fast")
+    expected = "cuda-graph" if mode in INDUCTOR_GRAPH_MODES else "plain"
+    assert step_mode(on_device("cuda"), config) == expected
+    assert step_mode(on_device("cuda"), dataclasses.replace(config, cuda_graphs=True)) \
+        == "cuda-graph"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

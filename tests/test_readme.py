@@ -98,11 +98,10 @@ def test_the_gpu_figures_quoted_are_the_recorded_runs():
     """README's H100 sentence quotes docs/bench-gpu-h100.json; a new run must move both."""
     import json
 
-    rows = {row["preset"]: row for row in
-            json.loads((ROOT / "docs" / "bench-gpu-h100.json").read_text())["rows"]}
+    recorded = json.loads((ROOT / "docs" / "bench-gpu-h100.json").read_text())
+    rows = {row["preset"]: row for row in recorded["rows"]}
     fast, base = rows["gpu-fast"], rows["baseline"]
-    assert "H100" in json.dumps(json.loads((ROOT / "docs" / "bench-gpu-h100.json")
-                                           .read_text())["machine"])
+    assert "H100" in json.dumps(recorded["machine"])
     sentence = " ".join(README.split("On an H100, ")[1].split(".\n")[0].split())
     assert f"runs {fast['speedup']:.1f}x `baseline`" in sentence
     assert f"RTF {fast['rtf']:.2f}" in sentence
