@@ -211,11 +211,11 @@ def _plain_linears(module: nn.Module) -> None:
                 setattr(parent, name, plain)
 
 
-def apply_compile(module: nn.Module, mode: str) -> nn.Module:
-    """Compile ``module``'s forward in place (shapes vary per call, so dynamic).
+def apply_compile(module: nn.Module, mode: str, method: str = "forward") -> nn.Module:
+    """Compile ``module``'s ``method`` in place (shapes vary per call, so dynamic).
     Mutates ``module``."""
     options = {} if mode == "default" else {"mode": mode}
-    module.forward = torch.compile(module.forward, dynamic=True, **options)
+    setattr(module, method, torch.compile(getattr(module, method), dynamic=True, **options))
     return module
 
 
@@ -260,7 +260,7 @@ def build_t3(pristine: T3, config: OptimizationConfig) -> T3:
 
 def build_s3gen(pristine: S3Gen, config: OptimizationConfig) -> S3Gen:
     """The S3Gen a configuration needs, shared or copied like :func:`build_t3`."""
-    if (config.s3gen_dtype, config.s3gen_quant, config.compile_mode) == ("fp32", "none", "off"):
+    if s3gen_variant_key(config) == ("fp32", "none", "off"):
         return pristine
     s3gen = copy.deepcopy(pristine)
     if config.s3gen_dtype != "fp32":
@@ -269,7 +269,10 @@ def build_s3gen(pristine: S3Gen, config: OptimizationConfig) -> S3Gen:
         apply_s3gen_int8_dynamic(s3gen)
     if config.compile_mode != "off":
         apply_compile(s3gen.flow.decoder.estimator, config.compile_mode)
-        apply_compile(s3gen.mel2wav, config.compile_mode)
+        # S3Gen calls HiFT's inference(), never its forward(); inference() spends its time
+        # in decode() (upsampling convolutions, residual blocks, iSTFT). The f0 predictor
+        # and the sine source that draws random noise before it stay eager.
+        apply_compile(s3gen.mel2wav, config.compile_mode, method="decode")
     return s3gen.eval()
 
 

@@ -184,6 +184,27 @@ def test_s3gen_int8_quantizes_every_linear_layer_of_the_estimator(tts):
     assert any(type(m).__name__ == "LoRACompatibleLinear" for m in pristine.modules())
 
 
+def test_compiling_s3gen_compiles_what_its_inference_calls(tts, conds, monkeypatch):
+    """S3Gen runs HiFT through ``inference()``, which never calls ``forward()``: compiling
+    HiFT's forward compiled nothing that runs. The compiled estimator and HiFT decode must
+    both be called by a synthesis (a stand-in for torch.compile records the calls)."""
+    called = []
+
+    def recording_compile(fn, **options):
+        def compiled(*args, **kwargs):
+            called.append(fn.__name__)
+            return fn(*args, **kwargs)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    s3gen = build_s3gen(tts.s3gen, OptimizationConfig(compile_mode="default"))
+    tokens = torch.randint(0, 6561, (10,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        s3gen.inference(speech_tokens=tokens, ref_dict=conds.gen)
+    assert set(called) == {"forward", "decode"}
+    assert called.count("forward") == 10  # the estimator, once per CFM step
+
+
 def test_s3gen_precision_touches_only_the_estimator(tts):
     s3gen = build_s3gen(tts.s3gen, OptimizationConfig(s3gen_dtype="bf16"))
     assert next(s3gen.flow.decoder.estimator.parameters()).dtype == torch.bfloat16
