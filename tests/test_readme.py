@@ -86,12 +86,18 @@ def test_the_gpu_check_carries_the_versions_this_environment_runs():
     pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s)]*)", script))
     assert {"chatterbox-tts", "transformers", "diffusers", "librosa"} <= set(pins)
     assert {name: version(name) for name in pins} == pins
-    # And the check's benchmark command parses, with presets that exist.
+    # And the check's benchmark commands parse, with presets that exist, between them
+    # gpu-fast and gpu-compiled, each beside baseline.
     check = (ROOT / "docs" / "experiments" / "gpu_check.sh").read_text().replace("\\\n", " ")
-    command = re.search(r"python3 -m chatterbox_demo (bench [^>]+)>", check).group(1)
-    args = build_parser().parse_args(shlex.split(command))
-    assert args.device == "cuda" and "gpu-fast" in args.presets.split(",")
-    assert set(args.presets.split(",")) <= set(PRESETS)
+    commands = re.findall(r"python3 -m chatterbox_demo (bench [^>]+)>", check)
+    benched = set()
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command))
+        presets = args.presets.split(",")
+        assert args.device == "cuda" and presets[0] == "baseline", command
+        assert set(presets) <= set(PRESETS), command
+        benched |= set(presets)
+    assert {"gpu-fast", "gpu-compiled"} <= benched
 
 
 def test_the_gpu_figures_quoted_are_the_recorded_runs():
