@@ -100,16 +100,25 @@ def test_the_gpu_check_carries_the_versions_this_environment_runs():
     assert {"gpu-fast", "gpu-compiled"} <= benched
 
 
-def test_the_gpu_figures_quoted_are_the_recorded_runs():
-    """README's H100 sentence quotes docs/bench-gpu-h100.json; a new run must move both."""
+def recorded_gpu_rows(name: str) -> dict:
     import json
 
-    recorded = json.loads((ROOT / "docs" / "bench-gpu-h100.json").read_text())
-    rows = {row["preset"]: row for row in recorded["rows"]}
-    fast, base = rows["gpu-fast"], rows["baseline"]
+    recorded = json.loads((ROOT / "docs" / name).read_text())
     assert "H100" in json.dumps(recorded["machine"])
+    return {row["preset"]: row for row in recorded["rows"]}
+
+
+def test_the_gpu_figures_quoted_are_the_recorded_runs():
+    """README's H100 sentence quotes docs/bench-gpu-h100.json (gpu-fast) and
+    docs/bench-gpu-h100-compiled.json (gpu-compiled); a new run must move both."""
+    rows = recorded_gpu_rows("bench-gpu-h100.json")
+    fast, base = rows["gpu-fast"], rows["baseline"]
+    compiled = recorded_gpu_rows("bench-gpu-h100-compiled.json")["gpu-compiled"]
     sentence = " ".join(README.split("On an H100, ")[1].split(".\n")[0].split())
-    assert f"runs {fast['speedup']:.1f}x `baseline`" in sentence
-    assert f"RTF {fast['rtf']:.2f}" in sentence
+    assert f"`gpu-fast` runs {fast['speedup']:.1f}x `baseline`" in sentence
+    assert f"RTF {fast['rtf']:.2f} for {fast['audio_seconds']:.1f} s of speech" in sentence
     assert f"{fast['t3_tokens_per_s']:.0f} speech tokens a second against " \
            f"{base['t3_tokens_per_s']:.0f}" in sentence
+    assert f"`gpu-compiled` runs {compiled['speedup']:.1f}x `baseline` " \
+           f"(RTF {compiled['rtf']:.2f}), decoding {compiled['t3_tokens_per_s']:.0f} a " \
+           f"second, after {compiled['warmup_s']:.0f} s of compiling" in sentence
