@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import types
 from contextlib import contextmanager
 
 import torch
 from chatterbox.models.s3gen import S3Gen
+from chatterbox.models.s3gen.utils.mask import add_optional_chunk_mask, subsequent_chunk_mask
 from chatterbox.models.t3 import T3
 from torch import nn
 
@@ -271,12 +273,64 @@ def build_s3gen(pristine: S3Gen, config: OptimizationConfig) -> S3Gen:
     if config.s3gen_quant == "int8-dynamic":
         apply_s3gen_int8_dynamic(s3gen)
     if config.compile_mode != "off":
+        use_mask_without_sync(s3gen.flow.decoder.estimator)
         apply_compile(s3gen.flow.decoder.estimator, config.compile_mode)
         # S3Gen calls HiFT's inference(), never its forward(); inference() spends its time
         # in decode() (upsampling convolutions, residual blocks, iSTFT). The f0 predictor
         # and the sine source that draws random noise before it stay eager.
+        plain_int_conv_settings(s3gen.mel2wav)
         apply_compile(s3gen.mel2wav, config.compile_mode, method="decode")
     return s3gen.eval()
+
+
+def use_mask_without_sync(estimator: nn.Module) -> None:
+    """Run this estimator's own (upstream) forward with :func:`chunk_mask_without_sync` in
+    place of upstream's mask helper, for this instance only. Mutates ``estimator``.
+
+    The helper ends with ``if (...).sum().item() != 0``, once per transformer block (14
+    per CFM step at full size): each ``.item()`` breaks a compiled graph and makes the
+    host wait for the device. The forward's code is upstream's; only the name it looks
+    the helper up by is bound differently."""
+    forward = type(estimator).forward
+    scope = {**forward.__globals__, "add_optional_chunk_mask": chunk_mask_without_sync}
+    rebound = types.FunctionType(forward.__code__, scope, forward.__name__,
+                                 forward.__defaults__, forward.__closure__)
+    estimator.forward = types.MethodType(rebound, estimator)
+
+
+def chunk_mask_without_sync(xs, masks, use_dynamic_chunk, use_dynamic_left_chunk,
+                            decoding_chunk_size, static_chunk_size, num_decoding_left_chunks,
+                            enable_full_context=True):
+    """Upstream's ``add_optional_chunk_mask`` for inference, without its data-dependent
+    branch. A row of the mask with nothing to attend to becomes all True, which is what
+    upstream's branch means to do; it never runs there (the branch calls ``logging``, which
+    its module does not import, and fails), and the estimator's masks have no such row."""
+    if use_dynamic_chunk:  # training's random chunks: upstream's own helper
+        return add_optional_chunk_mask(xs, masks, use_dynamic_chunk, use_dynamic_left_chunk,
+                                       decoding_chunk_size, static_chunk_size,
+                                       num_decoding_left_chunks, enable_full_context)
+    chunk_masks = masks
+    if static_chunk_size > 0:
+        chunk = subsequent_chunk_mask(xs.size(1), static_chunk_size, num_decoding_left_chunks,
+                                      xs.device)
+        chunk_masks = masks & chunk.unsqueeze(0)
+    return chunk_masks | (chunk_masks.sum(dim=-1, keepdim=True) == 0)
+
+
+def plain_int_conv_settings(module: nn.Module) -> None:
+    """Make every convolution's stride, padding, dilation and kernel size Python ints.
+
+    HiFT builds its ``source_downs`` convolutions from ``np.cumprod``, so their settings
+    are numpy integers. Compiled with ``dynamic=True``, Dynamo lifts such an attribute into
+    a symbol, and Inductor cannot lower a convolution whose stride is one: on torch 2.11
+    (an H100) and 2.13 it gave up on the whole of ``decode()``, which then ran eager.
+    Mutates ``module``."""
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.conv._ConvNd):
+            for name in ("stride", "padding", "dilation", "kernel_size"):
+                value = getattr(sub, name)
+                if isinstance(value, tuple):  # padding may also be "same" or "valid"
+                    setattr(sub, name, tuple(int(v) for v in value))
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:

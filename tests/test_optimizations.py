@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -205,6 +206,63 @@ def test_compiling_s3gen_compiles_what_its_inference_calls(tts, conds, monkeypat
         s3gen.inference(speech_tokens=tokens, ref_dict=conds.gen)
     assert set(called) == {"forward", "decode"}
     assert called.count("forward") == 10  # the estimator, once per CFM step
+
+
+def test_compiled_hift_has_no_numpy_integers_in_its_convolutions(tts):
+    """Upstream's HiFT gives some convolutions numpy-integer strides; compiled with dynamic
+    shapes, Inductor failed on them and ran HiFT's whole decode eager (torch 2.11 and 2.13).
+    The compiled copy holds Python ints; the pristine model is left as upstream built it."""
+    def conv_settings(module):
+        return [value for sub in module.modules() if isinstance(sub, torch.nn.Conv1d)
+                for name in ("stride", "padding", "dilation", "kernel_size")
+                for value in getattr(sub, name)]
+
+    assert any(type(v) is not int for v in conv_settings(tts.s3gen.mel2wav))
+    s3gen = build_s3gen(tts.s3gen, OptimizationConfig(compile_mode="default"))
+    assert all(type(v) is int for v in conv_settings(s3gen.mel2wav))
+    assert any(type(v) is not int for v in conv_settings(tts.s3gen.mel2wav))
+
+
+@pytest.mark.parametrize("static_chunk_size", [0, 4])
+def test_mask_without_sync_equals_upstreams_helper(static_chunk_size):
+    """The same mask as upstream's ``add_optional_chunk_mask`` at the arguments the
+    estimator passes. A row with nothing to attend to becomes all True, as upstream's
+    warning says it should; upstream itself raises a NameError there (its module calls
+    ``logging`` without importing it), so no working upstream run meets such a row."""
+    from chatterbox.models.s3gen.utils.mask import add_optional_chunk_mask
+
+    masks = torch.rand(3, 1, 12, generator=torch.Generator().manual_seed(0)) > 0.3
+    masks[:, :, 0] = True  # every row attends somewhere: upstream's working case
+    xs = torch.zeros(3, 12, 8)
+    args = (False, False, 0, static_chunk_size, -1)
+    expected = add_optional_chunk_mask(xs, masks.clone(), *args)
+    assert torch.equal(optimizations.chunk_mask_without_sync(xs, masks.clone(), *args),
+                       expected)
+    masks[1] = False  # a padded-out item
+    with pytest.raises(NameError):
+        add_optional_chunk_mask(xs, masks.clone(), *args)
+    filled = optimizations.chunk_mask_without_sync(xs, masks.clone(), *args)
+    assert filled[1].all() and torch.equal(filled[[0, 2]], expected[[0, 2]])
+
+
+def test_estimator_with_mask_without_sync_is_exact_and_compiles_as_one_graph(tts):
+    """Rebound, the estimator gives upstream's output bit for bit, and Dynamo traces its
+    forward as one graph: upstream's helper broke it at an ``.item()`` per block. Only the
+    rebound instance changes."""
+    torch.manual_seed(0)
+    estimator = copy.deepcopy(tts.s3gen.flow.decoder.estimator).eval()
+    frames = 40
+    inputs = dict(x=torch.randn(2, 80, frames), mask=torch.ones(2, 1, frames),
+                  mu=torch.randn(2, 80, frames), t=torch.rand(2), spks=torch.randn(2, 80),
+                  cond=torch.randn(2, 80, frames))
+    with torch.inference_mode():
+        expected = estimator(**inputs)
+        optimizations.use_mask_without_sync(estimator)
+        assert torch.equal(estimator(**inputs), expected)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(estimator.forward)(**inputs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    assert "forward" not in vars(tts.s3gen.flow.decoder.estimator)
 
 
 def test_s3gen_precision_touches_only_the_estimator(tts):
