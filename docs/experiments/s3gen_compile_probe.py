@@ -1,13 +1,17 @@
 """What torch.compile makes of S3Gen's two hot parts, full size, random weights, CPU.
 
-    python docs/experiments/s3gen_compile_probe.py estimator [int8-]eager|compiled|compiled-unsynced
-    python docs/experiments/s3gen_compile_probe.py hift eager|compiled|compiled-plain-ints
+    python docs/experiments/s3gen_compile_probe.py estimator [int8-|ao-int8-]MODE
+    python docs/experiments/s3gen_compile_probe.py hift MODE
+
+MODE: eager, compiled, or (estimator) compiled-unsynced, or (hift) compiled-plain-ints.
 
 estimator: one CFM estimator forward at batch 2 over 600 mel frames (CFG's two halves,
 400 prompt + 200 output frames: 100 speech tokens), timed six times after the first
 (compiling) call. ``compiled-unsynced`` first rebinds upstream's mask helper
 (``optimizations.use_mask_without_sync``), as ``build_s3gen`` does for compiled variants;
-``int8-`` first quantizes its Linear layers as ``s3gen-int8`` and ``cpu-fast`` do.
+``int8-`` first quantizes its Linear layers as ``s3gen-int8`` and ``cpu-fast`` do
+(``torch.ao`` dynamic), ``ao-int8-`` with torchao's int8 dynamic activations and int8
+weights, the scheme torchao lowers to Inductor's fused int8 GEMMs when compiled.
 hift: HiFT's inference over 200, 300, 250, 300 and 250 mel frames (a new length recompiles
 where shapes are not dynamic). ``compiled-plain-ints`` first makes its convolutions'
 settings Python ints (``optimizations.plain_int_conv_settings``). Both print the graph
@@ -24,6 +28,7 @@ from chatterbox.models.s3gen import S3Gen  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 from chatterbox_demo.optimizations import (  # noqa: E402
+    _plain_linears,
     apply_s3gen_int8_dynamic,
     plain_int_conv_settings,
     use_mask_without_sync,
@@ -34,6 +39,11 @@ def estimator(mode: str) -> None:
     s3gen = S3Gen()
     if mode.startswith("int8-"):
         apply_s3gen_int8_dynamic(s3gen)
+    if mode.startswith("ao-int8-"):
+        import torchao.quantization as tq
+
+        _plain_linears(s3gen.flow.decoder.estimator)
+        tq.quantize_(s3gen.flow.decoder.estimator, tq.Int8DynamicActivationInt8WeightConfig())
     est = s3gen.flow.decoder.estimator.eval()
     frames = 600
     inputs = dict(x=torch.randn(2, 80, frames), mask=torch.ones(2, 1, frames),
