@@ -320,6 +320,10 @@ def report_markdown(report: dict) -> str:
     device, weights = report["device"].upper(), report["weights"]
     lines.append(f"\npreset **{html.escape(report['preset'])}** on {html.escape(device)}, "
                  f"weights {html.escape(weights)}")
+    if t.get("build_s", 0.0) >= 0.1:
+        lines.append(f"\npreparing the preset took {t['build_s']:.1f} s before the run "
+                     "(building its variant; compiling and warming up, for a compiled one), "
+                     "not counted above")
     return "\n".join(lines)
 
 
@@ -340,7 +344,7 @@ def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weig
     m = ensure_loaded(progress)
     params = make_params(exaggeration, cfg_weight, temperature, top_p, min_p,
                          repetition_penalty, seed, max_new_tokens)
-    m.apply_preset(preset)
+    apply_s = switch_preset(m, preset, progress)
 
     def say(fraction, message):
         progress(fraction, desc=f"Speaking {message}")
@@ -354,6 +358,7 @@ def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weig
             # page drops an audio value sent in the same message as a stream's start. So
             # the whole result is the stream's one piece, and the Result follows it.
             yield gr.skip(), gr.skip(), gr.skip(), playable(result)
+        count_preset_build(result.report, apply_s)
         yield playable(result), report_markdown(result.report), result.report, gr.skip()
         return
     if not STREAMING:
@@ -367,7 +372,27 @@ def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weig
                    f"{played:.1f} s of audio so far", gr.skip(), live)
         else:
             result = chunk.synthesis
+            count_preset_build(result.report, apply_s)
             yield playable(result), report_markdown(result.report), result.report, live
+
+
+def switch_preset(m: ModelManager, preset: str, progress) -> float:
+    """Make ``preset`` the active one, saying so when that is a switch (a compiled preset
+    compiles and warms up here, a minute or more the first time); its seconds."""
+    with m.lock:
+        if m.preset != preset:
+            compiles = get_preset(preset).compile_mode != "off"
+            progress(0.0, desc=f"Switching to {preset}" + (
+                ": compiling and warming up, a minute or more the first time"
+                if compiles else ""))
+        m.apply_preset(preset)
+        return m.last_apply_s
+
+
+def count_preset_build(report: dict, apply_s: float) -> None:
+    """Add the preset's preparation before the run to the report's ``build_s``, which
+    stays apart from ``total_s``."""
+    report["timings"]["build_s"] += apply_s
 
 
 def playable(result) -> tuple[int, np.ndarray]:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import soundfile as sf
@@ -227,6 +228,31 @@ def test_in_process_synth_with_a_clip_path_and_baseline(shared_cli, capsys, tmp_
     assert report["voice"] == {"name": "adhoc.wav", "source": "computed"}
     assert report["preset"] == "baseline"
     assert "adhoc.wav" not in shared_cli.library.names()
+
+
+def test_in_process_synth_counts_preparing_the_preset_apart(shared_cli, capsys, tmp_path,
+                                                            monkeypatch):
+    """Building (or compiling) the preset's variant before the run is ``build_s``, not part
+    of ``total_s``, and the text report says how long it took."""
+    build, builds = shared_cli.variant, []
+
+    def slow_first_build(*args, **kwargs):  # as building a variant would take
+        if not builds:
+            time.sleep(2.0)
+        builds.append(args)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(shared_cli, "variant", slow_first_build)
+    args = ["synth", "--text", "Prepared first.", "--voice", "calm-mid", "--max-tokens", "6"]
+    code, stdout, err = main(capsys, *args, "--out", str(tmp_path / "d.wav"),
+                             "--preset", "t3-int8")
+    assert code == 0, err
+    assert "; the preset was prepared in 2." in stdout
+    assert float(stdout.split(" s of audio) in ")[1].split(" s:")[0]) < 2.0  # total_s
+    code, stdout, err = main(capsys, *args, "--out", str(tmp_path / "e.wav"),
+                             "--preset", "t3-int8", "--json")
+    timings = json.loads(stdout)["timings"]
+    assert timings["build_s"] < 0.1 and timings["total_s"] < 2.0  # built already
 
 
 def test_in_process_one_token_budget_is_one_error_line(shared_cli, capsys, tmp_path):

@@ -5,6 +5,7 @@ frees the model."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -131,6 +132,42 @@ def test_the_page_streams_with_progress_then_the_whole_result(tiny_manager, monk
     live = np.concatenate([update[3][1] for update in updates if isinstance(update[3], tuple)])
     assert whole[1].dtype == np.int16 and np.array_equal(live, whole[1])
     assert "first audio" in table and report["streamed"]
+
+
+def test_the_page_reports_a_preset_switch_apart_from_the_run(tiny_manager, monkeypatch):
+    """A switch says so while it runs (a compiled preset compiles then, for a minute or
+    more) and its time is reported beside the run's timings, not in them."""
+    from chatterbox_demo import ui
+
+    monkeypatch.setattr(ui, "manager", lambda: tiny_manager)
+    monkeypatch.setattr(ui, "STREAMING", False)
+    tiny_manager.apply_preset("baseline")
+    said, builds = [], []
+    build = tiny_manager.variant
+
+    def slow_first_build(*args, **kwargs):  # as building a variant would take
+        if not builds:
+            time.sleep(2.0)
+        builds.append(args)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_manager, "variant", slow_first_build)
+
+    def synthesize():
+        [(_, table, report, _)] = list(ui.synthesize(
+            "Hello from the page.", "calm-mid", "cached", 0.5, 0.5, 0.8, 1.0, 0.05, 1.2, 0, 20,
+            False, progress=lambda *args, desc=None, **kwargs: said.append(desc)))
+        return table, report
+
+    table, report = synthesize()
+    assert "Switching to cached" in said
+    timings = report["timings"]
+    assert timings["build_s"] >= 2.0 and "preparing the preset took 2." in table
+    assert timings["total_s"] < 2.0  # the switch is not part of the run
+    said.clear()
+    table, report = synthesize()  # the same preset again: no switch
+    assert not any(message and message.startswith("Switching") for message in said)
+    assert report["timings"]["build_s"] < 0.1 and "preparing the preset" not in table
 
 
 def test_the_page_says_why_it_cannot_stream_without_ffmpeg(tiny_manager, monkeypatch):
