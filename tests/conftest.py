@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 # Before any import of chatterbox / huggingface_hub, which read these at import time.
@@ -127,6 +128,20 @@ def assert_agrees_with_fp32(manager, config, text: str = "Fidelity check.", toke
     # figure; real weights are far more peaked.
     assert not top1 or row["top1_agreement"] >= 0.8, row
     assert row["mel_snr_db"] >= 25.0, row
+
+
+def slow_first_variant_build(manager, monkeypatch, seconds: float = 2.0) -> None:
+    """Make ``manager``'s next variant build take ``seconds`` longer, as building (or
+    compiling) a full-size variant would; the builds after it run as they are."""
+    build, built = manager.variant, []
+
+    def slow_first(*args, **kwargs):
+        if not built:
+            time.sleep(seconds)
+        built.append(args)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "variant", slow_first)
 
 
 @pytest.fixture

@@ -5,11 +5,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import soundfile as sf
-from conftest import REPO, SHIPPED, write_audio
+from conftest import REPO, SHIPPED, slow_first_variant_build, write_audio
 
 from chatterbox_demo import cli
 from chatterbox_demo.config import DEVICE_PRESETS
@@ -234,15 +233,7 @@ def test_in_process_synth_counts_preparing_the_preset_apart(shared_cli, capsys, 
                                                             monkeypatch):
     """Building (or compiling) the preset's variant before the run is ``build_s``, not part
     of ``total_s``, and the text report says how long it took."""
-    build, builds = shared_cli.variant, []
-
-    def slow_first_build(*args, **kwargs):  # as building a variant would take
-        if not builds:
-            time.sleep(2.0)
-        builds.append(args)
-        return build(*args, **kwargs)
-
-    monkeypatch.setattr(shared_cli, "variant", slow_first_build)
+    slow_first_variant_build(shared_cli, monkeypatch, seconds=2.0)
     args = ["synth", "--text", "Prepared first.", "--voice", "calm-mid", "--max-tokens", "6"]
     code, stdout, err = main(capsys, *args, "--out", str(tmp_path / "d.wav"),
                              "--preset", "t3-int8")
