@@ -320,7 +320,7 @@ def report_markdown(report: dict) -> str:
     device, weights = report["device"].upper(), report["weights"]
     lines.append(f"\npreset **{html.escape(report['preset'])}** on {html.escape(device)}, "
                  f"weights {html.escape(weights)}")
-    if t.get("build_s", 0.0) >= 0.1:
+    if t["build_s"] >= 0.1:
         lines.append(f"\npreparing the preset took {t['build_s']:.1f} s before the run "
                      "(building its variant; compiling and warming up, for a compiled one), "
                      "not counted above")
