@@ -155,7 +155,7 @@ def compare_steps(manager: ModelManager, text: str, voice: str | None,
 def _measure_side(manager, side, fraction, config, text, voice, params, repeats, report):
     # A compiled variant compiles on its first call: warm it up first so that lands in
     # the warm-up row, not in the timings.
-    compiled = config.compile_mode != "off"
+    compiled = config.compiles
     steps = "building, compiling and warming up the variant" if compiled else \
         "building the variant"
     report(fraction, f"{side}: {steps}, then {repeats} run(s)")

@@ -85,7 +85,7 @@ def default_max_new_tokens(text: str) -> int:
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 T3_QUANTS = ("none", "int8-dynamic", "int8-weight-only")
-S3GEN_QUANTS = ("none", "int8-dynamic")
+S3GEN_QUANTS = ("none", "int8-dynamic", "int8-static")
 T3_DECODERS = ("stock", "fast")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune",
                  "max-autotune-no-cudagraphs")
@@ -121,7 +121,10 @@ class OptimizationConfig:
     # Precision of S3Gen's CFM estimator only; the vocoder, STFT, S3 tokenizer and voice
     # encoder stay fp32 (there is no bf16 STFT and they cost little).
     s3gen_dtype: str = "fp32"
-    # int8 dynamic quantization of the CFM estimator's Linear layers (CPU).
+    # int8-dynamic: torch.ao dynamic quantization of the CFM estimator's Linear layers
+    # (CPU). int8-static: the PT2E flow, activations too calibrated on a reference run,
+    # compiled by Inductor into oneDNN int8 kernels (CPU; minutes of compiling when
+    # applied, then the fastest estimator without bf16 instructions).
     s3gen_quant: str = "none"
     # Euler steps in the CFM; fewer is faster and changes the audio (upstream: 10).
     cfm_steps: int = UPSTREAM_CFM_STEPS
@@ -158,6 +161,12 @@ class OptimizationConfig:
             check_number("cpu_threads", self.cpu_threads, 1, 256, integer=True)
         if self.t3_quant != "none" and self.t3_dtype != "fp32":
             raise ValueError("T3 quantization works from fp32 weights; set t3_dtype to fp32")
+        if self.s3gen_quant == "int8-static" and self.s3gen_dtype != "fp32":
+            raise ValueError("S3Gen int8-static works from fp32 weights; set s3gen_dtype to "
+                             "fp32")
+        if self.s3gen_quant == "int8-static" and not self.cfm_cfg:
+            raise ValueError("S3Gen int8-static is built for the CFM's batch of two (CFG); "
+                             "turn cfm_cfg on or use int8-dynamic")
         if self.cuda_graphs and self.t3_decoder != "fast":
             raise ValueError("cuda_graphs captures the fast decoder's step; set t3_decoder "
                              "to fast")
@@ -168,6 +177,12 @@ class OptimizationConfig:
         CFG in the CFM), as opposed to differing by numerics only."""
         return (self.cfm_steps != UPSTREAM_CFM_STEPS or not self.cfm_cfg
                 or self.prompt_seconds is not None)
+
+    @property
+    def compiles(self) -> bool:
+        """True when building this configuration's variant leaves compiling to its first
+        call, which the manager makes when it is applied (warm-up)."""
+        return self.compile_mode != "off" or self.s3gen_quant == "int8-static"
 
     def variant_key(self) -> tuple:
         """The fields that need their own copy of the weights."""
@@ -208,8 +223,12 @@ PRESETS: dict[str, OptimizationConfig] = {
     "t3-int8-wo": replace(_CACHED, t3_quant="int8-weight-only", t3_decoder="fast"),
     "s3gen-bf16": replace(_CACHED, s3gen_dtype="bf16"),
     "s3gen-int8": replace(_CACHED, s3gen_quant="int8-dynamic"),
+    "s3gen-int8-static": replace(_CACHED, s3gen_quant="int8-static"),
     # Everything that keeps upstream semantics, for this CPU (see cpu_fast).
     "cpu-fast": CPU_FAST,
+    # cpu-fast with the CFM estimator in static int8, compiled: minutes of compiling when
+    # applied, so the app does not start on it.
+    "cpu-compiled": replace(CPU_FAST, s3gen_dtype="fp32", s3gen_quant="int8-static"),
     # cpu-fast plus knobs that change the audio: fewer CFM steps, no CFG in the CFM.
     "cpu-turbo": replace(CPU_FAST, cfm_steps=6, cfm_cfg=False),
     # For a CUDA GPU (see GPU_FAST).
@@ -231,9 +250,13 @@ PRESET_DESCRIPTIONS = {
                   "(torchao; CPU and GPU)",
     "s3gen-bf16": "cached + S3Gen's CFM estimator in bf16",
     "s3gen-int8": "cached + S3Gen's CFM estimator Linear layers in int8 (CPU)",
+    "s3gen-int8-static": "cached + S3Gen's CFM estimator in static int8 (PT2E, calibrated), "
+                         "compiled (CPU; minutes of compiling when applied)",
     "cpu-fast": f"fast decoder, int8 T3 and {'bf16' if CPU_BF16 else 'int8'} CFM estimator "
                 f"(this CPU {'has' if CPU_BF16 else 'lacks'} bf16 instructions): fastest with "
                 "upstream semantics on a CPU",
+    "cpu-compiled": "cpu-fast with the CFM estimator in static int8, compiled: faster S3Gen "
+                    "after minutes of compiling when applied (CPU)",
     "cpu-turbo": "cpu-fast + 6 CFM steps without CFG: faster, audio differs from upstream",
     "gpu-fast": "fast decoder as CUDA graphs, bf16 T3, fp16 CFM estimator, TF32: for CUDA "
                 "GPUs",

@@ -41,6 +41,7 @@ from .optimizations import (
     apply_runtime_settings,
     build_s3gen,
     build_t3,
+    record_estimator_calls,
     s3gen_variant_key,
     t3_variant_key,
     unavailable_reason,
@@ -259,7 +260,7 @@ class ModelManager:
             self.load()
             started = time.perf_counter()
             self.variant(config)
-            if config.compile_mode != "off" and config.variant_key() not in self._warmed:
+            if config.compiles and config.variant_key() not in self._warmed:
                 # torch.compile compiles on first call: pay that here, not in a user's
                 # first generation, and report it apart.
                 self._warm_up(config)
@@ -285,12 +286,25 @@ class ModelManager:
             t3_key, s3gen_key = self._variant_keys(config, adapter)
             t3 = self._cached_variant(self._t3_variants, "T3", t3_key,
                                       lambda: build_t3(self._t3_base(adapter), config))
-            s3gen = self._cached_variant(self._s3gen_variants, "S3Gen", s3gen_key,
-                                         lambda: build_s3gen(tts.s3gen, config))
+            s3gen = self._cached_variant(
+                self._s3gen_variants, "S3Gen", s3gen_key,
+                lambda: build_s3gen(tts.s3gen, config, self._estimator_calibration))
             apply_runtime_settings(config, self.device)  # only once both parts exist
             # Part of building: a traced decode step is recorded here, outside any timing.
             pipeline.prepare_decoder(t3, config)
             return t3, s3gen
+
+    def _estimator_calibration(self) -> list[dict]:
+        """The CFM estimator calls of one upstream S3Gen pass (fp32, 10 steps with CFG)
+        over the default voice's own prompt tokens: real speech tokens, and the
+        conditioning every generation with that voice gets. int8-static calibrates its
+        activation scales on them."""
+        tts = self.loaded.tts
+        conds, _ = self._library.conditionals(self._library.get(self._default_voice()))
+        tokens = conds.gen["prompt_token"].to(self.device)
+        return record_estimator_calls(
+            tts.s3gen, lambda: tts.s3gen.flow_inference(tokens, ref_dict=conds.gen,
+                                                         finalize=True))
 
     @staticmethod
     def _variant_keys(config: OptimizationConfig, adapter: str | None) -> tuple[tuple, tuple]:

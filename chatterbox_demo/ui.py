@@ -381,7 +381,7 @@ def switch_preset(m: ModelManager, preset: str, progress) -> float:
     compiles and warms up here, a minute or more the first time); its seconds."""
     with m.lock:
         if m.preset != preset:
-            compiles = get_preset(preset).compile_mode != "off"
+            compiles = get_preset(preset).compiles
             progress(0.0, desc=f"Switching to {preset}" + (
                 ": compiling and warming up, a minute or more the first time"
                 if compiles else ""))

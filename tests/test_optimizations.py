@@ -57,11 +57,28 @@ def test_bad_config_values_are_refused(field, value):
 def test_quantization_needs_fp32_weights():
     with pytest.raises(ValueError, match="fp32"):
         OptimizationConfig(t3_dtype="bf16", t3_quant="int8-dynamic")
+    with pytest.raises(ValueError, match="fp32"):
+        OptimizationConfig(s3gen_dtype="bf16", s3gen_quant="int8-static")
+
+
+def test_static_int8_needs_the_cfm_batch_it_was_exported_for():
+    with pytest.raises(ValueError, match="cfm_cfg"):
+        OptimizationConfig(s3gen_quant="int8-static", cfm_cfg=False)
+
+
+def test_static_int8_compiles_like_torch_compile_so_it_is_warmed_up_on_apply():
+    assert OptimizationConfig(s3gen_quant="int8-static").compiles
+    assert OptimizationConfig(compile_mode="default").compiles
+    assert not PRESETS["cpu-fast"].compiles
+    compiled = PRESETS["cpu-compiled"]
+    assert (compiled.s3gen_quant, compiled.t3_quant, compiled.t3_decoder) == (
+        "int8-static", "int8-dynamic", "fast")
+    assert not compiled.changes_output
 
 
 def test_presets_with_one_optimization_differ_from_cached_in_one_place():
     cached = dataclasses.asdict(PRESETS["cached"])
-    for name in ("fast-decoder", "s3gen-bf16", "s3gen-int8"):
+    for name in ("fast-decoder", "s3gen-bf16", "s3gen-int8", "s3gen-int8-static"):
         changed = {k for k, v in dataclasses.asdict(PRESETS[name]).items() if cached[k] != v}
         assert len(changed) == 1, (name, changed)
 
@@ -74,6 +91,7 @@ def test_cpu_fast_keeps_upstream_semantics_and_turbo_does_not():
 @pytest.mark.parametrize("config, device, words", [
     (OptimizationConfig(t3_quant="int8-dynamic"), "cuda", "CPU kernels only"),
     (OptimizationConfig(s3gen_quant="int8-dynamic"), "mps", "CPU kernels only"),
+    (OptimizationConfig(s3gen_quant="int8-static"), "cuda", "targets CPUs"),
     (OptimizationConfig(t3_dtype="fp16"), "cpu", "fp16"),
     (OptimizationConfig(tf32=True), "cpu", "CUDA settings"),
     (OptimizationConfig(compile_mode="reduce-overhead"), "cpu", "CUDA graphs"),
@@ -185,6 +203,54 @@ def test_s3gen_int8_quantizes_every_linear_layer_of_the_estimator(tts):
     assert all(m.weight().qscheme() == torch.per_channel_affine for m in layers)
     pristine = tts.s3gen.flow.decoder.estimator
     assert any(type(m).__name__ == "LoRACompatibleLinear" for m in pristine.modules())
+
+
+def test_recording_estimator_calls_gives_ordinary_tensors_and_restores_it(tts, conds):
+    """int8-static's calibration data: every CFM step's estimator inputs, as tensors that
+    export accepts (upstream runs in inference mode), and the estimator as it was."""
+    estimator = tts.s3gen.flow.decoder.estimator
+    tokens = conds.gen["prompt_token"][0, :20]
+    calls = optimizations.record_estimator_calls(
+        tts.s3gen, lambda: fidelity.mel(tts.s3gen, conds, tokens, 3, cfg=True))
+    assert len(calls) == 3  # one per CFM step
+    frames = calls[0]["x"].shape[2]
+    for call in calls:
+        assert call["x"].shape == (2, 80, frames)  # CFG's two halves
+        assert not any(v.is_inference() for v in call.values() if torch.is_tensor(v))
+    assert "forward" not in estimator.__dict__
+
+
+def test_static_int8_is_not_built_without_calibration(tts):
+    with pytest.raises(ValueError, match="calibration"):
+        build_s3gen(tts.s3gen, OptimizationConfig(s3gen_quant="int8-static"))
+
+
+@pytest.mark.slow
+def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monkeypatch):
+    """The PT2E flow as built for int8-static: Inductor lowers its quantized Linear layers
+    to oneDNN's int8 kernels (only with freezing on while it compiles), a new frame count
+    does not compile again, and the mel stays close to fp32. About 2 minutes here."""
+    from torch._dynamo.utils import counters
+
+    from chatterbox_demo.optimizations import StaticInt8Estimator, record_estimator_calls
+
+    # Compiled afresh, not loaded from Inductor's cache, so that its pattern counters count.
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    tokens = conds.gen["prompt_token"][0]
+    calibration = lambda: record_estimator_calls(  # noqa: E731
+        tts.s3gen, lambda: fidelity.mel(tts.s3gen, conds, tokens, 10, cfg=True))
+    s3gen = build_s3gen(tts.s3gen, OptimizationConfig(s3gen_quant="int8-static"), calibration)
+    assert isinstance(s3gen.flow.decoder.estimator, StaticInt8Estimator)
+    assert not isinstance(tts.s3gen.flow.decoder.estimator, StaticInt8Estimator)
+    counters.clear()
+    for length in (30, 18):
+        part = tokens[:length]
+        mel = fidelity.mel(s3gen, conds, part, 10, cfg=True)
+        if length == 30:
+            graphs = counters["stats"]["unique_graphs"]
+            assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] > 0
+        assert fidelity.snr_db(fidelity.mel(tts.s3gen, conds, part, 10, cfg=True), mel) >= 25
+    assert counters["stats"]["unique_graphs"] == graphs  # 18 tokens: nothing recompiled
 
 
 def test_compiling_s3gen_compiles_what_its_inference_calls(tts, conds, monkeypatch):

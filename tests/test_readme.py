@@ -122,3 +122,18 @@ def test_the_gpu_figures_quoted_are_the_recorded_runs():
     assert f"`gpu-compiled` runs {compiled['speedup']:.1f}x `baseline` " \
            f"(RTF {compiled['rtf']:.2f}), decoding {compiled['t3_tokens_per_s']:.0f} a " \
            f"second, after {compiled['warmup_s']:.0f} s of compiling" in sentence
+
+
+def test_the_cpu_compiled_figures_quoted_are_the_recorded_run():
+    """README quotes docs/bench-cpu-static.json for cpu-compiled; a new run must move it."""
+    import json
+
+    rows = {row["preset"]: row
+            for row in json.loads((ROOT / "docs" / "bench-cpu-static.json").read_text())["rows"]}
+    compiled = rows["cpu-compiled"]
+    text = " ".join(README.split())
+    sentence = text.split("Without bf16 instructions, ")[1].split(" On an H100")[0]
+    assert f"`cpu-compiled` runs {compiled['speedup']:.2f}x `baseline`" in sentence
+    assert f"S3Gen {compiled['s3gen_speedup']:.2f}x" in sentence
+    warmup = rows["s3gen-int8-static"]["warmup_s"]  # the row that built its S3Gen variant
+    assert f"after {warmup:.0f} s of compiling" in sentence
