@@ -254,17 +254,19 @@ def apply_s3gen_int8_static(s3gen: S3Gen, calibration: list[dict]) -> S3Gen:
     decoder = s3gen.flow.decoder
     estimator = decoder.estimator
     use_mask_without_sync(estimator)  # export cannot trace upstream's data-dependent .item()
+    # The solver passes r=None (meanflow's input, unused here); the export takes no None.
+    calls = [{name: value for name, value in call.items() if value is not None}
+             for call in calibration]
     frames = Dim("frames", min=2, max=20_000)
-    example = {name: value for name, value in calibration[0].items() if value is not None}
-    shapes = {name: {2: frames} if name in FRAME_INPUTS else None for name in example}
-    exported = export_for_training(estimator, args=(), kwargs=example,
+    shapes = {name: {2: frames} if name in FRAME_INPUTS else None for name in calls[0]}
+    exported = export_for_training(estimator, args=(), kwargs=calls[0],
                                    dynamic_shapes=shapes).module()
     quantizer = xiq.X86InductorQuantizer()
     quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
-        for call in calibration:
-            prepared(**{name: value for name, value in call.items() if value is not None})
+        for call in calls:
+            prepared(**call)
     converted = convert_pt2e(prepared)
     # It was exported in eval mode; let the variant's .eval() pass over it.
     allow_exported_model_train_eval(converted)
@@ -282,7 +284,6 @@ class StaticInt8Estimator(nn.Module):
 
     def __init__(self, quantized: nn.Module):
         super().__init__()
-        self.quantized = quantized
         self.compiled = torch.compile(quantized, dynamic=False)
 
     @property

@@ -42,6 +42,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 from torch.export import Dim, export_for_training  # noqa: E402
 
 from chatterbox_demo.optimizations import (  # noqa: E402
+    FRAME_INPUTS,
     _plain_linears,
     apply_s3gen_int8_dynamic,
     plain_int_conv_settings,
@@ -56,9 +57,6 @@ def estimator_inputs(frames: int, seed: int = 0) -> dict:
                 mu=torch.randn(2, 80, frames, generator=g), t=torch.rand(2, generator=g),
                 spks=torch.randn(2, 80, generator=g),
                 cond=torch.randn(2, 80, frames, generator=g))
-
-
-FRAME_INPUTS = ("x", "mask", "mu", "cond")
 
 
 def pt2e_int8(est: torch.nn.Module) -> torch.nn.Module:
