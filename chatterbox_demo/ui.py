@@ -332,12 +332,16 @@ STREAMING = shutil.which("ffmpeg") is not None
 STREAM_OFF_REASON = "streaming playback needs ffmpeg on the server (apt-get install ffmpeg)"
 
 
+# The tabs' progress does not track tqdm bars (gr.Progress(track_tqdm=True)): Inductor's
+# code generation opens a disabled bar per kernel and never closes it, and Gradio keeps and
+# re-sends every one it tracks, so a compile under tracking grew the app from 8 GB past 16
+# GB. Our own messages (preset switch, chunk by chunk) say where a run is.
 @gpu_task
 @user_errors
 def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weight: float,
                temperature: float, top_p: float, min_p: float, repetition_penalty: float,
                seed: int, max_new_tokens: int, stream: bool = False,
-               progress=gr.Progress(track_tqdm=True)):
+               progress=gr.Progress()):
     """Speak ``text`` in ``voice``. Yields (result audio, timing table, full report, live
     audio): with ``stream``, each piece goes to the live player as soon as it is made,
     and the whole result comes last."""
@@ -378,12 +382,12 @@ def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weig
 
 def switch_preset(m: ModelManager, preset: str, progress) -> float:
     """Make ``preset`` the active one, saying so when that is a switch (a compiled preset
-    compiles and warms up here, a minute or more the first time); its seconds."""
+    compiles and warms up here, minutes the first time); its seconds."""
     with m.lock:
         if m.preset != preset:
             compiles = get_preset(preset).compiles
             progress(0.0, desc=f"Switching to {preset}" + (
-                ": compiling and warming up, a minute or more the first time"
+                ": compiling and warming up, minutes the first time"
                 if compiles else ""))
         m.apply_preset(preset)
         return m.last_apply_s
@@ -577,7 +581,7 @@ def history_csv(rows: list[list]) -> str:
 def run_compare(text: str, voice: str, seed: int, max_new_tokens: int, preset_a: str,
                 preset_b: str, repeats: int = 1, config_a: dict | None = None,
                 config_b: dict | None = None, history: list | None = None,
-                request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):
+                request: gr.Request = None, progress=gr.Progress()):
     """Same text, voice, seed and token budget under A then B (presets, or the advanced
     panels' configurations when the page sends them); yields A's result, then both."""
     session = request.session_hash if request else None
