@@ -137,3 +137,17 @@ def test_the_cpu_compiled_figures_quoted_are_the_recorded_run():
     assert f"S3Gen {compiled['s3gen_speedup']:.2f}x" in sentence
     warmup = rows["s3gen-int8-static"]["warmup_s"]  # the row that built its S3Gen variant
     assert f"after {warmup:.0f} s of compiling" in sentence
+
+
+def test_the_compile_cache_figures_quoted_are_the_recorded_probe():
+    """README's cold and warm compile of the static int8 estimator are the table in
+    docs/benchmarks.md that its probe's two runs filled."""
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    seconds = {}
+    for kind in ("cold", "warm"):
+        row = next(line for line in benchmarks.splitlines()
+                   if line.startswith(f"  | {kind} cache"))
+        seconds[kind] = float(row.split("|")[2].strip().removesuffix(" s"))
+    text = " ".join(README.split())
+    assert (f"compiled the estimator in {seconds['warm']:.0f} s instead of "
+            f"{seconds['cold']:.0f} s") in text
