@@ -21,14 +21,13 @@ from chatterbox.models.s3gen import S3Gen  # noqa: E402
 from s3gen_compile_probe import estimator_inputs  # noqa: E402
 from torch._dynamo.utils import compile_times  # noqa: E402
 
-from chatterbox_demo.optimizations import _plain_linears, apply_s3gen_int8_static  # noqa: E402
+from chatterbox_demo.optimizations import apply_s3gen_int8_static  # noqa: E402
 
 PHASES = ("_compile.compile_inner", "create_aot_dispatcher_function", "compile_fx_inner",
           "GraphLowering.codegen", "async_compile.wait", "PyCodeCache.load_by_key_path")
 
 torch.manual_seed(0)
 s3gen = S3Gen().eval()
-_plain_linears(s3gen.flow.decoder.estimator)
 calls = [estimator_inputs(frames, seed) for seed, frames in enumerate((600, 500))]
 started = time.perf_counter()
 with torch.no_grad():
