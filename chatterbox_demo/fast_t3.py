@@ -318,7 +318,10 @@ class FastT3Decoder:
             if done:
                 break
             embed = t3.speech_emb(next_token) + pos_emb[step + 1]
-            logits = step_fn(embed.expand(batch, -1, -1).to(self.dtype), prefix + step)
+            # Contiguous, like the prefill's: a compiled step would otherwise specialize on
+            # the expanded view's zero stride and compile a second time.
+            embed = embed.expand(batch, -1, -1).to(self.dtype).contiguous()
+            logits = step_fn(embed, prefix + step)
 
 
 class _TokenStep(torch.nn.Module):

@@ -114,39 +114,53 @@ def apply_t3_precision(t3: T3, dtype: str) -> T3:
     return t3.to(DTYPES[dtype])
 
 
-def apply_t3_int8_dynamic(t3: T3, fuse: bool = False) -> T3:
+def join_projections(t3: T3) -> list:
+    """For the fast decoder: each layer's query, key and value projections become one
+    Linear (``qkv_proj``), and the MLP's gate and up projections another
+    (``gate_up_proj``), whose output rows are theirs in order. A decode step then makes 4
+    matmul calls per layer instead of 7: on a CPU with int8 layers each call also
+    quantizes its input; on a GPU each is a kernel launch in a step that launches, not
+    reads, set the pace. Returns what :func:`slice_joined` needs. Mutates ``t3``."""
+    joined = []
+    for layer in t3.tfmr.layers:
+        joined.append(_fuse(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
+        joined.append(_fuse(layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj"))
+    return joined
+
+
+def slice_joined(joined: list) -> None:
+    """Give back the separate projection names as slices of the joined layers, for the HF
+    forward (which the fidelity check's teacher-forced pass runs)."""
+    for parent, names, fused_name, sizes in joined:
+        start = 0
+        for name, size in zip(names, sizes, strict=True):
+            setattr(parent, name, OutputSlice(getattr(parent, fused_name), start, start + size))
+            start += size
+
+
+def apply_t3_int8_dynamic(t3: T3, join: bool = False) -> T3:
     """int8 dynamic quantization (torch.ao) of the transformer's Linear layers: weights
     stored as int8 with a scale per output channel, activations quantized per call. CPU
     only. The speech head (1.5% of the weights) stays float: upstream reads ``T3.device``
     from its weight.
 
-    With ``fuse`` (for the fast decoder), each layer's query, key and value projections
-    become one Linear, and the MLP's gate and up projections another, before quantizing:
-    a decode step then makes 4 int8 matmul calls per layer instead of 7, each of which
-    also quantizes its input. Per-channel scales make that the same arithmetic as the
+    With ``join`` (for the fast decoder), the projections are joined first
+    (:func:`join_projections`); per-channel scales make that the same arithmetic as the
     separate layers. Mutates ``t3``."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    fused = []
-    if fuse:
-        for layer in t3.tfmr.layers:
-            fused.append(_fuse(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
-            fused.append(_fuse(layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj"))
+    joined = join_projections(t3) if join else []
     quantize_dynamic(t3.tfmr, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
                      inplace=True)
-    # Only now: quantizing would otherwise meet each fused layer once per slice.
-    for parent, names, fused_name, sizes in fused:
-        start = 0
-        for name, size in zip(names, sizes, strict=True):
-            setattr(parent, name, OutputSlice(getattr(parent, fused_name), start, start + size))
-            start += size
+    # Only now: quantizing would otherwise meet each joined layer once per slice.
+    slice_joined(joined)
     return t3
 
 
 class OutputSlice(nn.Module):
-    """One projection of a fused one, for callers that want the separate layers (the
-    HF forward, which the fidelity check's teacher-forced pass runs): it computes the
-    fused output and keeps its rows. The fast decoder calls the fused layer once."""
+    """One projection of a joined one, for callers that want the separate layers (the
+    HF forward): it computes the joined output and keeps its rows. The fast decoder calls
+    the joined layer once."""
 
     def __init__(self, fused: nn.Module, start: int, end: int):
         super().__init__()
@@ -161,8 +175,10 @@ def _fuse(parent: nn.Module, names: tuple[str, ...], fused_name: str):
     output rows are theirs in order; returns what it takes to slice them back out."""
     layers = [getattr(parent, name) for name in names]
     sizes = [layer.out_features for layer in layers]
-    fused = nn.Linear(layers[0].in_features, sum(sizes), bias=False)
-    fused.weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]))
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    fused = nn.Linear(layers[0].in_features, sum(sizes), bias=False,
+                      device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight)
     for name in names:
         delattr(parent, name)
     setattr(parent, fused_name, fused)
@@ -336,10 +352,10 @@ def apply_compile(module: nn.Module, mode: str, method: str = "forward") -> nn.M
 
 def t3_variant_key(config: OptimizationConfig) -> tuple:
     """What :func:`build_t3` reads from ``config``: configurations with equal keys share one
-    built T3. int8 layers are fused for the fast decoder only (the stock decoder calls the
-    separate ones, which would then each compute the fused output)."""
+    built T3. Projections are joined for the fast decoder only (the stock decoder calls the
+    separate ones, which would then each compute the joined output)."""
     key = (config.t3_dtype, config.t3_quant, config.compile_mode)
-    return (*key, "fused") if fuses_int8(config) else key
+    return (*key, "joined") if joins_projections(config) else key
 
 
 def s3gen_variant_key(config: OptimizationConfig) -> tuple:
@@ -347,21 +363,33 @@ def s3gen_variant_key(config: OptimizationConfig) -> tuple:
     return (config.s3gen_dtype, config.s3gen_quant, config.compile_mode)
 
 
-def fuses_int8(config: OptimizationConfig) -> bool:
-    return config.t3_quant == "int8-dynamic" and config.t3_decoder == "fast"
+def joins_projections(config: OptimizationConfig) -> bool:
+    """Whether the T3 built for ``config`` has joined projections (:func:`join_projections`):
+    for the fast decoder, whenever the variant is a copy anyway (int8, another precision,
+    compiled). Not for fp32 alone, which the fast decoder shares with the stock one rather
+    than hold a second 2 GB copy to save a few calls of a bandwidth-bound step; nor for
+    torchao's int8 weight-only layers, quantized in place of the separate ones."""
+    return (config.t3_decoder == "fast" and config.t3_quant != "int8-weight-only"
+            and not _is_pristine_t3(config))
+
+
+def _is_pristine_t3(config: OptimizationConfig) -> bool:
+    return (config.t3_dtype, config.t3_quant, config.compile_mode) == ("fp32", "none", "off")
 
 
 def build_t3(pristine: T3, config: OptimizationConfig) -> T3:
     """The T3 a configuration needs: the pristine module itself when nothing changes its
     weights, else a transformed copy."""
-    if (config.t3_dtype, config.t3_quant, config.compile_mode) == ("fp32", "none", "off"):
+    if _is_pristine_t3(config):
         return pristine
     t3 = copy.deepcopy(without_patched_model(pristine))
     if config.t3_dtype != "fp32":
         apply_t3_precision(t3, config.t3_dtype)
     if config.t3_quant == "int8-dynamic":
-        apply_t3_int8_dynamic(t3, fuse=fuses_int8(config))
-    elif config.t3_quant == "int8-weight-only":
+        apply_t3_int8_dynamic(t3, join=joins_projections(config))
+    elif joins_projections(config):
+        slice_joined(join_projections(t3))
+    if config.t3_quant == "int8-weight-only":
         apply_t3_int8_weight_only(t3)
     if config.compile_mode != "off":
         # The stock decoder calls each layer's forward; the fast decoder calls its own

@@ -150,37 +150,54 @@ def test_int8_dynamic_replaces_linear_layers_and_halves_their_memory(tts):
     assert linear_bytes(t3.tfmr) <= 0.5 * linear_bytes(tts.t3.tfmr)
 
 
-def test_int8_for_the_fast_decoder_joins_projections_with_the_same_arithmetic(tts, conds):
-    """t3-int8 joins q/k/v and gate/up into one int8 layer each (4 calls per layer, not 7);
-    with per-channel scales that computes what the separate layers do, in the fast decoder
-    and in the HF forward (slices of the joined output), at the same memory."""
+@pytest.mark.parametrize("preset, tolerance", [("t3-int8", 1e-5), ("t3-bf16", 2e-2)])
+def test_the_fast_decoder_joins_projections_with_the_same_arithmetic(tts, conds, preset,
+                                                                      tolerance):
+    """A fast-decoder variant joins q/k/v and gate/up into one layer each (4 matmul calls
+    per layer, not 7); that computes what the separate layers do, in the fast decoder and
+    in the HF forward (slices of the joined output), at the same memory. int8 with
+    per-channel scales to float rounding; bf16 to bf16's (a joined matmul may sum in
+    another order)."""
     from chatterbox_demo.fast_t3 import FastT3Decoder, StaticKVCache
     from chatterbox_demo.pipeline import padded_text_tokens
 
-    joined = build_t3(tts.t3, PRESETS["t3-int8"])
-    separate = build_t3(tts.t3, dataclasses.replace(PRESETS["t3-int8"], t3_decoder="stock"))
+    joined = build_t3(tts.t3, PRESETS[preset])
+    separate = build_t3(tts.t3, dataclasses.replace(PRESETS[preset], t3_decoder="stock"))
     attn, mlp = joined.tfmr.layers[0].self_attn, joined.tfmr.layers[0].mlp
     assert hasattr(attn, "qkv_proj") and hasattr(mlp, "gate_up_proj")
     assert not hasattr(separate.tfmr.layers[0].self_attn, "qkv_proj")
-    calls = [m for m in joined.tfmr.modules()
-             if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
-    assert len(calls) == 4 * len(joined.tfmr.layers)
+    matmuls = [m for m in joined.tfmr.modules()
+               if isinstance(m, (nn.Linear, torch.ao.nn.quantized.dynamic.Linear))]
+    assert len(matmuls) == 4 * len(joined.tfmr.layers)
     assert linear_bytes(joined.tfmr) == linear_bytes(separate.tfmr)
+
+    def close(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item() < tolerance
 
     text = padded_text_tokens(tts, tts.t3, "Joined or not.")
     tokens = torch.randint(0, 6561, (30,), generator=torch.Generator().manual_seed(0))
     hf_joined, hf_separate = (fidelity.teacher_forced_logits(t3, conds, text, tokens)
                               for t3 in (joined, separate))
-    assert torch.allclose(hf_joined, hf_separate, atol=1e-5)
+    assert close(hf_joined, hf_separate)
     embeds = torch.randn(2, 12, tts.t3.cfg.hidden_size, generator=torch.Generator()
                          .manual_seed(1))
     fast = []
     for t3 in (joined, separate):
+        decoder = FastT3Decoder(t3)
         cache = StaticKVCache(len(t3.tfmr.layers), 2, t3.cfg.num_attention_heads, 16,
-                              t3.tfmr.layers[0].self_attn.head_dim, torch.float32, "cpu")
+                              t3.tfmr.layers[0].self_attn.head_dim, decoder.dtype, "cpu")
         with torch.inference_mode():
-            fast.append(FastT3Decoder(t3).forward(embeds, cache, 0))
-    assert torch.allclose(fast[0], fast[1], atol=1e-5)
+            fast.append(decoder.forward(embeds.to(decoder.dtype), cache, 0))
+    assert close(fast[0], fast[1])
+
+
+def test_fp32_alone_shares_the_pristine_t3_with_separate_projections(tts):
+    """The fp32 fast decoder needs no copy of T3 (2 GB at full size) just to join
+    projections; torchao's weight-only layers are quantized separately."""
+    assert build_t3(tts.t3, PRESETS["fast-decoder"]) is tts.t3
+    assert not hasattr(tts.t3.tfmr.layers[0].self_attn, "qkv_proj")
+    weight_only = build_t3(tts.t3, PRESETS["t3-int8-wo"])
+    assert not hasattr(weight_only.tfmr.layers[0].self_attn, "qkv_proj")
 
 
 def test_int8_weight_only_quantizes_weights_in_place_and_quarters_them(tts):

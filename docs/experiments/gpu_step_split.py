@@ -10,10 +10,16 @@
 - the graph replay alone, and the on-device sampling alone, per token. If they add up to
   about the whole, the next gain is in the larger; if not, the host is the gap.
 
+With a third argument ``joined`` it measures instead what joining each layer's q/k/v and
+gate/up projections (``optimizations.join_projections``: 4 matmuls a layer instead of 7)
+does to the CUDA-graph step, eager and compiled: decode tokens/s and the replay alone,
+separate against joined (the gpu_check.sh run of 2026-11-27).
+
 Run from the repository root (on an H100 it ended inside the 150 s it was given, most of
 it loading the model and compiling):
 
     python docs/experiments/gpu_step_split.py random cuda
+    python docs/experiments/gpu_step_split.py random cuda joined
 
 On a CPU (``tiny cpu``) the ``bucketed`` step runs in place of the graph, which is how
 the script itself is checked without a GPU.
@@ -53,7 +59,7 @@ def seconds(device, work, repeats: int = 1) -> float:
     return time.perf_counter() - started
 
 
-def main(weights: str, device: str) -> None:
+def main(weights: str, device: str, what: str = "split") -> None:
     manager = ModelManager(weights, device=device, cache_dir=Path(tempfile.mkdtemp()),
                            shipped_voices=ROOT / "voices")
     tts = manager.load().tts  # applies the device's preset, and so its torch settings
@@ -61,8 +67,11 @@ def main(weights: str, device: str) -> None:
     text_tokens = padded_text_tokens(tts, tts.t3, "The old lighthouse stood at the cliff.")
     graph_mode = "cuda-graph" if device == "cuda" else "bucketed"
     gpu_fast = PRESETS["gpu-fast"]
-    eager = build_t3(tts.t3, gpu_fast)
-    compiled = build_t3(tts.t3, dataclasses.replace(gpu_fast, compile_mode="default"))
+    # The stock decoder's variants keep the projections separate (the fast decoder's join
+    # them): the script drives FastT3Decoder itself, so it can time both.
+    separate = dataclasses.replace(gpu_fast, t3_decoder="stock", cuda_graphs=False)
+    eager = build_t3(tts.t3, separate)
+    compiled = build_t3(tts.t3, dataclasses.replace(separate, compile_mode="default"))
 
     def decode_rate(label: str, t3, mode: str, tokens: int = TOKENS) -> None:
         decoder = FastT3Decoder(t3, step_mode=mode)
@@ -77,6 +86,37 @@ def main(weights: str, device: str) -> None:
         first, whole = generation(1), generation(tokens + 1)
         print(f"T3 bf16, {label}: prefill + 1 token {first * 1e3:.1f} ms, decode "
               f"{tokens / (whole - first):.1f} tokens/s", flush=True)
+
+    @torch.inference_mode()
+    def replay_alone(label: str, t3) -> None:
+        """The graph step alone over cache positions 100-299 (buckets 128 to 320)."""
+        embed = torch.randn(2, 1, t3.cfg.hidden_size, dtype=t3.speech_emb.weight.dtype,
+                            device=device)
+        positions = [100 + i % 200 for i in range(TOKENS)]
+        _, step = FastT3Decoder(t3, step_mode=graph_mode)._cache_and_step(2, 512)
+        for position in positions:
+            step(embed, position)  # warm-up: captures
+        replay = seconds(device, lambda: [step(embed, p) for p in positions])
+        print(f"bf16 {graph_mode} step alone, {label}: {replay / TOKENS * 1e3:.2f} "
+              "ms/token", flush=True)
+
+    if what == "joined":
+        variants = {
+            "eager, separate projections": eager,
+            "eager, joined projections": build_t3(tts.t3, gpu_fast),
+            "compiled, separate projections": compiled,
+            "compiled, joined projections": build_t3(
+                tts.t3, dataclasses.replace(gpu_fast, compile_mode="default")),
+        }
+        for label, t3 in variants.items():
+            # Each variant compiles afresh: the layer step is compiled once per process,
+            # and the second layout's guards would add to the first's recompiles (size,
+            # offset and stride specializations), past Dynamo's limit of 8 per function,
+            # after which the step would run eager.
+            torch._dynamo.reset()
+            decode_rate(f"{graph_mode} step, {label}", t3, graph_mode)
+            replay_alone(label, t3)
+        return
 
     decode_rate("plain step", eager, "plain")
     if device == "cuda":
@@ -100,14 +140,8 @@ def main(weights: str, device: str) -> None:
         error = ((got - want).norm() / want.norm()).item()
         print(f"compiled step's logits against eager (bf16): relative error {error:.2e}")
 
-        positions = [100 + i % 200 for i in range(TOKENS)]  # buckets 128 to 320
         for label, t3 in (("eager", eager), ("compiled", compiled)):
-            _, step = FastT3Decoder(t3, step_mode=graph_mode)._cache_and_step(2, 512)
-            for position in positions:
-                step(embed, position)  # warm-up: captures
-            replay = seconds(device, lambda: [step(embed, p) for p in positions])  # noqa: B023
-            print(f"bf16 {graph_mode} step alone, {label}: {replay / TOKENS * 1e3:.2f} "
-                  "ms/token", flush=True)
+            replay_alone(label, t3)
         logits = torch.randn(2, eager.hp.speech_tokens_dict_size, device=device)
         seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=device)
         cfg = torch.tensor(0.5, device=device)
@@ -117,4 +151,4 @@ def main(weights: str, device: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*(sys.argv[1:3] if len(sys.argv) > 2 else ("tiny", "cpu")))
+    main(*(sys.argv[1:] if len(sys.argv) > 2 else ("tiny", "cpu")))

@@ -39,7 +39,7 @@ def per_tensor_int8(t3):
 
 def per_channel_int8(t3, fuse: bool):
     t3 = copy.deepcopy(optimizations.without_patched_model(t3))
-    return optimizations.apply_t3_int8_dynamic(t3, fuse=fuse).eval()
+    return optimizations.apply_t3_int8_dynamic(t3, join=fuse).eval()
 
 
 def main(weights: str) -> None:
