@@ -234,8 +234,9 @@ PRESETS: dict[str, OptimizationConfig] = {
     # For a CUDA GPU (see GPU_FAST).
     "gpu-fast": GPU_FAST,
     # gpu-fast with torch.compile: the decode step compiled and captured in the CUDA
-    # graphs (on an H100, 495 against 268 tokens/s), S3Gen's estimator and HiFT compiled
-    # too. A minute or more of compiling when applied, so the app does not start on it.
+    # graphs (on an H200, 532 against gpu-fast's 269 tokens/s), S3Gen's estimator and
+    # HiFT compiled too (S3Gen 1.9x). About four minutes of compiling when applied (238 s
+    # on an H200, docs/benchmarks.md run 4), so the app does not start on it.
     "gpu-compiled": replace(GPU_FAST, compile_mode="default"),
 }
 # One line per preset for the UI and docs: what it changes and where it helps.
@@ -261,8 +262,8 @@ PRESET_DESCRIPTIONS = {
     "gpu-fast": "fast decoder as CUDA graphs, bf16 T3, fp16 CFM estimator, TF32: for CUDA "
                 "GPUs",
     "gpu-compiled": "gpu-fast + torch.compile (default mode), the compiled decode step "
-                    "captured in the CUDA graphs: faster decoding after a minute or more of "
-                    "compiling",
+                    "captured in the CUDA graphs, S3Gen compiled: faster after about four "
+                    "minutes of compiling",
 }
 DEFAULT_PRESET = "cached"
 # What the app starts on, per device: the fastest preset that keeps upstream semantics.

@@ -100,11 +100,11 @@ def test_the_gpu_check_carries_the_versions_this_environment_runs():
     assert {"gpu-fast", "gpu-compiled"} <= benched
 
 
-def recorded_gpu_rows(name: str) -> dict:
+def recorded_gpu_rows(name: str, gpu: str = "H100") -> dict:
     import json
 
     recorded = json.loads((ROOT / "docs" / name).read_text())
-    assert "H100" in json.dumps(recorded["machine"])
+    assert gpu in json.dumps(recorded["machine"])
     return {row["preset"]: row for row in recorded["rows"]}
 
 
@@ -122,6 +122,18 @@ def test_the_gpu_figures_quoted_are_the_recorded_runs():
     assert f"`gpu-compiled` runs {compiled['speedup']:.1f}x `baseline` " \
            f"(RTF {compiled['rtf']:.2f}), decoding {compiled['t3_tokens_per_s']:.0f} a " \
            f"second, after {compiled['warmup_s']:.0f} s of compiling" in sentence
+
+
+def test_the_h200_figures_quoted_are_the_recorded_run():
+    """README's H200 sentence quotes docs/bench-gpu-h200.json (run 4)."""
+    rows = recorded_gpu_rows("bench-gpu-h200.json", gpu="H200")
+    compiled, base = rows["gpu-compiled"], rows["baseline"]
+    sentence = " ".join(README.split("On an H200, ")[1].split(".\n")[0].split())
+    assert f"`gpu-compiled` runs {compiled['speedup']:.1f}x `baseline` " \
+           f"(RTF {compiled['rtf']:.2f} for {compiled['audio_seconds']:.1f} s of speech), " \
+           f"decoding {compiled['t3_tokens_per_s']:.0f} speech tokens a second against " \
+           f"{base['t3_tokens_per_s']:.0f}, after {compiled['warmup_s']:.0f} s of " \
+           "compiling" in sentence
 
 
 def test_the_cpu_compiled_figures_quoted_are_the_recorded_run():
