@@ -29,8 +29,9 @@ FIGURES = (
     ("peak_mem_mb", "peak memory (MB)", False),
 )
 SAME_AUDIO_DB = 25.0  # mel SNR above which two renderings of the same tokens sound alike
-# Under a millisecond a stage was skipped or served from a cache (cached conditionals take
-# about 0.1 ms to look up at full size): a ratio against it (22795x) says nothing.
+# Under a millisecond a stage was skipped or served from memory (cached conditionals: about
+# 0.1 ms at full size), and the rows' rounding to 0.1 ms leaves at most one digit of it: a
+# ratio against it (22795x) would be mostly rounding.
 SKIPPED_STAGE_S = 0.001
 
 
