@@ -150,9 +150,8 @@ def test_int8_dynamic_replaces_linear_layers_and_halves_their_memory(tts):
     assert linear_bytes(t3.tfmr) <= 0.5 * linear_bytes(tts.t3.tfmr)
 
 
-@pytest.mark.parametrize("preset, tolerance", [("t3-int8", 1e-5), ("t3-bf16", 2e-2)])
-def test_the_fast_decoder_joins_projections_with_the_same_arithmetic(tts, conds, preset,
-                                                                      tolerance):
+@pytest.mark.parametrize("preset", ["t3-int8", "t3-bf16"])
+def test_the_fast_decoder_joins_projections_with_the_same_arithmetic(tts, conds, preset):
     """A fast-decoder variant joins q/k/v and gate/up into one layer each (4 matmul calls
     per layer, not 7); that computes what the separate layers do, in the fast decoder and
     in the HF forward (slices of the joined output), at the same memory. int8 with
@@ -172,7 +171,9 @@ def test_the_fast_decoder_joins_projections_with_the_same_arithmetic(tts, conds,
     assert linear_bytes(joined.tfmr) == linear_bytes(separate.tfmr)
 
     def close(a, b):
-        return ((a.float() - b.float()).norm() / b.float().norm()).item() < tolerance
+        if preset == "t3-int8":  # float logits, each within 1e-5
+            return torch.allclose(a, b, atol=1e-5)
+        return ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
 
     text = padded_text_tokens(tts, tts.t3, "Joined or not.")
     tokens = torch.randint(0, 6561, (30,), generator=torch.Generator().manual_seed(0))

@@ -68,7 +68,8 @@ def main(weights: str, device: str, what: str = "split") -> None:
     graph_mode = "cuda-graph" if device == "cuda" else "bucketed"
     gpu_fast = PRESETS["gpu-fast"]
     # The stock decoder's variants keep the projections separate (the fast decoder's join
-    # them): the script drives FastT3Decoder itself, so it can time both.
+    # them): the script drives FastT3Decoder itself, so it can time both. Without `joined`
+    # it times the separate step, as runs 1 and 2 did.
     separate = dataclasses.replace(gpu_fast, t3_decoder="stock", cuda_graphs=False)
     eager = build_t3(tts.t3, separate)
     compiled = build_t3(tts.t3, dataclasses.replace(separate, compile_mode="default"))
