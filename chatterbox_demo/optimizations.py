@@ -193,8 +193,26 @@ def apply_t3_int8_weight_only(t3: T3) -> T3:
 
     # torchao renamed its config functions to classes (Int8WeightOnlyConfig) in 0.10.
     config = getattr(tq, "Int8WeightOnlyConfig", None) or tq.int8_weight_only
-    tq.quantize_(t3.tfmr, config())
+    with keeping_process_wide_settings():
+        tq.quantize_(t3.tfmr, config())
     return t3
+
+
+@contextmanager
+def keeping_process_wide_settings():
+    """Put back fp32 matmul precision and Inductor's options after the block. torchao's
+    ``quantize_`` tunes the whole process for its own kernels by default: fp32 matmuls at
+    "high" precision (TF32 on CUDA, for every variant, the stock baseline included) and
+    Inductor options such as coordinate-descent tuning (slower compiles everywhere). Its
+    argument to turn that off is deprecated, so the settings are saved and restored."""
+    import torch._inductor.config as inductor_config
+
+    precision, inductor = torch.get_float32_matmul_precision(), inductor_config.save_config()
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        inductor_config.load_config(inductor)
 
 
 def apply_s3gen_precision(s3gen: S3Gen, dtype: str) -> S3Gen:

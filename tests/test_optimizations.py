@@ -210,6 +210,20 @@ def test_int8_weight_only_quantizes_weights_in_place_and_quarters_them(tts):
     assert module_bytes(t3.tfmr) <= 0.3 * module_bytes(tts.t3.tfmr)
 
 
+def test_int8_weight_only_leaves_process_wide_settings_as_they_were(tts, monkeypatch):
+    """torchao's quantize_ tunes the whole process for its own kernels unless told not to:
+    fp32 matmuls at "high" precision (TF32 on CUDA, for the stock baseline too) and
+    Inductor options. Building one variant must not change how the others run."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    precision, inductor = torch.get_float32_matmul_precision(), inductor_config.save_config()
+    build_t3(tts.t3, OptimizationConfig(t3_quant="int8-weight-only"))
+    assert torch.get_float32_matmul_precision() == precision
+    assert not inductor_config.coordinate_descent_tuning
+    assert inductor_config.save_config() == inductor
+
+
 def test_s3gen_int8_quantizes_every_linear_layer_of_the_estimator(tts):
     """diffusers' LoRACompatibleLinear subclasses nn.Linear; quantize_dynamic matches exact
     types, so those layers used to stay fp32."""
