@@ -38,6 +38,8 @@ from chatterbox.models.t3 import T3
 from chatterbox.models.t3.modules.cond_enc import T3Cond
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .compiling import compile_hot
+
 
 class StaticKVCache:
     """Keys and values for every layer, preallocated for ``max_len`` positions."""
@@ -146,8 +148,7 @@ def layer_step(compile_mode: str, at_position: bool = False):
         return function
     key = (function.__name__, compile_mode)
     if key not in _COMPILED_STEPS:
-        options = {} if compile_mode == "default" else {"mode": compile_mode}
-        _COMPILED_STEPS[key] = torch.compile(function, dynamic=True, **options)
+        _COMPILED_STEPS[key] = compile_hot(function, compile_mode)
     return _COMPILED_STEPS[key]
 
 

@@ -18,6 +18,7 @@ from chatterbox.models.s3gen.utils.mask import add_optional_chunk_mask, subseque
 from chatterbox.models.t3 import T3
 from torch import nn
 
+from .compiling import compile_hot
 from .config import OptimizationConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -363,8 +364,7 @@ def _plain_linears(module: nn.Module) -> None:
 def apply_compile(module: nn.Module, mode: str, method: str = "forward") -> nn.Module:
     """Compile ``module``'s ``method`` in place (shapes vary per call, so dynamic).
     Mutates ``module``."""
-    options = {} if mode == "default" else {"mode": mode}
-    setattr(module, method, torch.compile(getattr(module, method), dynamic=True, **options))
+    setattr(module, method, compile_hot(getattr(module, method), mode))
     return module
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from conftest import assert_agrees_with_fp32, presets_keeping_semantics
 from torch import nn
 
 from chatterbox_demo import fidelity, optimizations
+from chatterbox_demo.compiling import compile_hot
 from chatterbox_demo.config import BASELINE, PRESETS, GenerationParams, OptimizationConfig
 from chatterbox_demo.optimizations import (
     build_s3gen,
@@ -111,6 +113,27 @@ def test_every_preset_but_the_gpu_ones_runs_on_cpu():
     assert runnable == set(PRESETS) - {"gpu-fast", "gpu-compiled"}
     assert unavailable_reason(PRESETS["gpu-fast"], "cuda") is None
     assert unavailable_reason(PRESETS["gpu-compiled"], "cuda") is None
+
+
+def test_a_hot_part_compiles_for_more_variants_than_dynamos_default_eight(monkeypatch):
+    """Dynamo keeps eight versions of a function by default and then runs it eagerly for
+    new inputs, with only a log warning; the fast decoder's one layer step serves every T3
+    variant of the process. Ten input types here stand for ten variants. (Dynamo's eager
+    backend keeps versions as Inductor does, without building kernels: 2 s, not 40.)"""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+
+    def double(x):  # a function of its own, so its versions start at none
+        return x * 2
+
+    compiled = compile_hot(double, "default")
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
+              torch.int32, torch.int16, torch.int8, torch.uint8, torch.complex64]
+    before = counters["stats"]["unique_graphs"]
+    for dtype in dtypes:
+        assert torch.equal(compiled(torch.ones(3, dtype=dtype)), torch.full((3,), 2, dtype=dtype))
+    assert counters["stats"]["unique_graphs"] - before == len(dtypes)
 
 
 @pytest.mark.parametrize("mode, layers_mode", [
