@@ -224,6 +224,8 @@ PRESETS: dict[str, OptimizationConfig] = {
     "s3gen-bf16": replace(_CACHED, s3gen_dtype="bf16"),
     "s3gen-int8": replace(_CACHED, s3gen_quant="int8-dynamic"),
     "s3gen-int8-static": replace(_CACHED, s3gen_quant="int8-static"),
+    # torch.compile alone (on an AVX2 CPU: 0.86x baseline after 510 s, docs/benchmarks.md).
+    "compiled": replace(_CACHED, compile_mode="default"),
     # Everything that keeps upstream semantics, for this CPU (see cpu_fast).
     "cpu-fast": CPU_FAST,
     # cpu-fast with the CFM estimator in static int8, compiled: minutes of compiling when
@@ -253,6 +255,9 @@ PRESET_DESCRIPTIONS = {
     "s3gen-int8": "cached + S3Gen's CFM estimator Linear layers in int8 (CPU)",
     "s3gen-int8-static": "cached + S3Gen's CFM estimator in static int8 (PT2E, calibrated), "
                          "compiled (CPU; minutes of compiling when applied)",
+    "compiled": "cached + torch.compile (default mode) of T3's layers, S3Gen's CFM estimator "
+                "and HiFT: its own effect; minutes of compiling when applied, and measured no "
+                "faster on a 2-core CPU",
     "cpu-fast": f"fast decoder, int8 T3 and {'bf16' if CPU_BF16 else 'int8'} CFM estimator "
                 f"(this CPU {'has' if CPU_BF16 else 'lacks'} bf16 instructions): fastest with "
                 "upstream semantics on a CPU",
