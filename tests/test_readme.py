@@ -151,6 +151,23 @@ def test_the_cpu_compiled_figures_quoted_are_the_recorded_run():
     assert f"after {warmup:.0f} s of compiling" in sentence
 
 
+def test_the_avx2_figures_quoted_are_the_recorded_run():
+    """README's AMD EPYC sentence quotes docs/bench-cpu-avx2-static.json."""
+    import json
+
+    recorded = json.loads((ROOT / "docs" / "bench-cpu-avx2-static.json").read_text())
+    assert recorded["machine"]["cpu"] == "AMD EPYC"
+    rows = {row["preset"]: row for row in recorded["rows"]}
+    fast, base = rows["cpu-fast"], rows["baseline"]
+    text = " ".join(README.split())
+    sentence = text.split("On a 2-core AMD EPYC with AVX2 only")[1].split(" On an H100")[0]
+    decode = fast["t3_tokens_per_s"] / base["t3_tokens_per_s"]
+    assert (f"`cpu-fast` decodes {decode:.1f}x as fast as `baseline` "
+            f"({fast['t3_tokens_per_s']:.1f} speech tokens a second against "
+            f"{base['t3_tokens_per_s']:.1f}) and runs {fast['speedup']:.2f}x end to end; "
+            f"`cpu-compiled` {rows['cpu-compiled']['speedup']:.2f}x") in sentence
+
+
 def test_the_compile_cache_figures_quoted_are_the_recorded_probe():
     """README's cold and warm compile of the static int8 estimator are the table in
     docs/benchmarks.md that its probe's two runs filled."""
