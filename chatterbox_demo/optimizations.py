@@ -124,18 +124,18 @@ def join_projections(t3: T3) -> list:
     reads, set the pace. Returns what :func:`slice_joined` needs. Mutates ``t3``."""
     joined = []
     for layer in t3.tfmr.layers:
-        joined.append(_fuse(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
-        joined.append(_fuse(layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj"))
+        joined.append(_join(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"))
+        joined.append(_join(layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj"))
     return joined
 
 
 def slice_joined(joined: list) -> None:
     """Give back the separate projection names as slices of the joined layers, for the HF
     forward (which the fidelity check's teacher-forced pass runs)."""
-    for parent, names, fused_name, sizes in joined:
+    for parent, names, joined_name, sizes in joined:
         start = 0
         for name, size in zip(names, sizes, strict=True):
-            setattr(parent, name, OutputSlice(getattr(parent, fused_name), start, start + size))
+            setattr(parent, name, OutputSlice(getattr(parent, joined_name), start, start + size))
             start += size
 
 
@@ -171,19 +171,19 @@ class OutputSlice(nn.Module):
         return self.fused(x)[..., self.start:self.end]
 
 
-def _fuse(parent: nn.Module, names: tuple[str, ...], fused_name: str):
-    """Replace ``parent``'s bias-free Linear layers ``names`` by one, ``fused_name``, whose
+def _join(parent: nn.Module, names: tuple[str, ...], joined_name: str):
+    """Replace ``parent``'s bias-free Linear layers ``names`` by one, ``joined_name``, whose
     output rows are theirs in order; returns what it takes to slice them back out."""
     layers = [getattr(parent, name) for name in names]
     sizes = [layer.out_features for layer in layers]
     weight = torch.cat([layer.weight.detach() for layer in layers])
-    fused = nn.Linear(layers[0].in_features, sum(sizes), bias=False,
-                      device=weight.device, dtype=weight.dtype)
-    fused.weight = nn.Parameter(weight)
+    joined = nn.Linear(layers[0].in_features, sum(sizes), bias=False,
+                       device=weight.device, dtype=weight.dtype)
+    joined.weight = nn.Parameter(weight)
     for name in names:
         delattr(parent, name)
-    setattr(parent, fused_name, fused)
-    return parent, names, fused_name, sizes
+    setattr(parent, joined_name, joined)
+    return parent, names, joined_name, sizes
 
 
 def apply_t3_int8_weight_only(t3: T3) -> T3:
