@@ -110,10 +110,11 @@ def main(weights: str, device: str, what: str = "split") -> None:
                 tts.t3, dataclasses.replace(gpu_fast, compile_mode="default")),
         }
         for label, t3 in variants.items():
-            # Each variant compiles afresh: the layer step is compiled once per process,
-            # and the second layout's guards would add to the first's recompiles (size,
-            # offset and stride specializations), past Dynamo's limit of 8 per function,
-            # after which the step would run eager.
+            # Each variant compiles afresh, as in a process that builds only it: the layer
+            # step is one compiled function for every variant, and without the reset the
+            # second layout would find the first's versions already there. (When this ran
+            # in run 4, before compiling.compile_hot raised Dynamo's limit of 8 versions
+            # per function, the reset also kept the step from running eagerly past it.)
             torch._dynamo.reset()
             decode_rate(f"{graph_mode} step, {label}", t3, graph_mode)
             replay_alone(label, t3)
