@@ -110,6 +110,12 @@ class OptimizationConfig:
     # int8-dynamic: torch.ao dynamic quantization of T3's Linear layers (CPU kernels only):
     # a quarter of the fp32 bytes per token. int8-weight-only: torchao, GPU and CPU.
     t3_quant: str = "none"
+    # CPU, fp32: T3's float Linear layers (all of them; under int8-dynamic the speech head,
+    # the one left float) run through oneDNN with their weights packed once, for the decode
+    # step's batch of two. On a 2-core AVX2 EPYC, MKL (PyTorch's default) read the weights
+    # of such a two-row matmul at 6-8 GB/s, oneDNN at 18-29; the same arithmetic in
+    # another order (logits cosine 1.0000 against fp32). See docs/benchmarks.md.
+    t3_onednn: bool = False
     # stock: the package's T3.inference untouched. fast: our static-cache decode loop with
     # SDPA and on-device sampling (same sampling semantics); on a CPU its single-token
     # step is replayed from a trace, unless torch.compile compiles it; see fast_t3.py.
@@ -161,6 +167,10 @@ class OptimizationConfig:
             check_number("cpu_threads", self.cpu_threads, 1, 256, integer=True)
         if self.t3_quant != "none" and self.t3_dtype != "fp32":
             raise ValueError("T3 quantization works from fp32 weights; set t3_dtype to fp32")
+        if self.t3_onednn and (self.t3_dtype != "fp32" or self.t3_quant == "int8-weight-only"
+                               or self.compile_mode != "off"):
+            raise ValueError("t3_onednn packs T3's fp32 weights for oneDNN; it needs "
+                             "t3_dtype fp32, no int8-weight-only and compile_mode off")
         if self.s3gen_quant == "int8-static" and self.s3gen_dtype != "fp32":
             raise ValueError("S3Gen int8-static works from fp32 weights; set s3gen_dtype to "
                              "fp32")
@@ -186,8 +196,8 @@ class OptimizationConfig:
 
     def variant_key(self) -> tuple:
         """The fields that need their own copy of the weights."""
-        return (self.t3_dtype, self.t3_quant, self.s3gen_dtype, self.s3gen_quant,
-                self.compile_mode)
+        return (self.t3_dtype, self.t3_quant, self.t3_onednn, self.s3gen_dtype,
+                self.s3gen_quant, self.compile_mode)
 
 
 BASELINE = OptimizationConfig()
@@ -219,6 +229,7 @@ PRESETS: dict[str, OptimizationConfig] = {
     # One optimization each, on top of cached conditionals, so its own effect shows.
     "fast-decoder": replace(_CACHED, t3_decoder="fast"),
     "t3-bf16": replace(_CACHED, t3_dtype="bf16", t3_decoder="fast"),
+    "t3-onednn": replace(_CACHED, t3_decoder="fast", t3_onednn=True),
     "t3-int8": replace(_CACHED, t3_quant="int8-dynamic", t3_decoder="fast"),
     "t3-int8-wo": replace(_CACHED, t3_quant="int8-weight-only", t3_decoder="fast"),
     "s3gen-bf16": replace(_CACHED, s3gen_dtype="bf16"),
@@ -248,6 +259,8 @@ PRESET_DESCRIPTIONS = {
     "fast-decoder": "cached + our static-cache T3 decode loop (SDPA, on-device sampling; "
                     "on a CPU the step replayed from a trace)",
     "t3-bf16": "fast-decoder with T3 in bf16 (half the bytes per token)",
+    "t3-onednn": "fast-decoder with T3's fp32 Linear layers through oneDNN, weights packed "
+                 "once (CPU; output as fp32's)",
     "t3-int8": "fast-decoder with T3's Linear layers in int8 (CPU)",
     "t3-int8-wo": "fast-decoder with T3's Linear weights in int8, activations in float "
                   "(torchao; CPU and GPU)",

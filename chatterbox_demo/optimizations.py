@@ -64,6 +64,8 @@ def unavailable_reason(config: OptimizationConfig, device: str) -> str | None:
                            "only")
         if config.s3gen_quant == "int8-static":
             reasons.append("S3Gen int8-static: the x86 Inductor quantizer targets CPUs")
+        if config.t3_onednn:
+            reasons.append("T3 oneDNN: the packed weights are for oneDNN's CPU kernels")
     if config.t3_quant == "int8-weight-only" and torchao_problem():
         reasons.append(f"T3 int8-weight-only needs torchao: {torchao_problem()}")
     if device == "cpu":
@@ -135,7 +137,7 @@ def slice_joined(joined: list) -> None:
     for parent, names, joined_name, sizes in joined:
         start = 0
         for name, size in zip(names, sizes, strict=True):
-            setattr(parent, name, OutputSlice(getattr(parent, joined_name), start, start + size))
+            setattr(parent, name, OutputSlice(parent, joined_name, start, start + size))
             start += size
 
 
@@ -163,9 +165,17 @@ class OutputSlice(nn.Module):
     HF forward): it computes the joined output and keeps its rows. The fast decoder calls
     the joined layer once."""
 
-    def __init__(self, fused: nn.Module, start: int, end: int):
+    def __init__(self, parent: nn.Module, joined_name: str, start: int, end: int):
         super().__init__()
-        self.fused, self.start, self.end = fused, start, end
+        self.joined_name, self.start, self.end = joined_name, start, end
+        # The parent by plain reference, not as a submodule, and the joined layer looked up
+        # on each call: a later transform may replace that layer (apply_t3_onednn), and
+        # tracing a step fails on oneDNN's packed weights when it meets them twice.
+        object.__setattr__(self, "parent", parent)
+
+    @property
+    def fused(self) -> nn.Module:
+        return getattr(self.parent, self.joined_name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused(x)[..., self.start:self.end]
@@ -184,6 +194,65 @@ def _join(parent: nn.Module, names: tuple[str, ...], joined_name: str):
         delattr(parent, name)
     setattr(parent, joined_name, joined)
     return parent, names, joined_name, sizes
+
+
+# oneDNN's Linear as a TorchScript function: the fast decoder's traced step records calls
+# to it, where it could not record the op itself (its empty list of scalars has no type
+# that tracing knows). Compiled on first use.
+_ONEDNN_SOURCE = """
+def onednn_linear(x: Tensor, packed: Tensor, bias: Optional[Tensor]) -> Tensor:
+    scalars: List[Optional[number]] = []
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", scalars, "")
+"""
+
+
+@functools.cache
+def _onednn_linear():
+    return torch.jit.CompilationUnit(_ONEDNN_SOURCE).onednn_linear
+
+
+class OneDNNLinear(nn.Module):
+    """An fp32 ``nn.Linear`` whose weight is packed once into oneDNN's layout for a batch of
+    ``rows`` (the decode step's two, for CFG); other batch sizes still work. Computes what
+    the Linear does, in another summation order."""
+
+    def __init__(self, linear: nn.Linear, rows: int = 2):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, rows))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed weight (oneDNN's layout): its device and dtype are the Linear's, which
+        is what upstream reads (``T3.device``)."""
+        return self.packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _onednn_linear()(x, self.packed, self.bias)
+
+
+def apply_t3_onednn(t3: T3) -> T3:
+    """T3's fp32 Linear layers in the transformer and the speech head, the ones a decode
+    step calls, become :class:`OneDNNLinear` (int8 layers are not plain Linear layers and
+    stay). A layer that two parents share (a joined projection and its slices) becomes one
+    shared module. CPU. Mutates ``t3``."""
+    packed = {}
+
+    def swap(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype == torch.float32:
+                if id(child) not in packed:
+                    packed[id(child)] = OneDNNLinear(child)
+                setattr(parent, name, packed[id(child)])
+            else:
+                swap(child)
+
+    swap(t3.tfmr.layers)
+    if type(t3.speech_head) is nn.Linear:
+        t3.speech_head = OneDNNLinear(t3.speech_head)
+    return t3
 
 
 def apply_t3_int8_weight_only(t3: T3) -> T3:
@@ -373,6 +442,7 @@ def t3_variant_key(config: OptimizationConfig) -> tuple:
     built T3. Projections are joined for the fast decoder only (the stock decoder calls the
     separate ones, which would then each compute the joined output)."""
     key = (config.t3_dtype, config.t3_quant, config.compile_mode)
+    key = (*key, "onednn") if config.t3_onednn else key
     return (*key, "joined") if joins_projections(config) else key
 
 
@@ -384,7 +454,7 @@ def s3gen_variant_key(config: OptimizationConfig) -> tuple:
 def joins_projections(config: OptimizationConfig) -> bool:
     """Whether the T3 built for ``config`` has joined projections (:func:`join_projections`):
     for the fast decoder, whenever the variant is a copy anyway (int8, another precision,
-    compiled). Not for fp32 alone, which the fast decoder shares with the stock one rather
+    oneDNN, compiled). Not for fp32 alone, which the fast decoder shares with the stock one rather
     than hold a second 2 GB copy to save a few calls of a bandwidth-bound step; nor for
     torchao's int8 weight-only layers, quantized in place of the separate ones."""
     return (config.t3_decoder == "fast" and config.t3_quant != "int8-weight-only"
@@ -392,7 +462,8 @@ def joins_projections(config: OptimizationConfig) -> bool:
 
 
 def _is_pristine_t3(config: OptimizationConfig) -> bool:
-    return (config.t3_dtype, config.t3_quant, config.compile_mode) == ("fp32", "none", "off")
+    return ((config.t3_dtype, config.t3_quant, config.compile_mode) == ("fp32", "none", "off")
+            and not config.t3_onednn)
 
 
 def build_t3(pristine: T3, config: OptimizationConfig) -> T3:
@@ -409,6 +480,8 @@ def build_t3(pristine: T3, config: OptimizationConfig) -> T3:
         slice_joined(join_projections(t3))
     if config.t3_quant == "int8-weight-only":
         apply_t3_int8_weight_only(t3)
+    if config.t3_onednn:
+        apply_t3_onednn(t3)
     if config.compile_mode != "off":
         # The stock decoder calls each layer's forward; the fast decoder calls its own
         # per-layer steps, which it compiles when it finds this attribute.

@@ -268,7 +268,7 @@ def test_graph_ready_decoder_draws_the_same_tokens(model):
     assert torch.equal(runs["plain"], runs["bucketed"])
 
 
-@pytest.mark.parametrize("preset", ["fast-decoder", "t3-int8"])
+@pytest.mark.parametrize("preset", ["fast-decoder", "t3-int8", "t3-onednn"])
 def test_traced_step_draws_the_same_tokens_at_every_length(model, preset):
     """One trace, recorded at position 1 of a 2-position cache, serves generations of
     other lengths and texts and draws exactly the tokens the eager step does: the used

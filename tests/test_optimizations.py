@@ -15,6 +15,7 @@ from chatterbox_demo import fidelity, optimizations
 from chatterbox_demo.compiling import compile_hot
 from chatterbox_demo.config import BASELINE, PRESETS, GenerationParams, OptimizationConfig
 from chatterbox_demo.optimizations import (
+    OneDNNLinear,
     build_s3gen,
     build_t3,
     cfm_guidance,
@@ -63,6 +64,13 @@ def test_quantization_needs_fp32_weights():
         OptimizationConfig(s3gen_dtype="bf16", s3gen_quant="int8-static")
 
 
+@pytest.mark.parametrize("fields", [{"t3_dtype": "bf16"}, {"t3_quant": "int8-weight-only"},
+                                    {"compile_mode": "default"}])
+def test_onednn_packs_fp32_weights_and_leaves_compiling_to_torch_compile(fields):
+    with pytest.raises(ValueError, match="t3_onednn"):
+        OptimizationConfig(t3_onednn=True, **fields)
+
+
 def test_static_int8_needs_the_cfm_batch_it_was_exported_for():
     with pytest.raises(ValueError, match="cfm_cfg"):
         OptimizationConfig(s3gen_quant="int8-static", cfm_cfg=False)
@@ -94,6 +102,7 @@ def test_cpu_fast_keeps_upstream_semantics_and_turbo_does_not():
     (OptimizationConfig(t3_quant="int8-dynamic"), "cuda", "CPU kernels only"),
     (OptimizationConfig(s3gen_quant="int8-dynamic"), "mps", "CPU kernels only"),
     (OptimizationConfig(s3gen_quant="int8-static"), "cuda", "targets CPUs"),
+    (OptimizationConfig(t3_onednn=True), "cuda", "oneDNN's CPU kernels"),
     (OptimizationConfig(t3_dtype="fp16"), "cpu", "fp16"),
     (OptimizationConfig(tf32=True), "cpu", "CUDA settings"),
     (OptimizationConfig(compile_mode="reduce-overhead"), "cpu", "CUDA graphs"),
@@ -214,6 +223,31 @@ def test_the_fast_decoder_joins_projections_with_the_same_arithmetic(tts, conds,
         with torch.inference_mode():
             fast.append(decoder.forward(embeds.to(decoder.dtype), cache, 0))
     assert close(fast[0], fast[1])
+
+
+def test_onednn_packs_every_float_layer_a_decode_step_calls_with_fp32s_arithmetic(tts, conds):
+    """``t3_onednn`` swaps T3's fp32 Linear layers (joined, in the fast decoder) for
+    oneDNN ones with packed weights: nothing plain is left in the transformer or the
+    speech head, the HF forward's slices share the joined module, and the logits are
+    fp32's but for summation order. Under int8 only the float speech head is swapped."""
+    from chatterbox_demo.pipeline import padded_text_tokens
+
+    t3 = build_t3(tts.t3, PRESETS["t3-onednn"])
+    assert not [m for m in t3.tfmr.layers.modules() if type(m) is nn.Linear]
+    attn = t3.tfmr.layers[0].self_attn
+    assert isinstance(attn.qkv_proj, OneDNNLinear) and attn.q_proj.fused is attn.qkv_proj
+    assert isinstance(t3.speech_head, OneDNNLinear) and t3.device.type == "cpu"
+    assert type(tts.t3.speech_head) is nn.Linear  # the pristine copy is left alone
+    text = padded_text_tokens(tts, tts.t3, "Packed or not.")
+    tokens = torch.randint(0, 6561, (30,), generator=torch.Generator().manual_seed(0))
+    packed, plain = (fidelity.teacher_forced_logits(m, conds, text, tokens)
+                     for m in (t3, tts.t3))
+    assert torch.allclose(packed, plain, rtol=1e-4, atol=1e-4)
+
+    int8 = build_t3(tts.t3, dataclasses.replace(PRESETS["t3-int8"], t3_onednn=True))
+    assert isinstance(int8.speech_head, OneDNNLinear)
+    assert isinstance(int8.tfmr.layers[0].self_attn.qkv_proj,
+                      torch.ao.nn.quantized.dynamic.Linear)
 
 
 def test_fp32_alone_shares_the_pristine_t3_with_separate_projections(tts):
