@@ -415,6 +415,7 @@ CONFIG_FIELDS = [f.name for f in dataclasses.fields(OptimizationConfig)]
 CONFIG_HELP = {
     "cached_conditionals": "reuse the voice library's conditionals",
     "t3_dtype": "T3 precision", "t3_quant": "T3 quantization",
+    "t3_onednn": "T3 float layers through oneDNN (CPU)",
     "t3_decoder": "T3 decode loop", "cuda_graphs": "T3 decode step as CUDA graphs",
     "s3gen_dtype": "CFM estimator precision", "s3gen_quant": "CFM estimator quantization",
     "cfm_steps": "CFM steps (upstream 10)", "cfm_cfg": "CFG inside the CFM",
