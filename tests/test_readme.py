@@ -151,21 +151,30 @@ def test_the_cpu_compiled_figures_quoted_are_the_recorded_run():
     assert f"after {warmup:.0f} s of compiling" in sentence
 
 
-def test_the_avx2_figures_quoted_are_the_recorded_run():
-    """README's AMD EPYC sentence quotes docs/bench-cpu-avx2-static.json."""
+def test_the_avx2_figures_quoted_are_the_recorded_runs():
+    """README's AMD EPYC sentences quote docs/bench-cpu-avx2-onednn-turns.json (cpu-fast
+    and t3-onednn now) and docs/bench-cpu-avx2-static.json (before the oneDNN change)."""
     import json
 
-    recorded = json.loads((ROOT / "docs" / "bench-cpu-avx2-static.json").read_text())
-    assert recorded["machine"]["cpu"] == "AMD EPYC"
-    rows = {row["preset"]: row for row in recorded["rows"]}
-    fast, base = rows["cpu-fast"], rows["baseline"]
+    def rows(name: str) -> dict:
+        recorded = json.loads((ROOT / "docs" / name).read_text())
+        assert recorded["machine"]["cpu"] == "AMD EPYC"
+        return {row["preset"]: row for row in recorded["rows"]}
+
+    now, before = rows("bench-cpu-avx2-onednn-turns.json"), rows("bench-cpu-avx2-static.json")
+    fast, base = now["cpu-fast"], now["baseline"]
     text = " ".join(README.split())
     sentence = text.split("On a 2-core AMD EPYC with AVX2 only")[1].split(" On an H100")[0]
     decode = fast["t3_tokens_per_s"] / base["t3_tokens_per_s"]
     assert (f"`cpu-fast` decodes {decode:.1f}x as fast as `baseline` "
             f"({fast['t3_tokens_per_s']:.1f} speech tokens a second against "
-            f"{base['t3_tokens_per_s']:.1f}) and runs {fast['speedup']:.2f}x end to end; "
-            f"`cpu-compiled` {rows['cpu-compiled']['speedup']:.2f}x") in sentence
+            f"{base['t3_tokens_per_s']:.1f}) and runs {fast['speedup']:.2f}x end to end"
+            ) in sentence
+    onednn = now["t3-onednn"]["t3_tokens_per_s"] / base["t3_tokens_per_s"]
+    assert now["t3-onednn"]["logits_cosine"] == 1.0
+    assert f"it decodes {onednn:.1f}x as fast as `baseline` with fp32's output" in sentence
+    assert (f"`cpu-fast` ran {before['cpu-fast']['speedup']:.2f}x and `cpu-compiled` "
+            f"{before['cpu-compiled']['speedup']:.2f}x") in sentence
 
 
 def test_the_compile_cache_figures_quoted_are_the_recorded_probe():
