@@ -204,18 +204,19 @@ BASELINE = OptimizationConfig()
 _CACHED = OptimizationConfig(cached_conditionals=True)
 
 
-def cpu_fast(native_bf16: bool) -> OptimizationConfig:
+def cpu_fast(native_bf16: bool, onednn: bool = True) -> OptimizationConfig:
     """The fastest CPU configuration with upstream semantics: fast decoder and int8 T3,
-    its float speech head through oneDNN (on an AVX2 EPYC, decode 4-19% faster than with
-    MKL's); the CFM estimator in bf16 where the CPU has bf16 instructions (measured: half
-    of S3Gen's time), else its Linear layers in int8 (bf16 emulated runs slower than fp32)."""
+    its float speech head through oneDNN where PyTorch has it (on an AVX2 EPYC, decode
+    4-19% faster than with MKL's); the CFM estimator in bf16 where the CPU has bf16
+    instructions (measured: half of S3Gen's time), else its Linear layers in int8 (bf16
+    emulated runs slower than fp32)."""
     estimator = {"s3gen_dtype": "bf16"} if native_bf16 else {"s3gen_quant": "int8-dynamic"}
-    return replace(_CACHED, t3_decoder="fast", t3_quant="int8-dynamic", t3_onednn=True,
+    return replace(_CACHED, t3_decoder="fast", t3_quant="int8-dynamic", t3_onednn=onednn,
                    **estimator)
 
 
 CPU_BF16 = hardware.native_bf16()
-CPU_FAST = cpu_fast(CPU_BF16)
+CPU_FAST = cpu_fast(CPU_BF16, hardware.has_onednn())
 
 # For a CUDA GPU: bf16 T3 with the fast decoder as CUDA graphs, fp16 CFM estimator, TF32.
 # Without cudnn.benchmark: with it, a streamed generation on an H100 took 9.2 s against

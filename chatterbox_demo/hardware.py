@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's feature name
 
 
@@ -25,3 +27,9 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 def native_bf16(flags: set[str] | None = None) -> bool:
     return bool(BF16_FLAGS & (cpu_flags() if flags is None else flags))
+
+
+def has_onednn() -> bool:
+    """Whether this PyTorch build has oneDNN (x86 and most Arm builds do), which
+    ``t3_onednn`` needs."""
+    return torch.backends.mkldnn.is_available()

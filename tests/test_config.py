@@ -159,7 +159,9 @@ def test_cpu_fast_uses_bf16_only_where_the_cpu_has_it():
     assert (without.s3gen_dtype, without.s3gen_quant) == ("fp32", "int8-dynamic")
     for config in (with_bf16, without):
         assert config.t3_quant == "int8-dynamic" and config.t3_decoder == "fast"
-        assert not config.changes_output
+        assert config.t3_onednn and not config.changes_output
+    # A PyTorch without oneDNN keeps cpu-fast runnable, on the default matmul.
+    assert not cpu_fast(False, onednn=False).t3_onednn
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):

@@ -111,6 +111,11 @@ def test_options_that_cannot_run_say_why(config, device, words):
     assert words in unavailable_reason(config, device)
 
 
+def test_a_pytorch_without_onednn_is_a_reason(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert "no oneDNN" in unavailable_reason(PRESETS["t3-onednn"], "cpu")
+
+
 def test_torchao_absence_is_a_reason(monkeypatch):
     monkeypatch.setattr(optimizations, "torchao_problem", lambda: "torchao is not usable")
     reason = unavailable_reason(OptimizationConfig(t3_quant="int8-weight-only"), "cuda")
