@@ -113,7 +113,7 @@ class OptimizationConfig:
     # CPU, fp32: T3's float Linear layers (all of them; under int8-dynamic the speech head,
     # the one left float) run through oneDNN with their weights packed once, for the decode
     # step's batch of two. On a 2-core AVX2 EPYC, MKL (PyTorch's default) read the weights
-    # of such a two-row matmul at 6-8 GB/s, oneDNN at 18-29; the same arithmetic in
+    # of such a two-row matmul at 8-10 GB/s, oneDNN at 23-30; the same arithmetic in
     # another order (logits cosine 1.0000 against fp32). See docs/benchmarks.md.
     t3_onednn: bool = False
     # stock: the package's T3.inference untouched. fast: our static-cache decode loop with
@@ -274,8 +274,9 @@ PRESET_DESCRIPTIONS = {
     "compiled": "cached + torch.compile (default mode) of T3's layers, S3Gen's CFM estimator "
                 "and HiFT: its own effect; minutes of compiling when applied, and measured no "
                 "faster on a 2-core CPU",
-    "cpu-fast": f"fast decoder, int8 T3 (float head through oneDNN) and "
-                f"{'bf16' if CPU_BF16 else 'int8'} CFM estimator "
+    "cpu-fast": "fast decoder, int8 T3"
+                + (" (float head through oneDNN)" if CPU_FAST.t3_onednn else "")
+                + f" and {'bf16' if CPU_BF16 else 'int8'} CFM estimator "
                 f"(this CPU {'has' if CPU_BF16 else 'lacks'} bf16 instructions): fastest with "
                 "upstream semantics on a CPU",
     "cpu-compiled": "cpu-fast with the CFM estimator in static int8, compiled: faster S3Gen "

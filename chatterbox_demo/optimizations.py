@@ -456,9 +456,9 @@ def s3gen_variant_key(config: OptimizationConfig) -> tuple:
 def joins_projections(config: OptimizationConfig) -> bool:
     """Whether the T3 built for ``config`` has joined projections (:func:`join_projections`):
     for the fast decoder, whenever the variant is a copy anyway (int8, another precision,
-    oneDNN, compiled). Not for fp32 alone, which the fast decoder shares with the stock one rather
-    than hold a second 2 GB copy to save a few calls of a bandwidth-bound step; nor for
-    torchao's int8 weight-only layers, quantized in place of the separate ones."""
+    oneDNN, compiled). Not for fp32 alone, which the fast decoder shares with the stock one
+    rather than hold a second 2 GB copy to save a few calls of a bandwidth-bound step; nor
+    for torchao's int8 weight-only layers, quantized in place of the separate ones."""
     return (config.t3_decoder == "fast" and config.t3_quant != "int8-weight-only"
             and not _is_pristine_t3(config))
 
