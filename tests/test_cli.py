@@ -238,7 +238,9 @@ def test_in_process_synth_counts_preparing_the_preset_apart(shared_cli, capsys, 
     code, stdout, err = main(capsys, *args, "--out", str(tmp_path / "d.wav"),
                              "--preset", "t3-int8")
     assert code == 0, err
-    assert "; the preset was prepared in 2." in stdout
+    # The 2 s slept while building, plus the real build (about a second on a loaded CI
+    # machine), are reported apart, not in total_s.
+    assert float(stdout.split("; the preset was prepared in ")[1].split(" s")[0]) >= 2.0
     assert float(stdout.split(" s of audio) in ")[1].split(" s:")[0]) < 2.0  # total_s
     code, stdout, err = main(capsys, *args, "--out", str(tmp_path / "e.wav"),
                              "--preset", "t3-int8", "--json")
