@@ -18,6 +18,7 @@ from chatterbox.models.s3gen.utils.mask import add_optional_chunk_mask, subseque
 from chatterbox.models.t3 import T3
 from torch import nn
 
+from . import hardware
 from .compiling import compile_hot
 from .config import OptimizationConfig
 
@@ -68,7 +69,7 @@ def unavailable_reason(config: OptimizationConfig, device: str) -> str | None:
             reasons.append("T3 oneDNN: the packed weights are for oneDNN's CPU kernels")
     if config.t3_quant == "int8-weight-only" and torchao_problem():
         reasons.append(f"T3 int8-weight-only needs torchao: {torchao_problem()}")
-    if config.t3_onednn and device == "cpu" and not torch.backends.mkldnn.is_available():
+    if config.t3_onednn and device == "cpu" and not hardware.has_onednn():
         reasons.append("T3 oneDNN: this PyTorch build has no oneDNN")
     if device == "cpu":
         if config.t3_dtype == "fp16":
