@@ -16,7 +16,9 @@ from .config import GenerationParams, OptimizationConfig, default_max_new_tokens
 from .manager import ModelManager, Synthesis, check_text
 from .optimizations import unavailable_reason
 
-# (row key, label, higher is better) in display order.
+# (row key, label, higher is better) in display order; None: no ratio. A warm-up is a
+# one-off cost, often a cache lookup on one side and minutes of compiling on the other:
+# their ratio (0.0 when B compiles) is no speedup.
 FIGURES = (
     ("conditioning_s", "conditioning (s)", False),
     ("t3_s", "T3 (s)", False),
@@ -25,7 +27,7 @@ FIGURES = (
     ("total_s", "total (s)", False),
     ("t3_tokens_per_s", "T3 tokens/s", True),
     ("rtf", "RTF", False),
-    ("warmup_s", "warm-up (s)", False),
+    ("warmup_s", "warm-up (s)", None),
     ("peak_mem_mb", "peak memory (MB)", False),
 )
 SAME_AUDIO_DB = 25.0  # mel SNR above which two renderings of the same tokens sound alike
@@ -101,7 +103,9 @@ class Comparison:
         for key, label, higher_better in FIGURES:
             a, b = self.a.get(key), (self.b or {}).get(key)
             speedup = _ratio(b, a) if higher_better else _ratio(a, b)
-            if label.endswith("(s)") and min(a or 0.0, b or 0.0) < SKIPPED_STAGE_S:
+            if higher_better is None:
+                speedup = None
+            elif label.endswith("(s)") and min(a or 0.0, b or 0.0) < SKIPPED_STAGE_S:
                 speedup = None  # a stage one side skipped has no meaningful ratio
             table.append([label, a, b, "–" if speedup is None else speedup])
         return table

@@ -48,6 +48,18 @@ def test_a_stage_served_from_a_cache_gets_no_ratio():
     assert rows["T3 (s)"] == 2.0 and rows["total (s)"] == 2.0
 
 
+def test_warm_up_times_get_no_ratio():
+    """A built variant's warm-up is a cache lookup (a few ms); a compiled one's, minutes.
+    The table showed their ratio, 0.0, as B's speedup."""
+    from chatterbox_demo.compare import Comparison
+
+    a = {"warmup_s": 0.004, "total_s": 9.0}
+    b = {"warmup_s": 75.8, "total_s": 4.5}
+    rows = {row[0]: row for row in Comparison(a, b).rows()}
+    assert rows["warm-up (s)"] == ["warm-up (s)", 0.004, 75.8, "–"]
+    assert rows["total (s)"][3] == 2.0
+
+
 def test_fewer_cfm_steps_keep_the_tokens_and_change_the_sound(tiny_manager):
     fewer = dataclasses.replace(get_preset("cached"), cfm_steps=2)
     fidelity = compare(tiny_manager, "Compare me.", "calm-mid", PARAMS, get_preset("cached"),
