@@ -351,15 +351,27 @@ def apply_s3gen_int8_static(s3gen: S3Gen, calibration: list[dict]) -> S3Gen:
 
     Measured (docs/benchmarks.md): 1.45-1.70x the fp32 estimator and 1.26-1.46x the int8
     dynamic one, mel SNR against fp32 about 34 dB."""
-    import torch.ao.quantization.quantizer.x86_inductor_quantizer as xiq
     from torch.ao.quantization import allow_exported_model_train_eval
-    from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torch.export import Dim, export_for_training
 
     if not calibration:
         raise ValueError("int8-static needs at least one recorded estimator call")
     decoder = s3gen.flow.decoder
-    estimator = decoder.estimator
+    converted = quantize_estimator_static(decoder.estimator, calibration)
+    # It was exported in eval mode; let the variant's .eval() pass over it.
+    allow_exported_model_train_eval(converted)
+    decoder.estimator = StaticInt8Estimator(converted)
+    return s3gen
+
+
+def quantize_estimator_static(estimator: nn.Module, calibration: list[dict]) -> nn.Module:
+    """The PT2E steps of :func:`apply_s3gen_int8_static`, before compiling: export with the
+    frame dimension dynamic, observe the ``calibration`` calls, convert. Returns the
+    quantized graph module (it runs eagerly as quantize, dequantize and fp32 ops; Inductor
+    with freezing lowers it to int8 kernels)."""
+    import torch.ao.quantization.quantizer.x86_inductor_quantizer as xiq
+    from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torch.export import Dim, export_for_training
+
     use_mask_without_sync(estimator)  # export cannot trace upstream's data-dependent .item()
     # The solver passes r=None (meanflow's input, unused here); the export takes no None.
     calls = [{name: value for name, value in call.items() if value is not None}
@@ -374,11 +386,7 @@ def apply_s3gen_int8_static(s3gen: S3Gen, calibration: list[dict]) -> S3Gen:
     with torch.no_grad():
         for call in calls:
             prepared(**call)
-    converted = convert_pt2e(prepared)
-    # It was exported in eval mode; let the variant's .eval() pass over it.
-    allow_exported_model_train_eval(converted)
-    decoder.estimator = StaticInt8Estimator(converted)
-    return s3gen
+    return convert_pt2e(prepared)
 
 
 class StaticInt8Estimator(nn.Module):

@@ -39,13 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from chatterbox.models.s3gen import S3Gen  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
-from torch.export import Dim, export_for_training  # noqa: E402
 
 from chatterbox_demo.optimizations import (  # noqa: E402
     FRAME_INPUTS,
     _plain_linears,
     apply_s3gen_int8_dynamic,
     plain_int_conv_settings,
+    quantize_estimator_static,
     use_mask_without_sync,
 )
 
@@ -60,24 +60,13 @@ def estimator_inputs(frames: int, seed: int = 0) -> dict:
 
 
 def pt2e_int8(est: torch.nn.Module) -> torch.nn.Module:
-    """The estimator statically quantized by the PT2E flow (not yet compiled)."""
-    import torch.ao.quantization.quantizer.x86_inductor_quantizer as xiq
-    from torch.ao.quantization.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    frames = Dim("T", min=8, max=4000)
-    shapes = {name: ({2: frames} if name in FRAME_INPUTS else None)
-              for name in estimator_inputs(8)}
+    """The estimator statically quantized by the PT2E flow (not yet compiled), as the
+    ``int8-static`` switch does it, calibrated on six random inputs."""
     started = time.perf_counter()
-    exported = export_for_training(est, args=(), kwargs=estimator_inputs(600, seed=1),
-                                   dynamic_shapes=shapes).module()
-    print(f"export {time.perf_counter() - started:.1f} s", flush=True)
-    quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(exported, quantizer)
-    with torch.no_grad():
-        for seed in range(2, 8):
-            prepared(**estimator_inputs(600, seed))
-    return convert_pt2e(prepared)
+    quantized = quantize_estimator_static(est, [estimator_inputs(600, seed)
+                                                for seed in range(2, 8)])
+    print(f"export and calibration {time.perf_counter() - started:.1f} s", flush=True)
+    return quantized
 
 
 def estimator(mode: str) -> None:
