@@ -197,3 +197,57 @@ def test_the_compile_cache_figures_quoted_are_the_recorded_probe():
     text = " ".join(README.split())
     assert (f"compiled the estimator in {seconds['warm']:.0f} s instead of "
             f"{seconds['cold']:.0f} s") in text
+
+
+def test_the_targets_table_is_the_recorded_runs():
+    """docs/benchmarks.md's table of issue 3's targets quotes rows of the recorded runs."""
+    import json
+
+    def rows(name: str) -> dict:
+        recorded = json.loads((ROOT / "docs" / name).read_text())
+        return {row["preset"]: row for row in recorded["rows"]}
+
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    table = benchmarks.split("## Issue 3's targets at a glance")[1].split("\n## ")[0]
+    for name in re.findall(r"`(bench-[\w-]+\.json)`", table):
+        assert (ROOT / "docs" / name).exists(), name
+
+    epyc, noamx = rows("bench-cpu-avx2-onednn-turns.json"), rows("bench-cpu-noamx-r3.json")
+    amx, compiled = rows("bench-cpu.json"), rows("bench-cpu-avx2-onednn-compiled.json")
+    third = rows("bench-cpu-avx2-cpu-fast-turns.json")
+
+    def decode(run: dict) -> str:
+        fast, base = run["cpu-fast"]["t3_tokens_per_s"], run["baseline"]["t3_tokens_per_s"]
+        return f"{fast / base:.1f}x"
+
+    def s3gen(run: dict, preset: str) -> str:
+        return f"{run['baseline']['s3gen_s'] / run[preset]['s3gen_s']:.2f}x"
+
+    expected = [
+        f"{decode(epyc)} on the AVX2 EPYC ({epyc['cpu-fast']['t3_tokens_per_s']:.1f} against "
+        f"{epyc['baseline']['t3_tokens_per_s']:.1f} tokens/s)",
+        f"{decode(noamx)} on the Xeon without bf16 ({noamx['cpu-fast']['t3_tokens_per_s']:.1f} "
+        f"against {noamx['baseline']['t3_tokens_per_s']:.1f})",
+        f"runs {noamx['baseline']['t3_tokens_per_s'] / epyc['baseline']['t3_tokens_per_s']:.1f}x "
+        "the EPYC's",
+        f"| {epyc['cpu-fast']['t3_tokens_per_s']:.1f} tokens/s (`cpu-fast`, EPYC)",
+        f"{s3gen(amx, 'cpu-fast')} on the Xeon with AMX (`cpu-fast`, bf16 estimator, "
+        f"{amx['cpu-fast']['mel_snr_db']:.1f} dB mel SNR)",
+        f"{s3gen(compiled, 'cpu-compiled')} on the EPYC (`cpu-compiled`; `cpu-fast` "
+        f"{s3gen(epyc, 'cpu-fast')})",
+        f"EPYC: {epyc['cpu-fast']['speedup']:.2f}x, {compiled['cpu-fast']['speedup']:.2f}x and "
+        f"{third['cpu-fast']['speedup']:.2f}x in three runs, `cpu-compiled` "
+        f"{compiled['cpu-compiled']['speedup']:.2f}x; Xeon with AMX "
+        f"{amx['cpu-fast']['speedup']:.2f}x, without {noamx['cpu-fast']['speedup']:.2f}x",
+        f"{epyc['cpu-fast']['t3_weights_mb']:.0f} MB against "
+        f"{epyc['baseline']['t3_weights_mb']:.0f} MB "
+        f"({1 - epyc['cpu-fast']['t3_weights_mb'] / epyc['baseline']['t3_weights_mb']:.0%} less)",
+        f"`gpu-fast` {rows('bench-gpu-h100.json')['gpu-fast']['t3_tokens_per_s']:.0f} tokens/s; "
+        f"`gpu-compiled` "
+        f"{rows('bench-gpu-h100-compiled.json')['gpu-compiled']['t3_tokens_per_s']:.0f} (H100) "
+        f"and {rows('bench-gpu-h200.json')['gpu-compiled']['t3_tokens_per_s']:.0f} (H200)",
+        f"{rows('bench-gpu-h100-compiled.json')['gpu-compiled']['rtf']:.3f} (H100) and "
+        f"{rows('bench-gpu-h200.json')['gpu-compiled']['rtf']:.3f} (H200)",
+    ]
+    for figure in expected:
+        assert figure in table, figure
