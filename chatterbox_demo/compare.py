@@ -102,11 +102,11 @@ class Comparison:
         table = []
         for key, label, higher_better in FIGURES:
             a, b = self.a.get(key), (self.b or {}).get(key)
-            speedup = _ratio(b, a) if higher_better else _ratio(a, b)
-            if higher_better is None:
-                speedup = None
-            elif label.endswith("(s)") and min(a or 0.0, b or 0.0) < SKIPPED_STAGE_S:
-                speedup = None  # a stage one side skipped has no meaningful ratio
+            skipped = label.endswith("(s)") and min(a or 0.0, b or 0.0) < SKIPPED_STAGE_S
+            if higher_better is None or skipped:
+                speedup = None  # a one-off cost, or a stage one side skipped: no ratio
+            else:
+                speedup = _ratio(b, a) if higher_better else _ratio(a, b)
             table.append([label, a, b, "–" if speedup is None else speedup])
         return table
 
