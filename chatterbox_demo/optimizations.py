@@ -69,9 +69,9 @@ def unavailable_reason(config: OptimizationConfig, device: str) -> str | None:
             reasons.append("T3 oneDNN: the packed weights are for oneDNN's CPU kernels")
     if config.t3_quant == "int8-weight-only" and torchao_problem():
         reasons.append(f"T3 int8-weight-only needs torchao: {torchao_problem()}")
-    if config.t3_onednn and device == "cpu" and not hardware.has_onednn():
-        reasons.append("T3 oneDNN: this PyTorch build has no oneDNN")
     if device == "cpu":
+        if config.t3_onednn and not hardware.has_onednn():
+            reasons.append("T3 oneDNN: this PyTorch build has no oneDNN")
         if config.t3_dtype == "fp16":
             reasons.append("T3 fp16: no fast fp16 kernels on a CPU; use bf16")
         if config.s3gen_dtype == "fp16":
