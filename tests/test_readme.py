@@ -100,20 +100,25 @@ def test_the_gpu_check_carries_the_versions_this_environment_runs():
     assert {"gpu-fast", "gpu-compiled"} <= benched
 
 
-def recorded_gpu_rows(name: str, gpu: str = "H100") -> dict:
+EPYC = '"cpu": "AMD EPYC"'  # the machine's cpu field, exactly
+
+
+def recorded_rows(name: str, machine: str) -> dict:
+    """A recorded bench run's rows by preset (docs/NAME), after checking that the run's
+    machine description contains ``machine``."""
     import json
 
     recorded = json.loads((ROOT / "docs" / name).read_text())
-    assert gpu in json.dumps(recorded["machine"])
+    assert machine in json.dumps(recorded["machine"])
     return {row["preset"]: row for row in recorded["rows"]}
 
 
 def test_the_gpu_figures_quoted_are_the_recorded_runs():
     """README's H100 sentence quotes docs/bench-gpu-h100.json (gpu-fast) and
     docs/bench-gpu-h100-compiled.json (gpu-compiled); a new run must move both."""
-    rows = recorded_gpu_rows("bench-gpu-h100.json")
+    rows = recorded_rows("bench-gpu-h100.json", "H100")
     fast, base = rows["gpu-fast"], rows["baseline"]
-    compiled = recorded_gpu_rows("bench-gpu-h100-compiled.json")["gpu-compiled"]
+    compiled = recorded_rows("bench-gpu-h100-compiled.json", "H100")["gpu-compiled"]
     sentence = " ".join(README.split("On an H100, ")[1].split(".\n")[0].split())
     assert f"`gpu-fast` runs {fast['speedup']:.1f}x `baseline`" in sentence
     assert f"RTF {fast['rtf']:.2f} for {fast['audio_seconds']:.1f} s of speech" in sentence
@@ -126,7 +131,7 @@ def test_the_gpu_figures_quoted_are_the_recorded_runs():
 
 def test_the_h200_figures_quoted_are_the_recorded_run():
     """README's H200 sentence quotes docs/bench-gpu-h200.json (run 4)."""
-    rows = recorded_gpu_rows("bench-gpu-h200.json", gpu="H200")
+    rows = recorded_rows("bench-gpu-h200.json", "H200")
     compiled, base = rows["gpu-compiled"], rows["baseline"]
     sentence = " ".join(README.split("On an H200, ")[1].split(".\n")[0].split())
     assert f"`gpu-compiled` runs {compiled['speedup']:.1f}x `baseline` " \
@@ -138,10 +143,7 @@ def test_the_h200_figures_quoted_are_the_recorded_run():
 
 def test_the_cpu_compiled_figures_quoted_are_the_recorded_run():
     """README quotes docs/bench-cpu-static.json for cpu-compiled; a new run must move it."""
-    import json
-
-    rows = {row["preset"]: row
-            for row in json.loads((ROOT / "docs" / "bench-cpu-static.json").read_text())["rows"]}
+    rows = recorded_rows("bench-cpu-static.json", "Xeon")
     compiled = rows["cpu-compiled"]
     text = " ".join(README.split())
     sentence = text.split("Without bf16 instructions, ")[1].split(" On an H100")[0]
@@ -156,14 +158,8 @@ def test_the_avx2_figures_quoted_are_the_recorded_runs():
     and t3-onednn now), docs/bench-cpu-avx2-onednn-compiled.json (the later run),
     docs/bench-cpu-avx2-cpu-fast-turns.json (the third) and docs/bench-cpu-avx2-static.json
     (before the oneDNN change)."""
-    import json
-
-    def rows(name: str) -> dict:
-        recorded = json.loads((ROOT / "docs" / name).read_text())
-        assert recorded["machine"]["cpu"] == "AMD EPYC"
-        return {row["preset"]: row for row in recorded["rows"]}
-
-    now, before = rows("bench-cpu-avx2-onednn-turns.json"), rows("bench-cpu-avx2-static.json")
+    now = recorded_rows("bench-cpu-avx2-onednn-turns.json", EPYC)
+    before = recorded_rows("bench-cpu-avx2-static.json", EPYC)
     fast, base = now["cpu-fast"], now["baseline"]
     text = " ".join(README.split())
     sentence = text.split("On a 2-core AMD EPYC with AVX2 only")[1].split(" On an H100")[0]
@@ -177,8 +173,8 @@ def test_the_avx2_figures_quoted_are_the_recorded_runs():
     assert f"it decodes {onednn:.1f}x as fast as `baseline` with fp32's output" in sentence
     assert (f"`cpu-fast` ran {before['cpu-fast']['speedup']:.2f}x and `cpu-compiled` "
             f"{before['cpu-compiled']['speedup']:.2f}x") in sentence
-    later = rows("bench-cpu-avx2-onednn-compiled.json")
-    third = rows("bench-cpu-avx2-cpu-fast-turns.json")
+    later = recorded_rows("bench-cpu-avx2-onednn-compiled.json", EPYC)
+    third = recorded_rows("bench-cpu-avx2-cpu-fast-turns.json", EPYC)
     assert (f"({later['cpu-fast']['speedup']:.2f}x in a later run, where `cpu-compiled` ran "
             f"{later['cpu-compiled']['speedup']:.2f}x after "
             f"{later['cpu-compiled']['warmup_s']:.0f} s of compiling, and "
@@ -201,20 +197,19 @@ def test_the_compile_cache_figures_quoted_are_the_recorded_probe():
 
 def test_the_targets_table_is_the_recorded_runs():
     """docs/benchmarks.md's table of issue 3's targets quotes rows of the recorded runs."""
-    import json
-
-    def rows(name: str) -> dict:
-        recorded = json.loads((ROOT / "docs" / name).read_text())
-        return {row["preset"]: row for row in recorded["rows"]}
-
     benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
     table = benchmarks.split("## Issue 3's targets at a glance")[1].split("\n## ")[0]
     for name in re.findall(r"`(bench-[\w-]+\.json)`", table):
         assert (ROOT / "docs" / name).exists(), name
 
-    epyc, noamx = rows("bench-cpu-avx2-onednn-turns.json"), rows("bench-cpu-noamx-r3.json")
-    amx, compiled = rows("bench-cpu.json"), rows("bench-cpu-avx2-onednn-compiled.json")
-    third = rows("bench-cpu-avx2-cpu-fast-turns.json")
+    epyc = recorded_rows("bench-cpu-avx2-onednn-turns.json", EPYC)
+    compiled = recorded_rows("bench-cpu-avx2-onednn-compiled.json", EPYC)
+    third = recorded_rows("bench-cpu-avx2-cpu-fast-turns.json", EPYC)
+    amx = recorded_rows("bench-cpu.json", "Xeon")
+    noamx = recorded_rows("bench-cpu-noamx-r3.json", "Xeon")
+    h100 = recorded_rows("bench-gpu-h100.json", "H100")["gpu-fast"]
+    h100_compiled = recorded_rows("bench-gpu-h100-compiled.json", "H100")["gpu-compiled"]
+    h200_compiled = recorded_rows("bench-gpu-h200.json", "H200")["gpu-compiled"]
 
     def decode(run: dict) -> str:
         fast, base = run["cpu-fast"]["t3_tokens_per_s"], run["baseline"]["t3_tokens_per_s"]
@@ -242,12 +237,10 @@ def test_the_targets_table_is_the_recorded_runs():
         f"{epyc['cpu-fast']['t3_weights_mb']:.0f} MB against "
         f"{epyc['baseline']['t3_weights_mb']:.0f} MB "
         f"({1 - epyc['cpu-fast']['t3_weights_mb'] / epyc['baseline']['t3_weights_mb']:.0%} less)",
-        f"`gpu-fast` {rows('bench-gpu-h100.json')['gpu-fast']['t3_tokens_per_s']:.0f} tokens/s; "
-        f"`gpu-compiled` "
-        f"{rows('bench-gpu-h100-compiled.json')['gpu-compiled']['t3_tokens_per_s']:.0f} (H100) "
-        f"and {rows('bench-gpu-h200.json')['gpu-compiled']['t3_tokens_per_s']:.0f} (H200)",
-        f"{rows('bench-gpu-h100-compiled.json')['gpu-compiled']['rtf']:.3f} (H100) and "
-        f"{rows('bench-gpu-h200.json')['gpu-compiled']['rtf']:.3f} (H200)",
+        f"`gpu-fast` {h100['t3_tokens_per_s']:.0f} tokens/s; `gpu-compiled` "
+        f"{h100_compiled['t3_tokens_per_s']:.0f} (H100) and "
+        f"{h200_compiled['t3_tokens_per_s']:.0f} (H200)",
+        f"{h100_compiled['rtf']:.3f} (H100) and {h200_compiled['rtf']:.3f} (H200)",
     ]
     for figure in expected:
         assert figure in table, figure
