@@ -849,10 +849,15 @@ def build_demo() -> gr.Blocks:
         # A voice's saved exaggeration becomes the slider's value when it is picked.
         voice.change(voice_exaggeration, voice, settings[0], api_visibility="private",
                      queue=False)
+        # The timed events show Gradio's small progress (a timer and our messages) on one
+        # output, not its default animated loader on every output: a browser on the app's
+        # own 2-core machine spent half a core drawing those and slowed the run it timed
+        # by 1.5-1.75x (docs/benchmarks.md, "A browser on the same machine").
         synth_btn.click(lambda: None, outputs=live_out, queue=False,  # see live_out
                         api_visibility="private").then(
                         synthesize, [text, voice, preset, *settings, stream],
                         [audio_out, timings, report, live_out], api_name="synthesize",
+                        show_progress="minimal", show_progress_on=audio_out,
                         concurrency_id=MODEL_SLOT).then(header_html, outputs=header,
                                                         api_visibility="private", queue=False)
         for preset_dd, fields, avail in ((preset_a, fields_a, avail_a),
@@ -874,6 +879,7 @@ def build_demo() -> gr.Blocks:
             [audio_a, audio_b, ab_table, ab_summary, ab_chart, ab_mels, history_table,
              history, history_file],
             api_name="compare", concurrency_id=MODEL_SLOT,
+            show_progress="minimal", show_progress_on=[audio_a, audio_b],
         )
         cancel_btn.click(cancel_compare, None, ab_summary, api_visibility="private",
                          queue=False)

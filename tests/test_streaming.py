@@ -183,6 +183,19 @@ def test_no_event_of_the_page_tracks_tqdm_bars():
     assert not any(tracked.values()), tracked
 
 
+def test_the_timed_events_show_small_progress_on_their_audio_only():
+    """Gradio's default progress animates a loader over every output; a browser on the
+    app's own 2-core machine spent half a core drawing them, slowing the very run whose
+    time the page reports (docs/benchmarks.md, "A browser on the same machine")."""
+    from chatterbox_demo import ui
+
+    config = ui.build_demo().get_config_file()
+    labels = {c["id"]: c["props"].get("label") for c in config["components"]}
+    shown = {d["api_name"]: (d["show_progress"], [labels[i] for i in d["show_progress_on"]])
+             for d in config["dependencies"] if d["api_name"] in ("synthesize", "compare")}
+    assert shown == {"synthesize": ("minimal", ["Result"]), "compare": ("minimal", ["A", "B"])}
+
+
 def test_the_page_says_why_it_cannot_stream_without_ffmpeg(tiny_manager, monkeypatch):
     import gradio as gr
 
