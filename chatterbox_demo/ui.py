@@ -330,6 +330,19 @@ def report_markdown(report: dict) -> str:
 # Gradio re-encodes each streamed piece for the browser with ffmpeg (through pydub).
 STREAMING = shutil.which("ffmpeg") is not None
 STREAM_OFF_REASON = "streaming playback needs ffmpeg on the server (apt-get install ffmpeg)"
+STREAM_ON_CPU = ("play audio as it is made; on a CPU the whole then takes longer, "
+                 "so it pays for a paragraph or more")
+
+
+def stream_box(device: str):
+    """Stream starts ticked on CUDA only: on a CPU each streamed piece repeats S3Gen's
+    seconds-long pass over the voice's reference prompt, so a sentence or two arrives
+    later streamed than whole (docs/benchmarks.md, "Streaming")."""
+    if not STREAMING:
+        return gr.update()
+    if device == "cuda":
+        return gr.update(value=True, info="play audio as it is made")
+    return gr.update(value=False, info=STREAM_ON_CPU)
 
 
 # The tabs' progress does not track tqdm bars (gr.Progress(track_tqdm=True)): Inductor's
@@ -828,7 +841,7 @@ def build_demo() -> gr.Blocks:
         refresh = dict(fn=refresh_voice_pickers, inputs=[voice, ab_voice],
                        outputs=[voice, ab_voice, mine], api_visibility="private", queue=False)
 
-        demo.load(startup, outputs=[header, table, preset, preset_b, presets_info],
+        demo.load(startup, outputs=[header, table, preset, preset_b, presets_info, stream],
                   api_visibility="private",
                   concurrency_id=MODEL_SLOT).then(**refresh)
         add_btn.click(add_voice, [audio_in, name_in, voice_exag], [voice_status, table],
@@ -890,7 +903,8 @@ def build_demo() -> gr.Blocks:
 @user_errors
 def startup(progress=gr.Progress()):
     m = ensure_loaded(progress)
-    return header_html(), voice_table(), m.preset, m.preset, presets_markdown()
+    return (header_html(), voice_table(), m.preset, m.preset, presets_markdown(),
+            stream_box(m.device))
 
 
 def launch(demo: gr.Blocks, routers=(), **kwargs) -> None:

@@ -156,7 +156,8 @@ def test_a_long_text_streams_with_progress_per_chunk(page):
     tokens = page.get_by_label("max_new_tokens", exact=False).first
     tokens.fill("20")  # per chunk: keeps the tiny model's run short
     tokens.press("Enter")
-    expect(page.get_by_label("Stream")).to_be_checked()
+    expect(page.get_by_label("Stream")).not_to_be_checked()  # on a CPU (ui.stream_box)
+    page.get_by_label("Stream").check()
     page.get_by_role("button", name="Synthesize", exact=True).click()
     progress = page.get_by_text(re.compile(r"Streaming chunk \d+ of 8"))
     expect(progress).to_be_visible(timeout=GENERATION_TIMEOUT_MS)

@@ -196,6 +196,20 @@ def test_the_timed_events_show_small_progress_on_their_audio_only():
     assert shown == {"synthesize": ("minimal", ["Result"]), "compare": ("minimal", ["A", "B"])}
 
 
+def test_stream_starts_ticked_on_cuda_only(monkeypatch):
+    """On a CPU every streamed piece repeats S3Gen's pass over the reference prompt:
+    "Hello there." whole took 11.3 s, streamed 21.7 s (docs/benchmarks.md, "Streaming")."""
+    from chatterbox_demo import ui
+
+    monkeypatch.setattr(ui, "STREAMING", True)
+    assert ui.stream_box("cuda")["value"] is True
+    cpu = ui.stream_box("cpu")
+    assert cpu["value"] is False and "paragraph" in cpu["info"]
+    assert ui.stream_box("mps")["value"] is False
+    monkeypatch.setattr(ui, "STREAMING", False)  # the box stays as built: greyed, with why
+    assert "value" not in ui.stream_box("cuda")
+
+
 def test_the_page_says_why_it_cannot_stream_without_ffmpeg(tiny_manager, monkeypatch):
     import gradio as gr
 
