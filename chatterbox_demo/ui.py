@@ -865,7 +865,7 @@ def build_demo() -> gr.Blocks:
         # The timed events show Gradio's small progress (a timer and our messages) on one
         # output, not its default animated loader on every output: a browser on the app's
         # own 2-core machine spent half a core drawing those and slowed the run it timed
-        # by 1.5-1.75x (docs/benchmarks.md, "A browser on the same machine").
+        # by about 1.5-1.75x (docs/benchmarks.md, "A browser on the same machine").
         synth_btn.click(lambda: None, outputs=live_out, queue=False,  # see live_out
                         api_visibility="private").then(
                         synthesize, [text, voice, preset, *settings, stream],
