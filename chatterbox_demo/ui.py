@@ -239,6 +239,16 @@ def refresh_voice_pickers(current_synth: str | None, current_ab: str | None):
             gr.update(choices=removable, value=removable[0] if removable else None))
 
 
+def follow_voice(new: str, current_synth: str | None, current_ab: str | None,
+                 old: str | None = None):
+    """The pickers after a voice is added (no ``old``: both show it) or renamed (a picker
+    that showed ``old`` shows ``new``; the refresh would otherwise fall back to the first
+    voice without a word)."""
+    new = check_name(new)  # the name as the library stored it
+    follow = lambda current: new if old is None or current == old else current  # noqa: E731
+    return follow(current_synth), follow(current_ab)
+
+
 def voice_exaggeration(name: str | None):
     m = manager()
     if m.loaded is None or not name:
@@ -844,19 +854,25 @@ def build_demo() -> gr.Blocks:
         demo.load(startup, outputs=[header, table, preset, preset_b, presets_info, stream],
                   api_visibility="private",
                   concurrency_id=MODEL_SLOT).then(**refresh)
+        follow = dict(outputs=[voice, ab_voice], api_visibility="private", queue=False)
         add_btn.click(add_voice, [audio_in, name_in, voice_exag], [voice_status, table],
-                      api_name="add_voice", concurrency_id=MODEL_SLOT).then(**refresh)
+                      api_name="add_voice", concurrency_id=MODEL_SLOT).success(
+                      follow_voice, [name_in, voice, ab_voice], **follow).then(**refresh)
         remove_btn.click(remove_voice, [mine], [voice_status, table],
                          api_name="remove_voice", concurrency_id=MODEL_SLOT).then(**refresh)
         rename_btn.click(rename_voice, [mine, new_name], [voice_status, table],
-                         api_name="rename_voice", concurrency_id=MODEL_SLOT).then(**refresh)
+                         api_name="rename_voice", concurrency_id=MODEL_SLOT).success(
+                         follow_voice, [new_name, voice, ab_voice, mine], **follow,
+                         ).then(**refresh)
         # Training runs on a copy of T3 outside the model's lock: its own queue slot, so
         # generation goes on meanwhile.
         tune_btn.click(finetune_voice, [dataset_in, tune_name, tune_method, tune_steps],
                        [tune_status, table], api_name="finetune",
                        concurrency_id="finetune").then(**refresh)
         import_btn.click(import_adapter, [adapter_in, adapter_name], [tune_status, table],
-                         api_name="import_adapter", concurrency_id=MODEL_SLOT).then(**refresh)
+                         api_name="import_adapter", concurrency_id=MODEL_SLOT).success(
+                         follow_voice, [adapter_name, voice, ab_voice], **follow,
+                         ).then(**refresh)
         preset.change(preset_markdown, preset, preset_line, api_visibility="private",
                       queue=False)
         # A voice's saved exaggeration becomes the slider's value when it is picked.

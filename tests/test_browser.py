@@ -67,10 +67,9 @@ def test_upload_a_voice_synthesize_and_compare(page):
     expect(page.get_by_text("browser voice").first).to_be_visible()
     shoot(page, "1-voices")
 
-    # Synthesize in the new voice.
+    # Synthesize in the new voice, which the pickers now show.
     page.get_by_role("tab", name="Synthesize").click()
-    page.get_by_label("Voice", exact=True).first.fill("browser voice")
-    page.keyboard.press("Enter")
+    expect(page.get_by_label("Voice", exact=True).first).to_have_value("browser voice")
     page.get_by_role("button", name="Synthesize", exact=True).click()
     audio = page.locator("audio[src*='audio.wav']")
     expect(audio).to_have_count(1, timeout=GENERATION_TIMEOUT_MS)
@@ -104,6 +103,27 @@ def test_upload_a_voice_synthesize_and_compare(page):
     width, viewport = page.evaluate("[document.documentElement.scrollWidth, innerWidth]")
     assert width <= viewport
     shoot(page, "4-compare-phone")
+
+
+def test_renaming_the_picked_voice_keeps_it_picked(page):
+    """The pickers used to fall back to the first voice when the one they showed was
+    renamed: the next synthesis spoke in another voice without a word."""
+    page.get_by_role("tab", name="Voices").click()
+    page.locator("input[type=file]").first.set_input_files(str(CLIP))
+    page.get_by_label("Name", exact=True).fill("to rename")
+    page.get_by_role("button", name="Add voice").click()
+    expect(page.get_by_text("Added voice")).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
+    mine = page.get_by_label("Your voices", exact=False)
+    mine.click()
+    mine.fill("to rename")
+    page.keyboard.press("Enter")
+    page.get_by_label("New name", exact=True).fill("renamed")
+    page.get_by_role("button", name="Rename", exact=True).click()
+    expect(page.get_by_text("Renamed to")).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
+    page.get_by_role("tab", name="Synthesize").click()
+    expect(page.get_by_label("Voice", exact=True).first).to_have_value("renamed")
+    page.get_by_role("tab", name="A/B Compare").click()
+    expect(page.get_by_label("Voice", exact=True).last).to_have_value("renamed")
 
 
 def test_synthesize_without_streaming_shows_the_result(page):
