@@ -340,8 +340,9 @@ def report_markdown(report: dict) -> str:
 # Gradio re-encodes each streamed piece for the browser with ffmpeg (through pydub).
 STREAMING = shutil.which("ffmpeg") is not None
 STREAM_OFF_REASON = "streaming playback needs ffmpeg on the server (apt-get install ffmpeg)"
-STREAM_ON_CPU = ("play audio as it is made; on a CPU the whole then takes longer, "
-                 "so it pays for a paragraph or more")
+STREAM_INFO = "play audio as it is made"
+STREAM_ON_CPU = f"{STREAM_INFO}; on a CPU the whole then takes longer, so it pays for a " \
+                "paragraph or more"
 
 
 def stream_box(device: str):
@@ -351,7 +352,7 @@ def stream_box(device: str):
     if not STREAMING:
         return gr.update()
     if device == "cuda":
-        return gr.update(value=True, info="play audio as it is made")
+        return gr.update(value=True, info=STREAM_INFO)
     return gr.update(value=False, info=STREAM_ON_CPU)
 
 
@@ -792,7 +793,7 @@ def build_demo() -> gr.Blocks:
                     settings = _setting_sliders()
                     stream = gr.Checkbox(
                         value=STREAMING, interactive=STREAMING, label="Stream",
-                        info="play audio as it is made" if STREAMING else STREAM_OFF_REASON)
+                        info=STREAM_INFO if STREAMING else STREAM_OFF_REASON)
                     synth_btn = gr.Button("Synthesize", variant="primary")
                 with gr.Column():
                     # A plain player without ffmpeg: a streaming one would be started
