@@ -791,8 +791,11 @@ def build_demo() -> gr.Blocks:
                     preset_line = gr.Markdown(preset_markdown(DEFAULT_PRESET),
                                               elem_id="preset-line")
                     settings = _setting_sliders()
+                    # Built unticked: the page-load event ticks it on CUDA (stream_box)
+                    # once the model is loaded, so a click during the first load does
+                    # not stream on a CPU.
                     stream = gr.Checkbox(
-                        value=STREAMING, interactive=STREAMING, label="Stream",
+                        value=False, interactive=STREAMING, label="Stream",
                         info=STREAM_INFO if STREAMING else STREAM_OFF_REASON)
                     synth_btn = gr.Button("Synthesize", variant="primary")
                 with gr.Column():

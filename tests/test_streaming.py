@@ -210,6 +210,17 @@ def test_stream_starts_ticked_on_cuda_only(monkeypatch):
     assert "value" not in ui.stream_box("cuda")
 
 
+def test_stream_is_built_unticked_until_the_page_load_knows_the_device(monkeypatch):
+    """The page-load event ticks it on CUDA once the model has loaded; a click before
+    then, during the first load, must not stream on a CPU."""
+    from chatterbox_demo import ui
+
+    monkeypatch.setattr(ui, "STREAMING", True)
+    config = ui.build_demo().get_config_file()
+    [box] = [c["props"] for c in config["components"] if c["props"].get("label") == "Stream"]
+    assert box["value"] is False and box["interactive"] is True
+
+
 def test_the_page_says_why_it_cannot_stream_without_ffmpeg(tiny_manager, monkeypatch):
     import gradio as gr
 
