@@ -17,9 +17,10 @@ import torch
 import torch._dynamo
 
 # Versions of one compiled function kept per process. The layer step needs the most: 3
-# precisions x 3 T3 quantizations x 2 layer compile modes x 2 (prefill and step) x 2 (TF32
-# on or off, a process-wide setting Dynamo guards on) is 72.
-RECOMPILE_LIMIT = 128
+# precisions x 3 T3 quantizations x 2 layer compile modes x 3 (prefill, prefill after a
+# kept voice prefix, step) x 2 (TF32 on or off, a process-wide setting Dynamo guards on)
+# is 108.
+RECOMPILE_LIMIT = 160
 
 
 def compile_hot(function, mode: str):

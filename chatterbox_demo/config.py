@@ -120,6 +120,12 @@ class OptimizationConfig:
     # SDPA and on-device sampling (same sampling semantics); on a CPU its single-token
     # step is replayed from a trace, unless torch.compile compiles it; see fast_t3.py.
     t3_decoder: str = "stock"
+    # Fast decoder only: keep T3's keys and values for the voice's own prompt positions
+    # (its speaker embedding and resampled reference speech tokens: the same for every
+    # text), per T3 variant and voice, so that a prefill runs over the text alone. A kept
+    # prefix is used only for identical embeddings. Same arithmetic, though int8 dynamic
+    # layers then scale the text's activations by their own range.
+    t3_voice_prefix: bool = False
     # CUDA only, fast decoder only: capture the single-token decode step as CUDA graphs
     # (one per 64 cache positions), so a token costs one launch instead of hundreds. With
     # compile_mode set, the compiled step is what is captured.
@@ -180,6 +186,9 @@ class OptimizationConfig:
         if self.cuda_graphs and self.t3_decoder != "fast":
             raise ValueError("cuda_graphs captures the fast decoder's step; set t3_decoder "
                              "to fast")
+        if self.t3_voice_prefix and self.t3_decoder != "fast":
+            raise ValueError("t3_voice_prefix is kept by the fast decoder; set t3_decoder "
+                             "to fast")
 
     @property
     def changes_output(self) -> bool:
@@ -211,8 +220,8 @@ def cpu_fast(native_bf16: bool, onednn: bool = True) -> OptimizationConfig:
     instructions (measured: half of S3Gen's time), else its Linear layers in int8 (bf16
     emulated runs slower than fp32)."""
     estimator = {"s3gen_dtype": "bf16"} if native_bf16 else {"s3gen_quant": "int8-dynamic"}
-    return replace(_CACHED, t3_decoder="fast", t3_quant="int8-dynamic", t3_onednn=onednn,
-                   **estimator)
+    return replace(_CACHED, t3_decoder="fast", t3_voice_prefix=True, t3_quant="int8-dynamic",
+                   t3_onednn=onednn, **estimator)
 
 
 CPU_BF16 = hardware.native_bf16()
@@ -222,8 +231,8 @@ CPU_FAST = cpu_fast(CPU_BF16, hardware.has_onednn())
 # Without cudnn.benchmark: with it, a streamed generation on an H100 took 9.2 s against
 # 1.3 s one-shot, where the rows without it streamed within 1-3 s of their one-shot time
 # (every streamed piece is a new shape to autotune for; not yet re-measured without it).
-GPU_FAST = replace(_CACHED, t3_decoder="fast", t3_dtype="bf16", cuda_graphs=True,
-                   s3gen_dtype="fp16", tf32=True)
+GPU_FAST = replace(_CACHED, t3_decoder="fast", t3_voice_prefix=True, t3_dtype="bf16",
+                   cuda_graphs=True, s3gen_dtype="fp16", tf32=True)
 
 PRESETS: dict[str, OptimizationConfig] = {
     # Exactly the upstream path: fp32, stock decoder, conditionals recomputed per call.
@@ -231,6 +240,7 @@ PRESETS: dict[str, OptimizationConfig] = {
     "cached": _CACHED,
     # One optimization each, on top of cached conditionals, so its own effect shows.
     "fast-decoder": replace(_CACHED, t3_decoder="fast"),
+    "t3-voice-prefix": replace(_CACHED, t3_decoder="fast", t3_voice_prefix=True),
     "t3-bf16": replace(_CACHED, t3_dtype="bf16", t3_decoder="fast"),
     "t3-onednn": replace(_CACHED, t3_decoder="fast", t3_onednn=True),
     "t3-int8": replace(_CACHED, t3_quant="int8-dynamic", t3_decoder="fast"),
@@ -261,6 +271,8 @@ PRESET_DESCRIPTIONS = {
     "cached": "baseline + the voice library's cached conditionals",
     "fast-decoder": "cached + our static-cache T3 decode loop (SDPA, on-device sampling; "
                     "on a CPU the step replayed from a trace)",
+    "t3-voice-prefix": "fast-decoder keeping T3's keys and values of the voice's prompt, so "
+                       "the prefill runs over the text alone",
     "t3-bf16": "fast-decoder with T3 in bf16 (half the bytes per token)",
     "t3-onednn": "fast-decoder with T3's fp32 Linear layers through oneDNN, weights packed "
                  "once (CPU; output as fp32's)",
@@ -274,7 +286,7 @@ PRESET_DESCRIPTIONS = {
     "compiled": "cached + torch.compile (default mode) of T3's layers, S3Gen's CFM estimator "
                 "and HiFT: its own effect; minutes of compiling when applied, and measured no "
                 "faster on a 2-core CPU",
-    "cpu-fast": "fast decoder, int8 T3"
+    "cpu-fast": "fast decoder keeping the voice prefix, int8 T3"
                 + (" (float head through oneDNN)" if CPU_FAST.t3_onednn else "")
                 + f" and {'bf16' if CPU_BF16 else 'int8'} CFM estimator "
                 f"(this CPU {'has' if CPU_BF16 else 'lacks'} bf16 instructions): fastest with "
@@ -282,8 +294,8 @@ PRESET_DESCRIPTIONS = {
     "cpu-compiled": "cpu-fast with the CFM estimator in static int8, compiled: faster S3Gen "
                     "after minutes of compiling when applied (CPU)",
     "cpu-turbo": "cpu-fast + 6 CFM steps without CFG: faster, audio differs from upstream",
-    "gpu-fast": "fast decoder as CUDA graphs, bf16 T3, fp16 CFM estimator, TF32: for CUDA "
-                "GPUs",
+    "gpu-fast": "fast decoder as CUDA graphs keeping the voice prefix, bf16 T3, fp16 CFM "
+                "estimator, TF32: for CUDA GPUs",
     "gpu-compiled": "gpu-fast + torch.compile (default mode), the compiled decode step "
                     "captured in the CUDA graphs, S3Gen compiled: faster after about four "
                     "minutes of compiling",

@@ -23,6 +23,9 @@ What it changes, and why:
   cost, which was over a quarter of an int8 step at full size (docs/benchmarks.md). The step
   reads the position from a device tensor and the used cache length from it through a
   scripted helper, so one recording serves every position.
+- with ``reuse_voice_prefix`` the keys and values of the prompt's first positions, which
+  depend on the voice alone (speaker embedding, resampled reference speech tokens), are
+  kept per T3 and voice, so a prefill runs over the text and what follows only.
 
 The prompt is built exactly as upstream builds it, including its quirk of feeding the
 start-of-speech embedding twice (once from ``prepare_input_embeds``, once as "BOS").
@@ -85,20 +88,25 @@ def _layer_output(layer, x: torch.Tensor, attended: torch.Tensor) -> torch.Tenso
 
 
 def _layer_forward(layer, x: torch.Tensor, cos, sin, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, start: int, causal: bool) -> torch.Tensor:
+                   v_cache: torch.Tensor, start: int, causal: bool,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """One Llama decoder layer over ``x`` (B, T, D) placed at positions start..start+T-1.
-    ``causal``: whether ``x`` holds several positions (the prefill) rather than one."""
+    ``causal``: whether ``x`` holds several positions (the prefill) rather than one;
+    ``mask`` (T, start+T), the causal mask of a prefill that starts past 0."""
     q, k, v = _rotated_qkv(layer, x, cos, sin)
     steps = x.shape[1]
     end = start + steps
     k_cache[:, :, start:end] = k
     v_cache[:, :, start:end] = v
-    # The prefill starts at 0 so a causal mask over the whole slice is right; a single
-    # decode step attends to everything before it and needs no mask. ``causal`` comes from
-    # the caller: under torch.compile with dynamic shapes ``steps > 1`` would be symbolic,
-    # which SDPA refuses, breaking the compiled graph in two at every layer.
+    # A prefill from 0 needs only SDPA's causal flag (its mask is aligned to the top
+    # left, right only when queries and keys start together); one from a cached prefix
+    # brings its own mask; a single decode step attends to everything before it and needs
+    # none. ``causal`` comes from the caller: under torch.compile with dynamic shapes
+    # ``steps > 1`` would be symbolic, which SDPA refuses, breaking the compiled graph in
+    # two at every layer.
     out = F.scaled_dot_product_attention(q, k_cache[:, :, :end], v_cache[:, :, :end],
-                                         is_causal=causal, scale=layer.self_attn.scaling)
+                                         attn_mask=mask, is_causal=causal and mask is None,
+                                         scale=layer.self_attn.scaling)
     return _layer_output(layer, x, out)
 
 
@@ -135,6 +143,10 @@ _COMPILED_STEPS: dict[tuple[str, str], object] = {}
 # with the module. Neither holds the module itself, or it would never be dropped.
 _GRAPH_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _TRACED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Per T3 module: (prefix embeddings, keys, values) of the voices' own prompt positions
+# (``reuse_voice_prefix``), the most recently used last; 8 MB each at full size in fp32.
+_VOICE_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+VOICE_PREFIXES_KEPT = 8
 
 
 def layer_step(compile_mode: str, at_position: bool = False):
@@ -165,12 +177,14 @@ class FastT3Decoder:
     (meant for CPUs, where Python's cost per operator is a large part of a step).
     """
 
-    def __init__(self, t3: T3, stop_check_every: int = 16, step_mode: str = "plain"):
+    def __init__(self, t3: T3, stop_check_every: int = 16, step_mode: str = "plain",
+                 reuse_voice_prefix: bool = False):
         if step_mode not in STEP_MODES:
             raise ValueError(f"step_mode must be one of {', '.join(STEP_MODES)}")
         self.t3 = t3
         self.stop_check_every = stop_check_every
         self.step_mode = step_mode
+        self.reuse_voice_prefix = reuse_voice_prefix
 
     @property
     def dtype(self) -> torch.dtype:
@@ -180,16 +194,55 @@ class FastT3Decoder:
     def forward(self, embeds: torch.Tensor, cache: StaticKVCache, start: int) -> torch.Tensor:
         """Run the transformer over ``embeds`` at ``start``; returns speech logits of the
         last position, (B, vocab)."""
+        x = self._layers(embeds, cache, start)
+        return self.t3.speech_head(self.t3.tfmr.norm(x[:, -1:]))[:, -1].float()
+
+    def _layers(self, embeds: torch.Tensor, cache: StaticKVCache, start: int,
+                compiled: bool = True) -> torch.Tensor:
+        """The decoder layers over ``embeds`` at ``start``, filling ``cache`` there;
+        ``compiled=False`` runs them eagerly even under torch.compile."""
         tfmr = self.t3.tfmr
         steps = embeds.shape[1]
         positions = torch.arange(start, start + steps, device=embeds.device).unsqueeze(0)
         cos, sin = tfmr.rotary_emb(embeds, positions)
-        step = layer_step(getattr(self.t3, "compile_mode", "off"))
+        mask = None
+        if start and steps > 1:
+            mask = torch.ones(steps, start + steps, dtype=torch.bool,
+                              device=embeds.device).tril(start)
+        step = layer_step(getattr(self.t3, "compile_mode", "off") if compiled else "off")
         x = embeds
         for i, layer in enumerate(tfmr.layers):
-            x = step(layer, x, cos, sin, cache.k[i], cache.v[i], start, steps > 1)
-        x = tfmr.norm(x[:, -1:])
-        return self.t3.speech_head(x)[:, -1].float()
+            x = step(layer, x, cos, sin, cache.k[i], cache.v[i], start, steps > 1, mask)
+        return x
+
+    def _prefill(self, embeds: torch.Tensor, voice_positions: int,
+                 cache: StaticKVCache) -> torch.Tensor:
+        """The prompt through the layers into ``cache``; returns the last position's
+        logits. With ``reuse_voice_prefix``, the first ``voice_positions`` (those that
+        depend on the voice alone, the same in both CFG rows) come from a copy kept per T3
+        and voice, so only the text and what follows run."""
+        if not (self.reuse_voice_prefix and voice_positions):
+            return self.forward(embeds, cache, 0)
+        keys, values = self._voice_prefix(embeds[:1, :voice_positions])
+        cache.k[:, :, :, :voice_positions] = keys
+        cache.v[:, :, :, :voice_positions] = values
+        return self.forward(embeds[:, voice_positions:], cache, voice_positions)
+
+    def _voice_prefix(self, prefix: torch.Tensor):
+        """The keys and values of ``prefix`` (1, n, D), computed once per T3 and content:
+        a kept one is used only for an identical prefix."""
+        kept = _VOICE_PREFIXES.setdefault(self.t3, [])
+        for entry in kept:
+            if entry[0].shape == prefix.shape and torch.equal(entry[0], prefix):
+                kept.remove(entry)
+                kept.append(entry)  # the most recently used last
+                return entry[1], entry[2]
+        # Eagerly, once per voice: compiled, its batch of one would be one more graph.
+        cache = self._new_cache(1, prefix.shape[1])
+        self._layers(prefix, cache, 0, compiled=False)
+        kept.append((prefix.clone(), cache.k, cache.v))
+        del kept[:-VOICE_PREFIXES_KEPT]
+        return cache.k, cache.v
 
     def forward_at(self, embed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    pos: torch.Tensor, bucket: int | None = None) -> torch.Tensor:
@@ -282,15 +335,22 @@ class FastT3Decoder:
         device = t3.device
         text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=device)
         start_token = hp.start_speech_token * torch.ones_like(text_tokens[:, :1])
-        embeds, _ = t3.prepare_input_embeds(t3_cond=t3_cond, text_tokens=text_tokens,
-                                            speech_tokens=start_token, cfg_weight=cfg_weight)
+        embeds, cond_length = t3.prepare_input_embeds(
+            t3_cond=t3_cond, text_tokens=text_tokens, speech_tokens=start_token,
+            cfg_weight=cfg_weight)
+        # The conditioning's positions before the emotion one depend on the voice alone
+        # (speaker embedding, resampled prompt speech tokens), when one voice is expanded
+        # to both CFG rows.
+        voice_positions = cond_length - int(bool(t3.hp.emotion_adv))
+        if t3_cond.speaker_emb.shape[0] != 1:
+            voice_positions = 0
         bos = t3.speech_emb(start_token[:1]) + t3.speech_pos_emb.get_fixed_embedding(0)
         embeds = torch.cat([embeds, bos.expand(embeds.shape[0], -1, -1)], dim=1)
         embeds = embeds.to(self.dtype)
 
         batch, prefix = embeds.shape[:2]
         cache, step_fn = self._cache_and_step(batch, prefix + max_new_tokens)
-        logits = self.forward(embeds, cache, 0)
+        logits = self._prefill(embeds, voice_positions, cache)
 
         # Tokens seen so far (BOS included, as upstream's repetition penalty sees it).
         seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=device)

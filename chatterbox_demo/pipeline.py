@@ -150,7 +150,8 @@ def _token_blocks(t3, sampling: dict, config: OptimizationConfig, ignore_stop: b
     """Sampled tokens as (1, k) blocks: the fast decoder hands them over as it goes, the
     stock ``T3.inference`` all at once. ``ignore_stop``: the stop token cannot be drawn."""
     if config.t3_decoder == "fast":
-        decoder = FastT3Decoder(t3, step_mode=step_mode(t3, config))
+        decoder = FastT3Decoder(t3, step_mode=step_mode(t3, config),
+                                reuse_voice_prefix=config.t3_voice_prefix)
         yield from decoder.token_blocks(**sampling, allow_stop=not ignore_stop)
     else:
         with suppress_stop_token(t3) if ignore_stop else nullcontext():

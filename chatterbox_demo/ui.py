@@ -441,6 +441,7 @@ CONFIG_HELP = {
     "t3_dtype": "T3 precision", "t3_quant": "T3 quantization",
     "t3_onednn": "T3 float layers through oneDNN (CPU)",
     "t3_decoder": "T3 decode loop", "cuda_graphs": "T3 decode step as CUDA graphs",
+    "t3_voice_prefix": "keep T3's keys and values of the voice's prompt",
     "s3gen_dtype": "CFM estimator precision", "s3gen_quant": "CFM estimator quantization",
     "cfm_steps": "CFM steps (upstream 10)", "cfm_cfg": "CFG inside the CFM",
     "prompt_seconds": "S3Gen prompt seconds (0 = whole clip)",
@@ -453,7 +454,7 @@ HISTORY_HEADERS = ["time", "text", "voice", "A", "B", "repeats", "A total s", "B
 
 def option_reason(name: str, value) -> str | None:
     """Why setting just ``name`` to ``value`` cannot run on this device, or None."""
-    extra = {"t3_decoder": "fast"} if name == "cuda_graphs" else {}
+    extra = {"t3_decoder": "fast"} if name in ("cuda_graphs", "t3_voice_prefix") else {}
     try:
         config = dataclasses.replace(BASELINE, **{name: value, **extra})
     except ValueError as exc:

@@ -95,11 +95,16 @@ def test_the_layer_step_compiles_as_one_graph_for_prefill_and_decode(model):
         length = embeds.shape[1]
         cache = StaticKVCache(1, 2, 16, length + 4, 64, torch.float32, "cpu")
         outputs = []
-        for start, x in ((0, embeds), (length, embeds[:, -1:]), (length + 1, embeds[:, :1])):
+        # The prefill, a decode step, another, and a prefill after a kept voice prefix
+        # (with its own causal mask).
+        for start, x in ((0, embeds), (length, embeds[:, -1:]), (length + 1, embeds[:, :1]),
+                         (10, embeds[:, 10:])):
             positions = torch.arange(start, start + x.shape[1]).unsqueeze(0)
             cos, sin = t3.tfmr.rotary_emb(x, positions)
+            mask = (torch.ones(x.shape[1], start + x.shape[1], dtype=torch.bool).tril(start)
+                    if start and x.shape[1] > 1 else None)
             outputs.append(step_fn(t3.tfmr.layers[0], x, cos, sin, cache.k[0], cache.v[0],
-                                   start, x.shape[1] > 1))
+                                   start, x.shape[1] > 1, mask))
         return outputs
 
     assert_compiles_as_one_graph(fast_t3._layer_forward, run)
@@ -293,9 +298,70 @@ def test_traced_step_draws_the_same_tokens_at_every_length(model, preset):
     assert len(_TRACED_STEPS[t3]) == 1  # recorded once for both generations
 
 
+def cond_with_speaker(conds, speaker: torch.Tensor, exaggeration: float = 0.5):
+    """The T3 conditioning of ``conds`` with another speaker embedding: another voice."""
+    cond = t3_cond_for(conds, exaggeration, "cpu")
+    cond.speaker_emb = speaker
+    return cond
+
+
+@pytest.mark.parametrize("step_mode", ["plain", "traced"])
+def test_a_kept_voice_prefix_draws_the_same_tokens(model, step_mode):
+    """With ``reuse_voice_prefix`` the prefill runs over the text after the voice's kept
+    keys and values: in fp32 the same tokens as a whole prefill, at any exaggeration
+    (its position comes after the voice's), for another text, and for another voice."""
+    import copy
+
+    from chatterbox_demo.fast_t3 import _VOICE_PREFIXES
+
+    tts, conds = model
+    t3 = copy.deepcopy(tts.t3)  # a T3 of its own, so that it starts with no kept prefix
+    speaker, other = conds.t3.speaker_emb, conds.t3.speaker_emb.flip(-1)
+    cases = [(speaker, 0.5, "Hello world, a test."), (speaker, 1.5, "Hello world, a test."),
+             (speaker, 0.5, "Another text, longer than the first one was."),
+             (other, 0.5, "Hello world, a test.")]
+    for voice, exaggeration, text in cases:
+        runs = {}
+        for reuse in (False, True):
+            torch.manual_seed(3)
+            runs[reuse] = FastT3Decoder(t3, step_mode=step_mode,
+                                        reuse_voice_prefix=reuse).generate(
+                t3_cond=cond_with_speaker(conds, voice, exaggeration),
+                text_tokens=text_batch(tts, text), max_new_tokens=40, stop_on_eos=False)
+        assert runs[True].shape == (1, 40)
+        assert torch.equal(runs[False], runs[True]), (exaggeration, text)
+    kept = _VOICE_PREFIXES[t3]
+    assert len(kept) == 2  # one per voice, whatever the text and exaggeration
+    # Speaker embedding and the perceiver's 32 prompt positions; the emotion one follows.
+    assert kept[0][0].shape == (1, 33, t3.cfg.hidden_size)
+
+
+def test_kept_voice_prefixes_are_bounded(model, monkeypatch):
+    """The most recently used voices' prefixes are kept, the others dropped."""
+    import copy
+
+    from chatterbox_demo import fast_t3
+
+    monkeypatch.setattr(fast_t3, "VOICE_PREFIXES_KEPT", 2)
+    tts, conds = model
+    t3 = copy.deepcopy(tts.t3)
+    voices = [conds.t3.speaker_emb * scale for scale in (1.0, 0.5, 0.25)]
+    decoder = FastT3Decoder(t3, reuse_voice_prefix=True)
+    for voice in (voices[0], voices[1], voices[0], voices[2]):
+        decoder.generate(t3_cond=cond_with_speaker(conds, voice), text_tokens=text_batch(tts),
+                         max_new_tokens=2, stop_on_eos=False)
+    kept = fast_t3._VOICE_PREFIXES[t3]
+    speakers = [entry[0][0, 0] for entry in kept]
+    expected = [t3.cond_enc.spkr_enc(v)[0] for v in voices]
+    with torch.inference_mode():
+        assert len(kept) == 2
+        assert torch.allclose(speakers[0], expected[0]) and torch.allclose(speakers[1],
+                                                                           expected[2])
+
+
 def test_decode_steps_kept_per_t3_do_not_keep_the_t3_alive(model):
-    """Traced steps and CUDA-graph steps are kept per T3 module for later calls; an
-    evicted variant must still be freed, so they may not hold the module."""
+    """Traced steps, CUDA-graph steps and voice prefixes are kept per T3 module for later
+    calls; an evicted variant must still be freed, so they may not hold the module."""
     import copy
     import gc
     import weakref
@@ -304,6 +370,9 @@ def test_decode_steps_kept_per_t3_do_not_keep_the_t3_alive(model):
     t3 = copy.deepcopy(tts.t3)
     for mode in ("traced", "cuda-graph"):  # a CUDA-graph step captures only when called
         FastT3Decoder(t3, step_mode=mode)._cache_and_step(2, 64)
+    FastT3Decoder(t3, reuse_voice_prefix=True).generate(  # keeps a voice prefix
+        t3_cond=t3_cond_for(conds, 0.5, "cpu"), text_tokens=text_batch(tts),
+        max_new_tokens=2, stop_on_eos=False)
     alive = weakref.ref(t3)
     del t3
     gc.collect()
