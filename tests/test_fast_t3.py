@@ -305,7 +305,7 @@ def cond_with_speaker(conds, speaker: torch.Tensor, exaggeration: float = 0.5):
     return cond
 
 
-@pytest.mark.parametrize("step_mode", ["plain", "traced"])
+@pytest.mark.parametrize("step_mode", ["plain", "traced", "bucketed"])
 def test_a_kept_voice_prefix_draws_the_same_tokens(model, step_mode):
     """With ``reuse_voice_prefix`` the prefill runs over the text after the voice's kept
     keys and values: in fp32 the same tokens as a whole prefill, at any exaggeration
