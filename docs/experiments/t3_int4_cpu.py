@@ -74,11 +74,12 @@ def int8_t3(pristine):
     return optimizations.apply_t3_int8_dynamic(t3).eval()
 
 
-def timed_generation(t3, inputs: dict, tokens: int, step_mode: str = "plain") -> float:
+def timed_generation(t3, inputs: dict, tokens: int, step_mode: str = "plain",
+                     **decoder_options) -> float:
     torch.manual_seed(0)
     started = time.perf_counter()
-    FastT3Decoder(t3, step_mode=step_mode).generate(**inputs, max_new_tokens=tokens,
-                                                    stop_on_eos=False)
+    FastT3Decoder(t3, step_mode=step_mode, **decoder_options).generate(
+        **inputs, max_new_tokens=tokens, stop_on_eos=False)
     return time.perf_counter() - started
 
 
