@@ -232,11 +232,11 @@ class FastT3Decoder:
         """The keys and values of ``prefix`` (1, n, D), computed once per T3 and content:
         a kept one is used only for an identical prefix."""
         kept = _VOICE_PREFIXES.setdefault(self.t3, [])
-        for entry in kept:
-            if entry[0].shape == prefix.shape and torch.equal(entry[0], prefix):
-                kept.remove(entry)
-                kept.append(entry)  # the most recently used last
-                return entry[1], entry[2]
+        for i, (embeds, keys, values) in enumerate(kept):
+            if embeds.shape == prefix.shape and torch.equal(embeds, prefix):
+                # By position: list.remove would compare the tuples' tensors with ==.
+                kept.append(kept.pop(i))  # the most recently used last
+                return keys, values
         # Eagerly, once per voice: compiled, its batch of one would be one more graph.
         cache = self._new_cache(1, prefix.shape[1])
         self._layers(prefix, cache, 0, compiled=False)

@@ -151,7 +151,10 @@ def test_runs_one_after_another_each_play_live_without_polling(page):
     live = page.locator("#live-audio audio")
     sources = []
     for run, streamed in enumerate((False, True, True)):
-        page.get_by_role("textbox").first.fill(f"Run number {run}, one sentence.")
+        # Texts of different lengths, so that each run's audio differs (its length follows
+        # the text's): the tiny random model all but ignores which words it reads, and
+        # identical audio would be served from the same file, never fetched again.
+        page.get_by_role("textbox").first.fill(f"Run number {run}, one sentence" + " more" * run)
         box = page.get_by_label("Stream")
         box.check() if streamed else box.uncheck()
         with page.expect_response(lambda r: "audio.wav" in r.url and r.ok,
