@@ -633,12 +633,23 @@ def _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b, repeats,
                           progress=lambda fraction, message: progress(fraction, desc=message),
                           cancelled=lambda: CANCELS.is_cancelled(session))
     csv_file = history_csv(history) if history else None
-    for result in steps:
-        outputs = comparison_outputs(result, label_a, label_b)
-        if result.b is not None:
-            history.append(history_row(text, voice, label_a, label_b, repeats, result))
-            csv_file = history_csv(history)
-        yield (*outputs, history, history, csv_file)
+    a_done = False
+    try:
+        for result in steps:
+            outputs = comparison_outputs(result, label_a, label_b)
+            if result.b is not None:
+                history.append(history_row(text, voice, label_a, label_b, repeats, result))
+                csv_file = history_csv(history)
+            yield (*outputs, history, history, csv_file)
+            a_done = True
+    except Exception:
+        # The error itself becomes the page's message; the summary must not go on saying
+        # "running B…" (or show an earlier comparison's verdict) beside it.
+        stopped = (f"A (**{html.escape(label_a)}**) done; B (**{html.escape(label_b)}**) "
+                   "failed: see the message." if a_done else
+                   "The comparison stopped: see the message.")
+        yield (*[gr.skip()] * 3, stopped, *[gr.skip()] * 5)
+        raise
     if result.b is None:
         audio_a, _, table, _, chart, mels = outputs
         yield (audio_a, None, table, f"Cancelled after A (**{html.escape(label_a)}**): B did "

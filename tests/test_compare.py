@@ -99,6 +99,29 @@ def ui_manager(tiny_manager, monkeypatch):
     return tiny_manager
 
 
+def test_a_side_that_fails_is_named_in_the_summary(ui_manager, monkeypatch):
+    """An error in B shows as the page's message, and the summary no longer says B is
+    running (a browser test once waited on "running B…" beside the error)."""
+    import gradio as gr
+
+    real = ui_manager.generate
+
+    def generate(text, voice, params, config=None, **kwargs):
+        if config == get_preset("fast-decoder"):
+            raise RuntimeError("broken on purpose")
+        return real(text, voice, params, config, **kwargs)
+
+    monkeypatch.setattr(ui_manager, "generate", generate)
+    shown = []
+    with pytest.raises(gr.Error, match="RuntimeError"):
+        for outputs in ui.run_compare("Compare me.", "calm-mid", 0, 8, "cached",
+                                      "fast-decoder"):
+            shown.append(outputs)
+    assert "running B" in shown[0][3]  # A's result, B under way
+    assert shown[-1][3] == "A (**cached**) done; B (**fast-decoder**) failed: see the message."
+    assert shown[-1][:3] == (gr.skip(),) * 3  # A's audio and table stay
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_round_trips_through_the_advanced_panel(name, ui_manager):
     assert ui.config_from_fields(ui.preset_fields(name)) == PRESETS[name]
