@@ -233,7 +233,7 @@ class FastT3Decoder:
         a kept one is used only for an identical prefix."""
         kept = _VOICE_PREFIXES.setdefault(self.t3, [])
         for i, (embeds, keys, values) in enumerate(kept):
-            if embeds.shape == prefix.shape and torch.equal(embeds, prefix):
+            if torch.equal(embeds, prefix):  # False for another shape too
                 # By position: list.remove would compare the tuples' tensors with ==.
                 kept.append(kept.pop(i))  # the most recently used last
                 return keys, values
