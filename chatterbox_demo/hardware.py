@@ -10,6 +10,10 @@ from pathlib import Path
 import torch
 
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's feature name
+# Instructions that multiply int8 by int8 into 32-bit sums (x86 VNNI and AMX, Arm's dot
+# product). Without them oneDNN's int8 kernels pair products into 16 bits (AVX2's
+# vpmaddubsw), which saturate when activations use all 8 bits.
+INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -27,6 +31,10 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 def native_bf16(flags: set[str] | None = None) -> bool:
     return bool(BF16_FLAGS & (cpu_flags() if flags is None else flags))
+
+
+def int8_dot_product(flags: set[str] | None = None) -> bool:
+    return bool(INT8_DOT_FLAGS & (cpu_flags() if flags is None else flags))
 
 
 def has_onednn() -> bool:

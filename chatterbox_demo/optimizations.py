@@ -381,7 +381,11 @@ def quantize_estimator_static(estimator: nn.Module, calibration: list[dict]) -> 
     exported = export_for_training(estimator, args=(), kwargs=calls[0],
                                    dynamic_shapes=shapes).module()
     quantizer = xiq.X86InductorQuantizer()
-    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    # 7-bit activations where the CPU has no int8 dot product: on AVX2 alone, 8-bit ones
+    # saturated oneDNN's kernels (the estimator's output 10 dB further from fp32 than
+    # the quantized graph computed exactly; docs/benchmarks.md).
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(
+        reduce_range=not hardware.int8_dot_product()))
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for call in calls:

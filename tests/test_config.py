@@ -172,4 +172,7 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert hardware.native_bf16(hardware.cpu_flags(cpuinfo))
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
     assert not hardware.native_bf16(hardware.cpu_flags(cpuinfo))
+    assert hardware.int8_dot_product(hardware.cpu_flags(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx2 fma\n")  # AMD EPYC, Zen 3
+    assert not hardware.int8_dot_product(hardware.cpu_flags(cpuinfo))
     assert hardware.cpu_flags(tmp_path / "missing") == set()

@@ -346,6 +346,34 @@ def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monke
             assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] > 0
         assert fidelity.snr_db(fidelity.mel(tts.s3gen, conds, part, 10, cfg=True), mel) >= 25
     assert counters["stats"]["unique_graphs"] == graphs  # 18 tokens: nothing recompiled
+    # The int8 kernels compute what the quantized graph does run exactly (quantize,
+    # dequantize, fp32). On a CPU without an int8 dot product 8-bit activations saturated
+    # them: 24 dB from the exact graph (19.6-25.4 dB from fp32, where it was 33.4-38.2).
+    estimator = s3gen.flow.decoder.estimator
+    call = {name: value for name, value in calibration()[-1].items() if value is not None}
+    with torch.no_grad():
+        exact = estimator.compiled._orig_mod(**call)
+        assert fidelity.snr_db(exact, estimator(**call)) >= 40
+
+
+def test_static_int8_uses_7_bit_activations_without_an_int8_dot_product(tts, conds,
+                                                                        monkeypatch):
+    """On AVX2 alone, oneDNN's int8 kernels sum pairs of products in 16 bits; activations
+    must leave that headroom (the x86 quantizer's ``reduce_range``). With VNNI they keep
+    all 8 bits, which agree better with fp32."""
+    from chatterbox_demo.optimizations import quantize_estimator_static, record_estimator_calls
+
+    calls = record_estimator_calls(
+        tts.s3gen, lambda: fidelity.mel(tts.s3gen, conds, conds.gen["prompt_token"][0, :8],
+                                        2, cfg=True))
+    quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    for dot_product, top in ((False, 127), (True, 255)):
+        monkeypatch.setattr(optimizations.hardware, "int8_dot_product",
+                            lambda has=dot_product: has)
+        graph = quantize_estimator_static(copy.deepcopy(tts.s3gen.flow.decoder.estimator),
+                                          calls).graph
+        ranges = {node.args[3:5] for node in graph.nodes if node.target == quantize}
+        assert ranges == {(0, top)}  # activations, uint8
 
 
 def test_compiling_s3gen_compiles_what_its_inference_calls(tts, conds, monkeypatch):
