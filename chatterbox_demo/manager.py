@@ -288,7 +288,8 @@ class ModelManager:
                                       lambda: build_t3(self._t3_base(adapter), config))
             s3gen = self._cached_variant(
                 self._s3gen_variants, "S3Gen", s3gen_key,
-                lambda: build_s3gen(tts.s3gen, config, self._estimator_calibration))
+                lambda: build_s3gen(tts.s3gen, config, self._estimator_calibration,
+                                    self.cache_dir / "compiled"))
             apply_runtime_settings(config, self.device)  # only once both parts exist
             # Part of building: a traced decode step is recorded here, outside any timing.
             pipeline.prepare_decoder(t3, config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,39 +322,88 @@ def test_static_int8_is_not_built_without_calibration(tts):
 
 
 @pytest.mark.slow
-def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monkeypatch):
+def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monkeypatch,
+                                                               tmp_path):
     """The PT2E flow as built for int8-static: Inductor lowers its quantized Linear layers
-    to oneDNN's int8 kernels (only with freezing on while it compiles), a new frame count
-    does not compile again, and the mel stays close to fp32. About 2 minutes here."""
+    to oneDNN's int8 kernels (only with freezing on while it compiles), one compiled
+    package serves every frame count, the mel stays close to fp32, and the package is
+    kept for the next build, which loads it without compiling. About 2 minutes here."""
     from torch._dynamo.utils import counters
 
-    from chatterbox_demo.optimizations import StaticInt8Estimator, record_estimator_calls
+    from chatterbox_demo.optimizations import (
+        StaticInt8Estimator,
+        quantize_estimator_static,
+        record_estimator_calls,
+    )
 
     # Compiled afresh, not loaded from Inductor's cache, so that its pattern counters count.
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     tokens = conds.gen["prompt_token"][0]
-    calibration = lambda: record_estimator_calls(  # noqa: E731
+    calls = record_estimator_calls(
         tts.s3gen, lambda: fidelity.mel(tts.s3gen, conds, tokens, 10, cfg=True))
-    s3gen = build_s3gen(tts.s3gen, OptimizationConfig(s3gen_quant="int8-static"), calibration)
+    config = OptimizationConfig(s3gen_quant="int8-static")
+    counters.clear()
+    s3gen = build_s3gen(tts.s3gen, config, lambda: calls, tmp_path)
     assert isinstance(s3gen.flow.decoder.estimator, StaticInt8Estimator)
     assert not isinstance(tts.s3gen.flow.decoder.estimator, StaticInt8Estimator)
-    counters.clear()
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] > 0
     for length in (30, 18):
         part = tokens[:length]
         mel = fidelity.mel(s3gen, conds, part, 10, cfg=True)
-        if length == 30:
-            graphs = counters["stats"]["unique_graphs"]
-            assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] > 0
         assert fidelity.snr_db(fidelity.mel(tts.s3gen, conds, part, 10, cfg=True), mel) >= 25
-    assert counters["stats"]["unique_graphs"] == graphs  # 18 tokens: nothing recompiled
+    (package,) = tmp_path.iterdir()  # no partial file left beside it
+    assert package.suffix == ".pt2"
     # The int8 kernels compute what the quantized graph does run exactly (quantize,
     # dequantize, fp32). On a CPU without an int8 dot product 8-bit activations saturated
     # them: 24 dB from the exact graph (19.6-25.4 dB from fp32, where it was 33.4-38.2).
-    estimator = s3gen.flow.decoder.estimator
-    call = {name: value for name, value in calibration()[-1].items() if value is not None}
+    call = {name: value for name, value in calls[-1].items() if value is not None}
+    exact = quantize_estimator_static(copy.deepcopy(tts.s3gen.flow.decoder.estimator), calls)
     with torch.no_grad():
-        exact = estimator.compiled._orig_mod(**call)
-        assert fidelity.snr_db(exact, estimator(**call)) >= 40
+        int8 = s3gen.flow.decoder.estimator(**call)
+        assert fidelity.snr_db(exact(**call), int8) >= 40
+
+    # The next build (another process, say) loads the package: nothing compiles.
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiling)
+    again = build_s3gen(tts.s3gen, config, lambda: calls, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again.flow.decoder.estimator(**call), int8)
+
+    # A package that does not load (a truncated file) is compiled again and replaced.
+    good = package.read_bytes()
+    package.write_bytes(good[:1000])
+    compiled = []
+
+    def copying_compile(exported, package_path, **options):
+        compiled.append(package_path)
+        Path(package_path).write_bytes(good)
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", copying_compile)
+    mended = build_s3gen(tts.s3gen, config, lambda: calls, tmp_path)
+    assert len(compiled) == 1 and package.read_bytes() == good
+    assert [path.name for path in tmp_path.iterdir()] == [package.name]
+    with torch.no_grad():
+        assert torch.equal(mended.flow.decoder.estimator(**call), int8)
+
+
+def test_static_int8_package_is_named_by_weights_and_calibration(tts, conds):
+    """A kept package is used only for the same estimator weights and calibration calls."""
+    from chatterbox_demo.optimizations import _package_key, record_estimator_calls
+
+    estimator = tts.s3gen.flow.decoder.estimator
+    calls = record_estimator_calls(
+        tts.s3gen, lambda: fidelity.mel(tts.s3gen, conds, conds.gen["prompt_token"][0, :8],
+                                        2, cfg=True))
+    key = _package_key(estimator, calls)
+    assert _package_key(copy.deepcopy(estimator), [dict(call) for call in calls]) == key
+    other_voice = [{**call, "spks": call["spks"] + 1} for call in calls]
+    assert _package_key(estimator, other_voice) != key
+    retrained = copy.deepcopy(estimator)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(1e-3)
+    assert _package_key(retrained, calls) != key
 
 
 def test_static_int8_uses_7_bit_activations_without_an_int8_dot_product(tts, conds,
