@@ -135,8 +135,9 @@ class OptimizationConfig:
     s3gen_dtype: str = "fp32"
     # int8-dynamic: torch.ao dynamic quantization of the CFM estimator's Linear layers
     # (CPU). int8-static: the PT2E flow, activations too calibrated on a reference run,
-    # compiled by Inductor into oneDNN int8 kernels (CPU; minutes of compiling when
-    # applied, then the fastest estimator without bf16 instructions).
+    # compiled ahead of time by Inductor into oneDNN int8 kernels (CPU; minutes of
+    # compiling the first time on a machine, then loaded from the cache directory; the
+    # fastest estimator without bf16 instructions).
     s3gen_quant: str = "none"
     # Euler steps in the CFM; fewer is faster and changes the audio (upstream: 10).
     cfm_steps: int = UPSTREAM_CFM_STEPS
@@ -199,8 +200,9 @@ class OptimizationConfig:
 
     @property
     def compiles(self) -> bool:
-        """True when building this configuration's variant leaves compiling to its first
-        call, which the manager makes when it is applied (warm-up)."""
+        """True when building this configuration's variant compiles (``torch.compile`` on
+        its first call, which the manager makes when it is applied; int8-static's package
+        when none is kept yet): the warm-up is reported apart."""
         return self.compile_mode != "off" or self.s3gen_quant == "int8-static"
 
     def variant_key(self) -> tuple:
@@ -252,8 +254,8 @@ PRESETS: dict[str, OptimizationConfig] = {
     "compiled": replace(_CACHED, compile_mode="default"),
     # Everything that keeps upstream semantics, for this CPU (see cpu_fast).
     "cpu-fast": CPU_FAST,
-    # cpu-fast with the CFM estimator in static int8, compiled: minutes of compiling when
-    # applied, so the app does not start on it.
+    # cpu-fast with the CFM estimator in static int8, compiled: minutes of compiling the
+    # first time on a machine, so the app does not start on it.
     "cpu-compiled": replace(CPU_FAST, s3gen_dtype="fp32", s3gen_quant="int8-static"),
     # cpu-fast plus knobs that change the audio: fewer CFM steps, no CFG in the CFM.
     "cpu-turbo": replace(CPU_FAST, cfm_steps=6, cfm_cfg=False),
@@ -282,7 +284,7 @@ PRESET_DESCRIPTIONS = {
     "s3gen-bf16": "cached + S3Gen's CFM estimator in bf16",
     "s3gen-int8": "cached + S3Gen's CFM estimator Linear layers in int8 (CPU)",
     "s3gen-int8-static": "cached + S3Gen's CFM estimator in static int8 (PT2E, calibrated), "
-                         "compiled (CPU; minutes of compiling when applied)",
+                         "compiled (CPU; minutes of compiling the first time, then kept)",
     "compiled": "cached + torch.compile (default mode) of T3's layers, S3Gen's CFM estimator "
                 "and HiFT: its own effect; minutes of compiling when applied, and measured no "
                 "faster on a 2-core CPU",
@@ -292,7 +294,7 @@ PRESET_DESCRIPTIONS = {
                 f"(this CPU {'has' if CPU_BF16 else 'lacks'} bf16 instructions): fastest with "
                 "upstream semantics on a CPU",
     "cpu-compiled": "cpu-fast with the CFM estimator in static int8, compiled: faster S3Gen "
-                    "after minutes of compiling when applied (CPU)",
+                    "after minutes of compiling the first time, then kept (CPU)",
     "cpu-turbo": "cpu-fast + 6 CFM steps without CFG: faster, audio differs from upstream",
     "gpu-fast": "fast decoder as CUDA graphs keeping the voice prefix, bf16 T3, fp16 CFM "
                 "estimator, TF32: for CUDA GPUs",
