@@ -303,9 +303,14 @@ class ModelManager:
         tts = self.loaded.tts
         conds, _ = self._library.conditionals(self._library.get(self._default_voice()))
         tokens = conds.gen["prompt_token"].to(self.device)
-        return record_estimator_calls(
-            tts.s3gen, lambda: tts.s3gen.flow_inference(tokens, ref_dict=conds.gen,
-                                                         finalize=True))
+        # The CFM's noise from a fixed seed, apart from the process's random state: the
+        # compiled package is named by these calls, and unseeded noise named it anew in
+        # every process, so a kept package was never found again.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return record_estimator_calls(
+                tts.s3gen, lambda: tts.s3gen.flow_inference(tokens, ref_dict=conds.gen,
+                                                             finalize=True))
 
     @staticmethod
     def _variant_keys(config: OptimizationConfig, adapter: str | None) -> tuple[tuple, tuple]:

@@ -406,6 +406,21 @@ def test_static_int8_package_is_named_by_weights_and_calibration(tts, conds):
     assert _package_key(retrained, calls) != key
 
 
+def test_static_int8_calibration_names_one_package_whatever_the_random_state(tiny_manager):
+    """The manager's calibration run draws the CFM's noise from a fixed seed: with the
+    process's own random state it named a new package in every process (the app never
+    found the bench's, and compiled again), and it leaves that state as it found it."""
+    from chatterbox_demo.optimizations import _package_key
+
+    tiny_manager.load()
+    estimator = tiny_manager.loaded.tts.s3gen.flow.decoder.estimator
+    first = _package_key(estimator, tiny_manager._estimator_calibration())
+    torch.rand(1000)  # another process, another history
+    state = torch.random.get_rng_state()
+    assert _package_key(estimator, tiny_manager._estimator_calibration()) == first
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_static_int8_uses_7_bit_activations_without_an_int8_dot_product(tts, conds,
                                                                         monkeypatch):
     """On AVX2 alone, oneDNN's int8 kernels sum pairs of products in 16 bits; activations
