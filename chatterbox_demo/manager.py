@@ -251,7 +251,8 @@ class ModelManager:
 
     def apply(self, config: OptimizationConfig, name: str | None = None) -> OptimizationConfig:
         """Make ``config`` the active configuration, building its model variant from the
-        pristine fp32 weights (never from disk) if it is not cached. Voices are untouched.
+        pristine fp32 weights (never from the checkpoint on disk; int8-static loads its
+        compiled estimator's kept package) if it is not cached. Voices are untouched.
         Runs under the lock: a generation never sees a half-built variant."""
         reason = unavailable_reason(config, self.device)
         if reason:
