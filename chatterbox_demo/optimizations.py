@@ -405,17 +405,18 @@ def compiled_static_int8(estimator: nn.Module, calibration: list[dict], package_
     from torch._inductor import aoti_compile_and_package, aoti_load_package
     from torch.export import export
 
-    calls = _given_inputs(calibration)
-    package = package_dir / f"cfm-estimator-int8-static-{_package_key(estimator, calls)}.pt2"
+    key = _package_key(estimator, calibration)
+    package = package_dir / f"cfm-estimator-int8-static-{key}.pt2"
     if package.exists():
         try:
             return aoti_load_package(str(package))
         except Exception as error:  # a truncated or foreign file: build it again
             log.warning("recompiling %s, which did not load: %s", package.name, error)
     quantized = quantize_estimator_static(estimator, calibration)
+    example = _given_inputs(calibration[:1])[0]
     with torch.no_grad():
-        exported = export(quantized, args=(), kwargs=calls[0],
-                          dynamic_shapes=_frames_dynamic(calls[0]))
+        exported = export(quantized, args=(), kwargs=example,
+                          dynamic_shapes=_frames_dynamic(example))
     package_dir.mkdir(parents=True, exist_ok=True)
     partial = package.with_name(f"{package.stem}.partial-{os.getpid()}.pt2")
     try:

@@ -321,6 +321,15 @@ def test_static_int8_is_not_built_without_calibration(tts):
         build_s3gen(tts.s3gen, OptimizationConfig(s3gen_quant="int8-static"))
 
 
+@pytest.fixture(scope="module")
+def short_calibration(tts, conds):
+    """Estimator calls of a short two-step S3Gen pass: enough to quantize and to name a
+    package, without a compile."""
+    return optimizations.record_estimator_calls(
+        tts.s3gen, lambda: fidelity.mel(tts.s3gen, conds, conds.gen["prompt_token"][0, :8],
+                                        2, cfg=True))
+
+
 @pytest.mark.slow
 def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monkeypatch,
                                                                tmp_path):
@@ -356,7 +365,7 @@ def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monke
     # The int8 kernels compute what the quantized graph does run exactly (quantize,
     # dequantize, fp32). On a CPU without an int8 dot product 8-bit activations saturated
     # them: 24 dB from the exact graph (19.6-25.4 dB from fp32, where it was 33.4-38.2).
-    call = {name: value for name, value in calls[-1].items() if value is not None}
+    call = optimizations._given_inputs(calls)[-1]
     exact = quantize_estimator_static(copy.deepcopy(tts.s3gen.flow.decoder.estimator), calls)
     with torch.no_grad():
         int8 = s3gen.flow.decoder.estimator(**call)
@@ -388,14 +397,12 @@ def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monke
         assert torch.equal(mended.flow.decoder.estimator(**call), int8)
 
 
-def test_static_int8_package_is_named_by_weights_and_calibration(tts, conds):
+def test_static_int8_package_is_named_by_weights_and_calibration(tts, short_calibration):
     """A kept package is used only for the same estimator weights and calibration calls."""
-    from chatterbox_demo.optimizations import _package_key, record_estimator_calls
+    from chatterbox_demo.optimizations import _package_key
 
     estimator = tts.s3gen.flow.decoder.estimator
-    calls = record_estimator_calls(
-        tts.s3gen, lambda: fidelity.mel(tts.s3gen, conds, conds.gen["prompt_token"][0, :8],
-                                        2, cfg=True))
+    calls = short_calibration
     key = _package_key(estimator, calls)
     assert _package_key(copy.deepcopy(estimator), [dict(call) for call in calls]) == key
     other_voice = [{**call, "spks": call["spks"] + 1} for call in calls]
@@ -421,16 +428,14 @@ def test_static_int8_calibration_names_one_package_whatever_the_random_state(tin
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
-def test_static_int8_uses_7_bit_activations_without_an_int8_dot_product(tts, conds,
-                                                                        monkeypatch):
+def test_static_int8_uses_7_bit_activations_without_an_int8_dot_product(
+        tts, short_calibration, monkeypatch):
     """On AVX2 alone, oneDNN's int8 kernels sum pairs of products in 16 bits; activations
     must leave that headroom (the x86 quantizer's ``reduce_range``). With VNNI they keep
     all 8 bits, which agree better with fp32."""
-    from chatterbox_demo.optimizations import quantize_estimator_static, record_estimator_calls
+    from chatterbox_demo.optimizations import quantize_estimator_static
 
-    calls = record_estimator_calls(
-        tts.s3gen, lambda: fidelity.mel(tts.s3gen, conds, conds.gen["prompt_token"][0, :8],
-                                        2, cfg=True))
+    calls = short_calibration
     quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
     for dot_product, top in ((False, 127), (True, 255)):
         monkeypatch.setattr(optimizations.hardware, "int8_dot_product",
