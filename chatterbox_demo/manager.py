@@ -38,6 +38,7 @@ from .config import (
     preset_name,
 )
 from .optimizations import (
+    Calibration,
     apply_runtime_settings,
     build_s3gen,
     build_t3,
@@ -296,22 +297,27 @@ class ModelManager:
             pipeline.prepare_decoder(t3, config)
             return t3, s3gen
 
-    def _estimator_calibration(self) -> list[dict]:
-        """The CFM estimator calls of one upstream S3Gen pass (fp32, 10 steps with CFG)
-        over the default voice's own prompt tokens: real speech tokens, and the
-        conditioning every generation with that voice gets. int8-static calibrates its
-        activation scales on them."""
+    def _estimator_calibration(self) -> Calibration:
+        """What int8-static calibrates its activation scales on: the CFM estimator calls
+        of one upstream S3Gen pass (fp32, 10 steps with CFG) over the default voice's own
+        prompt tokens, real speech tokens and the conditioning every generation with that
+        voice gets. Its source is that voice's conditionals; the pass runs only when no
+        compiled package is kept for them."""
         tts = self.loaded.tts
         conds, _ = self._library.conditionals(self._library.get(self._default_voice()))
-        tokens = conds.gen["prompt_token"].to(self.device)
-        # The CFM's noise from a fixed seed, apart from the process's random state: the
-        # compiled package is named by these calls, and unseeded noise named it anew in
-        # every process, so a kept package was never found again.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return record_estimator_calls(
-                tts.s3gen, lambda: tts.s3gen.flow_inference(tokens, ref_dict=conds.gen,
-                                                             finalize=True))
+        ref = {name: value.to(self.device) if torch.is_tensor(value) else value
+               for name, value in conds.gen.items()}
+
+        def record() -> list[dict]:
+            # The CFM's noise from a fixed seed, apart from the process's random state:
+            # the calls must follow from the conditionals alone, which name the package.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return record_estimator_calls(
+                    tts.s3gen, lambda: tts.s3gen.flow_inference(
+                        ref["prompt_token"], ref_dict=ref, finalize=True))
+
+        return Calibration(source=ref, record=record)
 
     @staticmethod
     def _variant_keys(config: OptimizationConfig, adapter: str | None) -> tuple[tuple, tuple]:

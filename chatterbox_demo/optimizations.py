@@ -14,7 +14,9 @@ import logging
 import os
 import tempfile
 import types
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -346,26 +348,37 @@ def record_estimator_calls(s3gen: S3Gen, run) -> list[dict]:
     return calls
 
 
-def apply_s3gen_int8_static(s3gen: S3Gen, calibration: list[dict],
+@dataclass(frozen=True)
+class Calibration:
+    """What int8-static calibrates its activation scales on. ``record()`` runs S3Gen and
+    returns the CFM estimator calls it made (see :func:`record_estimator_calls`);
+    ``source`` holds the tensors those calls follow from besides S3Gen's flow weights (a
+    voice's conditionals, say). ``record`` must be deterministic in them (its noise from
+    a fixed seed): the compiled package is named by ``source``, so that a kept one is
+    found without running S3Gen to record the calls again."""
+
+    source: dict[str, torch.Tensor]
+    record: Callable[[], list[dict]]
+
+
+def apply_s3gen_int8_static(s3gen: S3Gen, calibration: Calibration,
                             package_dir: Path | None = None) -> S3Gen:
     """int8 static quantization of the CFM estimator (CPU), the PT2E flow: export the
-    estimator with its frame dimension dynamic, observe activations over the
-    ``calibration`` calls (see :func:`record_estimator_calls`), convert with the x86
-    Inductor quantizer's default config (int8 activations with one scale per tensor, int8
-    weights with one per output channel), and compile ahead of time (AOTInductor) with
-    Inductor's freezing, which folds the weights in and lowers each quantized Linear and
-    convolution to oneDNN's int8 kernels. Compiling takes minutes at full size; the
-    package is kept in ``package_dir`` (see :func:`compiled_static_int8`), so a later
-    build on this machine loads it in a moment. Mutates ``s3gen``.
+    estimator with its frame dimension dynamic, observe activations over the recorded
+    ``calibration`` calls, convert with the x86 Inductor quantizer's default config (int8
+    activations with one scale per tensor, int8 weights with one per output channel), and
+    compile ahead of time (AOTInductor) with Inductor's freezing, which folds the weights
+    in and lowers each quantized Linear and convolution to oneDNN's int8 kernels.
+    Compiling takes minutes at full size; the package is kept in ``package_dir`` (see
+    :func:`compiled_static_int8`), so a later build on this machine loads it in a moment,
+    without recording the calibration. Mutates ``s3gen``.
 
     Measured (docs/benchmarks.md): 1.45-1.70x the fp32 estimator and 1.26-1.46x the int8
     dynamic one, mel SNR against fp32 about 34 dB."""
-    if not calibration:
-        raise ValueError("int8-static needs at least one recorded estimator call")
     decoder = s3gen.flow.decoder
     with tempfile.TemporaryDirectory() as scratch:
-        decoder.estimator = StaticInt8Estimator(
-            compiled_static_int8(decoder.estimator, calibration, package_dir or Path(scratch)))
+        decoder.estimator = StaticInt8Estimator(compiled_static_int8(
+            s3gen.flow, calibration, package_dir or Path(scratch)))
     return s3gen
 
 
@@ -395,25 +408,28 @@ def quantize_estimator_static(estimator: nn.Module, calibration: list[dict]) -> 
     return convert_pt2e(prepared)
 
 
-def compiled_static_int8(estimator: nn.Module, calibration: list[dict], package_dir: Path):
-    """``estimator`` quantized on ``calibration`` and compiled ahead of time, loaded from
-    its AOTInductor package in ``package_dir``; compiled there first unless a package for
-    the same weights, calibration, PyTorch, CPU features and thread count is there
-    already (Inductor's generated code is specific to each). Written under a temporary
-    name and renamed, so that an interrupted compile leaves no package behind; one that
-    fails to load is compiled again."""
+def compiled_static_int8(flow: nn.Module, calibration: Calibration, package_dir: Path):
+    """``flow``'s CFM estimator quantized on ``calibration`` and compiled ahead of time,
+    loaded from its AOTInductor package in ``package_dir``; compiled there first unless a
+    package for the same flow weights, calibration source, PyTorch, CPU features and
+    thread count is there already (Inductor's generated code is specific to each).
+    Written under a temporary name and renamed, so that an interrupted compile leaves no
+    package behind; one that fails to load is compiled again."""
     from torch._inductor import aoti_compile_and_package, aoti_load_package
     from torch.export import export
 
-    key = _package_key(estimator, calibration)
+    key = _package_key(flow, calibration.source)
     package = package_dir / f"cfm-estimator-int8-static-{key}.pt2"
     if package.exists():
         try:
             return aoti_load_package(str(package))
         except Exception as error:  # a truncated or foreign file: build it again
             log.warning("recompiling %s, which did not load: %s", package.name, error)
-    quantized = quantize_estimator_static(estimator, calibration)
-    example = _given_inputs(calibration[:1])[0]
+    calls = calibration.record()
+    if not calls:
+        raise ValueError("int8-static needs at least one recorded estimator call")
+    quantized = quantize_estimator_static(flow.decoder.estimator, calls)
+    example = _given_inputs(calls[:1])[0]
     with torch.no_grad():
         exported = export(quantized, args=(), kwargs=example,
                           dynamic_shapes=_frames_dynamic(example))
@@ -429,12 +445,14 @@ def compiled_static_int8(estimator: nn.Module, calibration: list[dict], package_
     return aoti_load_package(str(package))
 
 
-def _package_key(estimator: nn.Module, calls: list[dict]) -> str:
+def _package_key(flow: nn.Module, source: dict[str, torch.Tensor]) -> str:
+    # The whole flow, not the estimator alone: the calibration calls' inputs come from its
+    # encoder too.
     digest = hashlib.sha256(f"{PACKAGE_FORMAT} {torch.__version__} {torch.get_num_threads()} "
                             f"{sorted(hardware.cpu_flags())}".encode())
-    tensors = [*estimator.state_dict().items(),
-               *((f"{i}.{name}", value) for i, call in enumerate(_given_inputs(calls))
-                 for name, value in sorted(call.items()))]
+    tensors = [*flow.state_dict().items(),
+               *((f"source.{name}", value) for name, value in sorted(source.items())
+                 if value is not None)]
     for name, tensor in tensors:
         tensor = torch.as_tensor(tensor).detach().cpu().contiguous()
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
@@ -442,8 +460,10 @@ def _package_key(estimator: nn.Module, calls: list[dict]) -> str:
     return digest.hexdigest()[:16]
 
 
-# Bump when what a package holds changes (the quantizer's settings, the export).
-PACKAGE_FORMAT = 1
+# Bump when what a package holds changes: the quantizer's settings, the export, or how a
+# calibration is recorded from its source (the manager's seed, steps, tokens). 2: named by
+# the calibration's source instead of its recorded calls.
+PACKAGE_FORMAT = 2
 
 
 def _given_inputs(calibration: list[dict]) -> list[dict]:
@@ -561,9 +581,9 @@ def build_t3(pristine: T3, config: OptimizationConfig) -> T3:
 def build_s3gen(pristine: S3Gen, config: OptimizationConfig,
                 calibration=None, package_dir: Path | None = None) -> S3Gen:
     """The S3Gen a configuration needs, shared or copied like :func:`build_t3`.
-    ``calibration``: for int8-static, a function returning the recorded estimator calls
-    to calibrate on (called only when that variant is built); ``package_dir``: where its
-    compiled estimator is kept for the next build (none: compiled for this one only)."""
+    ``calibration``: for int8-static, a function returning its :class:`Calibration`
+    (called only when that variant is built); ``package_dir``: where its compiled
+    estimator is kept for the next build (none: compiled for this one only)."""
     if s3gen_variant_key(config) == ("fp32", "none", "off"):
         return pristine
     s3gen = copy.deepcopy(pristine)

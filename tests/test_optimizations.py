@@ -321,15 +321,6 @@ def test_static_int8_is_not_built_without_calibration(tts):
         build_s3gen(tts.s3gen, OptimizationConfig(s3gen_quant="int8-static"))
 
 
-@pytest.fixture(scope="module")
-def short_calibration(tts, conds):
-    """Estimator calls of a short two-step S3Gen pass: enough to quantize and to name a
-    package, without a compile."""
-    return optimizations.record_estimator_calls(
-        tts.s3gen, lambda: fidelity.mel(tts.s3gen, conds, conds.gen["prompt_token"][0, :8],
-                                        2, cfg=True))
-
-
 @pytest.mark.slow
 def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monkeypatch,
                                                                tmp_path):
@@ -352,7 +343,8 @@ def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monke
         tts.s3gen, lambda: fidelity.mel(tts.s3gen, conds, tokens, 10, cfg=True))
     config = OptimizationConfig(s3gen_quant="int8-static")
     counters.clear()
-    s3gen = build_s3gen(tts.s3gen, config, lambda: calls, tmp_path)
+    calibration = optimizations.Calibration(source=conds.gen, record=lambda: calls)
+    s3gen = build_s3gen(tts.s3gen, config, lambda: calibration, tmp_path)
     assert isinstance(s3gen.flow.decoder.estimator, StaticInt8Estimator)
     assert not isinstance(tts.s3gen.flow.decoder.estimator, StaticInt8Estimator)
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] > 0
@@ -371,12 +363,14 @@ def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monke
         int8 = s3gen.flow.decoder.estimator(**call)
         assert fidelity.snr_db(exact(**call), int8) >= 40
 
-    # The next build (another process, say) loads the package: nothing compiles.
+    # The next build (another process, say) loads the package: nothing compiles, and no
+    # S3Gen pass records the calibration again.
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled again")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiling)
-    again = build_s3gen(tts.s3gen, config, lambda: calls, tmp_path)
+    unrecorded = optimizations.Calibration(source=conds.gen, record=no_compiling)
+    again = build_s3gen(tts.s3gen, config, lambda: unrecorded, tmp_path)
     with torch.no_grad():
         assert torch.equal(again.flow.decoder.estimator(**call), int8)
 
@@ -390,52 +384,78 @@ def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monke
         Path(package_path).write_bytes(good)
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", copying_compile)
-    mended = build_s3gen(tts.s3gen, config, lambda: calls, tmp_path)
+    mended = build_s3gen(tts.s3gen, config, lambda: calibration, tmp_path)
     assert len(compiled) == 1 and package.read_bytes() == good
     assert [path.name for path in tmp_path.iterdir()] == [package.name]
     with torch.no_grad():
         assert torch.equal(mended.flow.decoder.estimator(**call), int8)
 
 
-def test_static_int8_package_is_named_by_weights_and_calibration(tts, short_calibration):
-    """A kept package is used only for the same estimator weights and calibration calls."""
+def test_static_int8_package_is_named_by_weights_and_calibration_source(tts, conds):
+    """A kept package is used only for the same flow weights (the estimator's, and the
+    encoder's that make its inputs) and the same calibration source (the voice)."""
     from chatterbox_demo.optimizations import _package_key
 
-    estimator = tts.s3gen.flow.decoder.estimator
-    calls = short_calibration
-    key = _package_key(estimator, calls)
-    assert _package_key(copy.deepcopy(estimator), [dict(call) for call in calls]) == key
-    other_voice = [{**call, "spks": call["spks"] + 1} for call in calls]
-    assert _package_key(estimator, other_voice) != key
-    retrained = copy.deepcopy(estimator)
-    with torch.no_grad():
-        next(retrained.parameters()).add_(1e-3)
-    assert _package_key(retrained, calls) != key
+    flow = tts.s3gen.flow
+    key = _package_key(flow, conds.gen)
+    assert _package_key(copy.deepcopy(flow), dict(conds.gen)) == key
+    other_voice = {**conds.gen, "embedding": conds.gen["embedding"] + 1}
+    assert _package_key(flow, other_voice) != key
+    for part in ("decoder.estimator", "encoder"):
+        retrained = copy.deepcopy(flow)
+        with torch.no_grad():
+            next(retrained.get_submodule(part).parameters()).add_(1e-3)
+        assert _package_key(retrained, conds.gen) != key
 
 
-def test_static_int8_calibration_names_one_package_whatever_the_random_state(tiny_manager):
-    """The manager's calibration run draws the CFM's noise from a fixed seed: with the
-    process's own random state it named a new package in every process (the app never
-    found the bench's, and compiled again), and it leaves that state as it found it."""
-    from chatterbox_demo.optimizations import _package_key
+def test_a_kept_static_int8_package_is_loaded_without_recording_a_calibration(
+        tts, conds, monkeypatch, tmp_path):
+    """The package is named by the calibration's source, so a build that finds it runs
+    no S3Gen pass to record calls (most of a second process's warm-up at full size)."""
+    from chatterbox_demo.optimizations import Calibration, _package_key, compiled_static_int8
 
+    def no_recording():
+        raise AssertionError("recorded a calibration")
+
+    package = tmp_path / f"cfm-estimator-int8-static-{_package_key(tts.s3gen.flow, conds.gen)}.pt2"
+    package.write_bytes(b"kept")
+    loaded = []
+    monkeypatch.setattr(torch._inductor, "aoti_load_package",
+                        lambda path: loaded.append(path) or "the kept estimator")
+    calibration = Calibration(source=conds.gen, record=no_recording)
+    assert compiled_static_int8(tts.s3gen.flow, calibration, tmp_path) == "the kept estimator"
+    assert loaded == [str(package)]
+
+
+def test_static_int8_calibration_follows_from_its_source_whatever_the_random_state(
+        tiny_manager):
+    """The manager's calibration run draws the CFM's noise from a fixed seed, so its calls
+    follow from the voice the package is named by. With the process's own random state
+    every process recorded other calls (and, when they named the package, compiled again).
+    It leaves that state as it found it."""
     tiny_manager.load()
-    estimator = tiny_manager.loaded.tts.s3gen.flow.decoder.estimator
-    first = _package_key(estimator, tiny_manager._estimator_calibration())
+    calibration = tiny_manager._estimator_calibration()
+    assert calibration.source["embedding"] is not None
+    first = calibration.record()
     torch.rand(1000)  # another process, another history
     state = torch.random.get_rng_state()
-    assert _package_key(estimator, tiny_manager._estimator_calibration()) == first
+    second = tiny_manager._estimator_calibration().record()
+    assert len(first) == len(second) > 0
+    for a, b in zip(first, second, strict=True):
+        assert all(torch.equal(a[name], b[name]) for name in a if torch.is_tensor(a[name]))
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_static_int8_uses_7_bit_activations_without_an_int8_dot_product(
-        tts, short_calibration, monkeypatch):
+        tts, conds, monkeypatch):
     """On AVX2 alone, oneDNN's int8 kernels sum pairs of products in 16 bits; activations
     must leave that headroom (the x86 quantizer's ``reduce_range``). With VNNI they keep
     all 8 bits, which agree better with fp32."""
     from chatterbox_demo.optimizations import quantize_estimator_static
 
-    calls = short_calibration
+    calls = optimizations.record_estimator_calls(  # a short two-step pass
+        tts.s3gen, lambda: fidelity.mel(tts.s3gen, conds, conds.gen["prompt_token"][0, :8],
+                                        2, cfg=True))
     quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default
     for dot_product, top in ((False, 127), (True, 255)):
         monkeypatch.setattr(optimizations.hardware, "int8_dot_product",
