@@ -194,8 +194,8 @@ def test_the_avx2_figures_quoted_are_the_recorded_runs():
 def test_the_kept_compile_figures_quoted_are_the_recorded_runs():
     """README's first and second warm-up of cpu-compiled are the two runs that share one
     cache directory: the first compiled the estimator, the second loaded its package."""
-    first = recorded_rows("bench-cpu-avx2-aoti.json", EPYC)["cpu-compiled"]["warmup_s"]
-    second = recorded_rows("bench-cpu-avx2-aoti-reload.json", EPYC)["cpu-compiled"]["warmup_s"]
+    first, second = (recorded_rows(f"bench-cpu-avx2-aoti-keyed-{run}.json", EPYC)
+                     ["cpu-compiled"]["warmup_s"] for run in ("first", "second"))
     text = " ".join(README.split())
     assert (f"`cpu-compiled` warmed up in {first:.0f} s the first time and in {second:.0f} s "
             "in a second process") in text
