@@ -418,8 +418,7 @@ def compiled_static_int8(flow: nn.Module, calibration: Calibration, package_dir:
     from torch._inductor import aoti_compile_and_package, aoti_load_package
     from torch.export import export
 
-    key = _package_key(flow, calibration.source)
-    package = package_dir / f"cfm-estimator-int8-static-{key}.pt2"
+    package = package_dir / package_name(_package_key(flow, calibration.source))
     if package.exists():
         try:
             return aoti_load_package(str(package))
@@ -442,7 +441,26 @@ def compiled_static_int8(flow: nn.Module, calibration: Calibration, package_dir:
         os.replace(partial, package)
     finally:
         partial.unlink(missing_ok=True)
+    _remove_older_formats(package_dir)
     return aoti_load_package(str(package))
+
+
+PACKAGE_PREFIX = "cfm-estimator-int8-static-"
+
+
+def package_name(key: str) -> str:
+    return f"{PACKAGE_PREFIX}v{PACKAGE_FORMAT}-{key}.pt2"
+
+
+def _remove_older_formats(package_dir: Path) -> None:
+    """Delete the packages of earlier formats, which no build will load again (about
+    100 MB each at full size). Packages of this format stay, whatever their key: another
+    model, voice or thread count may still ask for them."""
+    for stale in package_dir.glob(f"{PACKAGE_PREFIX}*.pt2"):
+        if (not stale.name.startswith(f"{PACKAGE_PREFIX}v{PACKAGE_FORMAT}-")
+                and ".partial-" not in stale.name):  # another process's compile in flight
+            log.info("removing %s, a compiled package of an earlier format", stale.name)
+            stale.unlink(missing_ok=True)
 
 
 def _package_key(flow: nn.Module, source: dict[str, torch.Tensor]) -> str:

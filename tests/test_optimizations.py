@@ -342,6 +342,8 @@ def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monke
     calls = record_estimator_calls(
         tts.s3gen, lambda: fidelity.mel(tts.s3gen, conds, tokens, 10, cfg=True))
     config = OptimizationConfig(s3gen_quant="int8-static")
+    # A package of the format before (named by the calls), which compiling removes.
+    (tmp_path / "cfm-estimator-int8-static-04de001e36767193.pt2").write_bytes(b"old")
     counters.clear()
     calibration = optimizations.Calibration(source=conds.gen, record=lambda: calls)
     s3gen = build_s3gen(tts.s3gen, config, lambda: calibration, tmp_path)
@@ -352,7 +354,7 @@ def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monke
         part = tokens[:length]
         mel = fidelity.mel(s3gen, conds, part, 10, cfg=True)
         assert fidelity.snr_db(fidelity.mel(tts.s3gen, conds, part, 10, cfg=True), mel) >= 25
-    (package,) = tmp_path.iterdir()  # no partial file left beside it
+    (package,) = tmp_path.iterdir()  # no partial file left beside it, nor the old one
     assert package.suffix == ".pt2"
     # The int8 kernels compute what the quantized graph does run exactly (quantize,
     # dequantize, fp32). On a CPU without an int8 dot product 8-bit activations saturated
@@ -417,7 +419,7 @@ def test_a_kept_static_int8_package_is_loaded_without_recording_a_calibration(
     def no_recording():
         raise AssertionError("recorded a calibration")
 
-    package = tmp_path / f"cfm-estimator-int8-static-{_package_key(tts.s3gen.flow, conds.gen)}.pt2"
+    package = tmp_path / optimizations.package_name(_package_key(tts.s3gen.flow, conds.gen))
     package.write_bytes(b"kept")
     loaded = []
     monkeypatch.setattr(torch._inductor, "aoti_load_package",
@@ -425,6 +427,21 @@ def test_a_kept_static_int8_package_is_loaded_without_recording_a_calibration(
     calibration = Calibration(source=conds.gen, record=no_recording)
     assert compiled_static_int8(tts.s3gen.flow, calibration, tmp_path) == "the kept estimator"
     assert loaded == [str(package)]
+
+
+def test_compiling_removes_only_packages_of_earlier_formats(tmp_path):
+    """No build loads an earlier format's package again, so it goes (about 100 MB at full
+    size); this format's packages stay whatever their key, and so does another process's
+    compile in flight."""
+    from chatterbox_demo.optimizations import _remove_older_formats, package_name
+
+    kept = [package_name("0" * 16), package_name("1" * 16),
+            "cfm-estimator-int8-static-2222222222222222.partial-7.pt2", "notes.txt"]
+    for name in [*kept, "cfm-estimator-int8-static-04de001e36767193.pt2",
+                 "cfm-estimator-int8-static-v1-3333333333333333.pt2"]:
+        (tmp_path / name).write_bytes(b"x")
+    _remove_older_formats(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(kept)
 
 
 def test_static_int8_calibration_follows_from_its_source_whatever_the_random_state(
