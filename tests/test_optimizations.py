@@ -367,11 +367,11 @@ def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monke
 
     # The next build (another process, say) loads the package: nothing compiles, and no
     # S3Gen pass records the calibration again.
-    def no_compiling(*args, **kwargs):
-        raise AssertionError("compiled again")
+    def forbidden(*args, **kwargs):
+        raise AssertionError("compiled or recorded again")
 
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiling)
-    unrecorded = optimizations.Calibration(source=conds.gen, record=no_compiling)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", forbidden)
+    unrecorded = optimizations.Calibration(source=conds.gen, record=forbidden)
     again = build_s3gen(tts.s3gen, config, lambda: unrecorded, tmp_path)
     with torch.no_grad():
         assert torch.equal(again.flow.decoder.estimator(**call), int8)
