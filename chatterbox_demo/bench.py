@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
 
-from . import fidelity, plots
+from . import fidelity, hardware, plots
 from .config import PRESETS, GenerationParams, get_preset
 from .manager import ModelManager, Synthesis
 from .optimizations import module_bytes, unavailable_reason
@@ -39,6 +39,7 @@ def machine_info(manager: ModelManager) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": _cpu_model(),
+        "cpu_flags": hardware.path_flags(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": device,
@@ -281,7 +282,8 @@ def to_markdown(result: dict) -> str:
     columns = [(key, label) for key, label in MARKDOWN_COLUMNS
                if key in ("preset", "voice") or any(row.get(key) is not None
                                                     for row in result["rows"])]
-    lines = [f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}"
+    flags = f" ({', '.join(m['cpu_flags'])})" if m.get("cpu_flags") else ""
+    lines = [f"{m['cpu']}{flags}, {m['cores']} cores, torch {m['torch']}, device {m['device']}"
              + (f" ({m['gpu']})" if "gpu" in m else "")
              + f", weights {m['weights']}; {s['tokens']} speech tokens, {s['repeats']} "
              "repeat(s), medians", "",

@@ -16,6 +16,11 @@ BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's f
 INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
 
 
+# The flags that pick a path in this package, recorded with every benchmark run: one model
+# name ("AMD EPYC") covers CPUs with AVX2 alone and CPUs with AVX-512, VNNI and bf16.
+PATH_FLAGS = ("avx2", "avx512f", *sorted(BF16_FLAGS | INT8_DOT_FLAGS))
+
+
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     """The CPU feature flags Linux reports (x86 "flags", Arm "Features"); empty elsewhere."""
     try:
@@ -27,6 +32,12 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
         if key.strip() in ("flags", "Features"):
             return set(value.split())
     return set()
+
+
+def path_flags(flags: set[str] | None = None) -> list[str]:
+    """Which of :data:`PATH_FLAGS` this CPU has, in that order."""
+    flags = cpu_flags() if flags is None else flags
+    return [flag for flag in PATH_FLAGS if flag in flags]
 
 
 def native_bf16(flags: set[str] | None = None) -> bool:

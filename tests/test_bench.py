@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chatterbox_demo import bench
+from chatterbox_demo import bench, hardware
 
 ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"preset", "t3_tokens_per_s", "total_s", "s3gen_s", "conditioning_s", "rtf",
@@ -39,6 +39,7 @@ def test_rows_compare_like_with_like_and_a_failure_is_a_row(tiny_manager):
     assert baseline["mel_snr_db"] == float("inf") and baseline["logits_cosine"] == 1.0
     assert fast["t3_weights_mb"] < baseline["t3_weights_mb"]
     assert result["machine"]["device"] == "cpu" and result["settings"]["tokens"] == 12
+    assert result["machine"]["cpu_flags"] == hardware.path_flags()
     markdown = bench.to_markdown(result)
     assert markdown.count("\n| ") == 4  # header and three rows
     assert "| gpu-fast | calm-mid | error:" in markdown
@@ -138,3 +139,17 @@ def test_sweep_points_change_the_output_and_are_measured(tiny_manager):
     # Same model, upstream settings: as close to fp32 as cpu-fast is; the knobs move further.
     assert rows["cfm-4-steps"]["mel_snr_db"] < rows["cfm-10-steps"]["mel_snr_db"]
     assert rows["prompt-3s"]["mel_snr_db"] < rows["cfm-10-steps"]["mel_snr_db"]
+
+
+def test_bench_records_the_flags_that_pick_paths():
+    """One model name covers unlike CPUs ("AMD EPYC": Zen 3 with AVX2 alone, Zen 4 with
+    AVX-512, VNNI and bf16), so a recorded run names the flags that chose its paths."""
+    zen4 = {"fpu", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "sha_ni"}
+    assert hardware.path_flags(zen4) == ["avx2", "avx512f", "avx512_bf16", "avx512_vnni"]
+    result = {"machine": {"cpu": "AMD EPYC", "cpu_flags": hardware.path_flags(zen4),
+                          "cores": 2, "torch": "2.6.0", "device": "cpu", "weights": "random"},
+              "settings": {"tokens": 100, "repeats": 1}, "rows": []}
+    header = bench.to_markdown(result).splitlines()[0]
+    assert header.startswith("AMD EPYC (avx2, avx512f, avx512_bf16, avx512_vnni), 2 cores")
+    del result["machine"]["cpu_flags"]  # runs recorded before the field
+    assert bench.to_markdown(result).startswith("AMD EPYC, 2 cores")

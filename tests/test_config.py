@@ -175,4 +175,5 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert hardware.int8_dot_product(hardware.cpu_flags(cpuinfo))
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse4_2 avx2 fma\n")  # AMD EPYC, Zen 3
     assert not hardware.int8_dot_product(hardware.cpu_flags(cpuinfo))
+    assert hardware.path_flags(hardware.cpu_flags(cpuinfo)) == ["avx2"]
     assert hardware.cpu_flags(tmp_path / "missing") == set()
