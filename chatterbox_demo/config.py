@@ -215,19 +215,21 @@ BASELINE = OptimizationConfig()
 _CACHED = OptimizationConfig(cached_conditionals=True)
 
 
-def cpu_fast(native_bf16: bool, onednn: bool = True) -> OptimizationConfig:
+def cpu_fast(bf16_matrix_unit: bool, onednn: bool = True) -> OptimizationConfig:
     """The fastest CPU configuration with upstream semantics: fast decoder and int8 T3,
     its float speech head through oneDNN where PyTorch has it (on an AVX2 EPYC, decode
     4-19% faster than with MKL's); the CFM estimator in bf16 where the CPU has bf16
-    instructions (measured: half of S3Gen's time), else its Linear layers in int8 (bf16
-    emulated runs slower than fp32)."""
-    estimator = {"s3gen_dtype": "bf16"} if native_bf16 else {"s3gen_quant": "int8-dynamic"}
+    matrix instructions (AMX: half of S3Gen's time), else its Linear layers in int8
+    (emulated bf16 runs slower than fp32; with AVX512-BF16 alone, on a Zen 4 EPYC, bf16
+    was 4% slower than int8 and 9 dB further from fp32)."""
+    estimator = ({"s3gen_dtype": "bf16"} if bf16_matrix_unit
+                 else {"s3gen_quant": "int8-dynamic"})
     return replace(_CACHED, t3_decoder="fast", t3_voice_prefix=True, t3_quant="int8-dynamic",
                    t3_onednn=onednn, **estimator)
 
 
 CPU_BF16 = hardware.native_bf16()
-CPU_FAST = cpu_fast(CPU_BF16, hardware.has_onednn())
+CPU_FAST = cpu_fast(hardware.bf16_matrix_unit(), hardware.has_onednn())
 
 # For a CUDA GPU: bf16 T3 with the fast decoder as CUDA graphs, fp16 CFM estimator, TF32.
 # Without cudnn.benchmark: with it, a streamed generation on an H100 took 9.2 s against
@@ -290,9 +292,10 @@ PRESET_DESCRIPTIONS = {
                 "faster on a 2-core CPU",
     "cpu-fast": "fast decoder keeping the voice prefix, int8 T3"
                 + (" (float head through oneDNN)" if CPU_FAST.t3_onednn else "")
-                + f" and {'bf16' if CPU_BF16 else 'int8'} CFM estimator "
-                f"(this CPU {'has' if CPU_BF16 else 'lacks'} bf16 instructions): fastest with "
-                "upstream semantics on a CPU",
+                + (" and bf16 CFM estimator (this CPU has bf16 matrix instructions)"
+                   if CPU_FAST.s3gen_dtype == "bf16" else
+                   " and int8 CFM estimator (this CPU lacks bf16 matrix instructions)")
+                + ": fastest with upstream semantics on a CPU",
     "cpu-compiled": "cpu-fast with the CFM estimator in static int8, compiled: faster S3Gen "
                     "after minutes of compiling the first time, then kept (CPU)",
     "cpu-turbo": "cpu-fast + 6 CFM steps without CFG: faster, audio differs from upstream",

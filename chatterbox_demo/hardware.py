@@ -10,6 +10,10 @@ from pathlib import Path
 import torch
 
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's feature name
+# bf16 matrix instructions: AMX tiles on x86, BFMMLA on Arm (part of its "bf16" feature).
+# With AVX512-BF16's dot products alone (an AMD EPYC, Zen 4) the bf16 CFM estimator was
+# no faster than the int8 dynamic one and 9 dB further from fp32 (docs/benchmarks.md).
+BF16_MATRIX_FLAGS = {"amx_bf16", "bf16"}
 # Instructions that multiply int8 by int8 into 32-bit sums (x86 VNNI and AMX, Arm's dot
 # product). Without them oneDNN's int8 kernels pair products into 16 bits (AVX2's
 # vpmaddubsw), which saturate when activations use all 8 bits.
@@ -18,7 +22,7 @@ INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
 
 # The flags that pick a path in this package, recorded with every benchmark run: one model
 # name ("AMD EPYC") covers CPUs with AVX2 alone and CPUs with AVX-512, VNNI and bf16.
-PATH_FLAGS = ("avx2", "avx512f", *sorted(BF16_FLAGS | INT8_DOT_FLAGS))
+PATH_FLAGS = ("avx2", "avx512f", *sorted(BF16_FLAGS | BF16_MATRIX_FLAGS | INT8_DOT_FLAGS))
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -42,6 +46,10 @@ def path_flags(flags: set[str] | None = None) -> list[str]:
 
 def native_bf16(flags: set[str] | None = None) -> bool:
     return bool(BF16_FLAGS & (cpu_flags() if flags is None else flags))
+
+
+def bf16_matrix_unit(flags: set[str] | None = None) -> bool:
+    return bool(BF16_MATRIX_FLAGS & (cpu_flags() if flags is None else flags))
 
 
 def int8_dot_product(flags: set[str] | None = None) -> bool:

@@ -151,7 +151,7 @@ def test_numpy_numbers_are_accepted_as_plain_ones():
     assert type(params.temperature) is float and type(params.max_new_tokens) is int
 
 
-def test_cpu_fast_uses_bf16_only_where_the_cpu_has_it():
+def test_cpu_fast_uses_bf16_only_where_the_cpu_has_bf16_matrix_instructions():
     from chatterbox_demo.config import cpu_fast
 
     with_bf16, without = cpu_fast(True), cpu_fast(False)
@@ -170,6 +170,10 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16\n")
     assert hardware.native_bf16(hardware.cpu_flags(cpuinfo))
+    assert hardware.bf16_matrix_unit(hardware.cpu_flags(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")  # Zen 4
+    assert hardware.native_bf16(hardware.cpu_flags(cpuinfo))
+    assert not hardware.bf16_matrix_unit(hardware.cpu_flags(cpuinfo))
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
     assert not hardware.native_bf16(hardware.cpu_flags(cpuinfo))
     assert hardware.int8_dot_product(hardware.cpu_flags(cpuinfo))
