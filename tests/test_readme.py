@@ -191,6 +191,26 @@ def test_the_avx2_figures_quoted_are_the_recorded_runs():
             f"{later['cpu-compiled']['mel_snr_db']:.1f} dB with 8 bits") in sentence
 
 
+def test_the_zen4_figures_quoted_are_the_recorded_runs():
+    """README's Zen 4 sentence quotes docs/bench-cpu-zen4-int8.json (cpu-fast as it is
+    now on that CPU), the two runs before it and the compile of the middle one."""
+    first, compiled, now = (recorded_rows(name, '"avx512_vnni"') for name in (
+        "bench-cpu-zen4.json", "bench-cpu-zen4-compiled.json", "bench-cpu-zen4-int8.json"))
+    fast, base = now["cpu-fast"], now["baseline"]
+    text = " ".join(README.split())
+    sentence = text.split("with AVX-512, VNNI and AVX512-BF16 (Zen 4), ")[1].split(" On an H100")[0]
+    decode = fast["t3_tokens_per_s"] / base["t3_tokens_per_s"]
+    assert (f"`cpu-fast` decodes {decode:.1f}x as fast as `baseline` "
+            f"({fast['t3_tokens_per_s']:.1f} speech tokens a second against "
+            f"{base['t3_tokens_per_s']:.1f};") in sentence
+    assert (f"runs {fast['speedup']:.2f}x end to end ({first['cpu-fast']['speedup']:.2f}x and "
+            f"{compiled['cpu-fast']['speedup']:.2f}x in two more runs)") in sentence
+    s3gen = base["s3gen_s"] / now["cpu-compiled"]["s3gen_s"]
+    assert (f"`cpu-compiled` runs {now['cpu-compiled']['speedup']:.2f}x, its S3Gen "
+            f"{s3gen:.2f}x `baseline`'s, loading the estimator an earlier run compiled in "
+            f"{compiled['cpu-compiled']['warmup_s']:.0f} s") in sentence
+
+
 def test_the_kept_compile_figures_quoted_are_the_recorded_runs():
     """README's first and second warm-up of cpu-compiled are the two runs that share one
     cache directory: the first compiled the estimator, the second loaded its package."""
@@ -213,6 +233,8 @@ def test_the_targets_table_is_the_recorded_runs():
     third = recorded_rows("bench-cpu-avx2-cpu-fast-turns.json", EPYC)
     fourth = recorded_rows("bench-cpu-avx2-voice-prefix.json", EPYC)
     fifth = recorded_rows("bench-cpu-avx2-aoti.json", EPYC)
+    zen4, zen4_compiled, zen4_int8 = (recorded_rows(name, '"avx512_vnni"') for name in (
+        "bench-cpu-zen4.json", "bench-cpu-zen4-compiled.json", "bench-cpu-zen4-int8.json"))
     amx = recorded_rows("bench-cpu.json", "Xeon")
     noamx = recorded_rows("bench-cpu-noamx-r3.json", "Xeon")
     h100 = recorded_rows("bench-gpu-h100.json", "H100")["gpu-fast"]
@@ -229,14 +251,28 @@ def test_the_targets_table_is_the_recorded_runs():
     expected = [
         f"{decode(epyc)} on the AVX2 EPYC ({epyc['cpu-fast']['t3_tokens_per_s']:.1f} against "
         f"{epyc['baseline']['t3_tokens_per_s']:.1f} tokens/s)",
+        f"{decode(zen4_int8)} on the Zen 4 EPYC ({zen4_int8['cpu-fast']['t3_tokens_per_s']:.1f} "
+        f"against {zen4_int8['baseline']['t3_tokens_per_s']:.1f})",
+        f"| {zen4_int8['cpu-fast']['t3_tokens_per_s']:.1f} tokens/s on the Zen 4 EPYC (`cpu-fast`; "
+        f"{zen4['cpu-fast']['t3_tokens_per_s']:.1f} and "
+        f"{zen4_compiled['cpu-fast']['t3_tokens_per_s']:.1f} in two more runs)",
+        f"{s3gen(zen4_compiled, 'cpu-compiled')} and {s3gen(zen4_int8, 'cpu-compiled')} on the "
+        f"Zen 4 EPYC (`cpu-compiled`, int8 on VNNI, "
+        f"{zen4_compiled['cpu-compiled']['mel_snr_db']:.1f} dB mel SNR;",
+        f"`cpu-fast` {s3gen(zen4_int8, 'cpu-fast')}); 1.33x on the AVX2 EPYC",
+        f"Zen 4 EPYC: {zen4['cpu-fast']['speedup']:.2f}x, "
+        f"{zen4_compiled['cpu-fast']['speedup']:.2f}x and "
+        f"{zen4_int8['cpu-fast']['speedup']:.2f}x in three runs, `cpu-compiled` "
+        f"{zen4_compiled['cpu-compiled']['speedup']:.2f}x and "
+        f"{zen4_int8['cpu-compiled']['speedup']:.2f}x;",
         f"{decode(noamx)} on the Xeon without bf16 ({noamx['cpu-fast']['t3_tokens_per_s']:.1f} "
         f"against {noamx['baseline']['t3_tokens_per_s']:.1f})",
         f"runs {noamx['baseline']['t3_tokens_per_s'] / epyc['baseline']['t3_tokens_per_s']:.1f}x "
         "the EPYC's",
-        f"| {epyc['cpu-fast']['t3_tokens_per_s']:.1f} tokens/s (`cpu-fast`, EPYC)",
+        f"; {epyc['cpu-fast']['t3_tokens_per_s']:.1f} tokens/s (`cpu-fast`, EPYC) on the AVX2 one",
         f"{s3gen(amx, 'cpu-fast')} on the Xeon with AMX (`cpu-fast`, bf16 estimator, "
         f"{amx['cpu-fast']['mel_snr_db']:.1f} dB mel SNR)",
-        f"{s3gen(compiled, 'cpu-compiled')} on the EPYC (`cpu-compiled`; `cpu-fast` "
+        f"{s3gen(compiled, 'cpu-compiled')} on the AVX2 EPYC (`cpu-compiled`; `cpu-fast` "
         f"{s3gen(epyc, 'cpu-fast')})",
         f"EPYC: {epyc['cpu-fast']['speedup']:.2f}x, {compiled['cpu-fast']['speedup']:.2f}x and "
         f"{third['cpu-fast']['speedup']:.2f}x in three runs, `cpu-compiled` "
