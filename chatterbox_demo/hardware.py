@@ -22,7 +22,7 @@ INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
 
 # The flags that pick a path in this package, recorded with every benchmark run: one model
 # name ("AMD EPYC") covers CPUs with AVX2 alone and CPUs with AVX-512, VNNI and bf16.
-PATH_FLAGS = ("avx2", "avx512f", *sorted(BF16_FLAGS | BF16_MATRIX_FLAGS | INT8_DOT_FLAGS))
+PATH_FLAGS = ("avx2", "avx512f", *sorted(BF16_FLAGS | INT8_DOT_FLAGS))
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
