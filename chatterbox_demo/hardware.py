@@ -45,15 +45,20 @@ def path_flags(flags: set[str] | None = None) -> list[str]:
 
 
 def native_bf16(flags: set[str] | None = None) -> bool:
-    return bool(BF16_FLAGS & (cpu_flags() if flags is None else flags))
+    return _has_any(BF16_FLAGS, flags)
 
 
 def bf16_matrix_unit(flags: set[str] | None = None) -> bool:
-    return bool(BF16_MATRIX_FLAGS & (cpu_flags() if flags is None else flags))
+    return _has_any(BF16_MATRIX_FLAGS, flags)
 
 
 def int8_dot_product(flags: set[str] | None = None) -> bool:
-    return bool(INT8_DOT_FLAGS & (cpu_flags() if flags is None else flags))
+    return _has_any(INT8_DOT_FLAGS, flags)
+
+
+def _has_any(wanted: set[str], flags: set[str] | None) -> bool:
+    """Whether ``flags`` (this CPU's, when None) include any of ``wanted``."""
+    return bool(wanted & (cpu_flags() if flags is None else flags))
 
 
 def has_onednn() -> bool:
