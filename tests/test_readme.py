@@ -101,6 +101,9 @@ def test_the_gpu_check_carries_the_versions_this_environment_runs():
 
 
 EPYC = '"cpu": "AMD EPYC"'  # the machine's cpu field, exactly
+ZEN4 = '"avx512_vnni"'  # the Zen 4 EPYC: the same cpu field, told apart by its flags
+# Its three runs, in run order.
+ZEN4_RUNS = ("bench-cpu-zen4.json", "bench-cpu-zen4-compiled.json", "bench-cpu-zen4-int8.json")
 
 
 def recorded_rows(name: str, machine: str) -> dict:
@@ -198,8 +201,7 @@ def test_the_avx2_figures_quoted_are_the_recorded_runs():
 def test_the_zen4_figures_quoted_are_the_recorded_runs():
     """README's Zen 4 sentence quotes docs/bench-cpu-zen4-int8.json (cpu-fast as it is
     now on that CPU), the two runs before it and the compile of the middle one."""
-    first, compiled, now = (recorded_rows(name, '"avx512_vnni"') for name in (
-        "bench-cpu-zen4.json", "bench-cpu-zen4-compiled.json", "bench-cpu-zen4-int8.json"))
+    first, compiled, now = (recorded_rows(name, ZEN4) for name in ZEN4_RUNS)
     text = " ".join(README.split())
     sentence = text.split("with AVX-512, VNNI and AVX512-BF16 (Zen 4), ")[1].split(" On an H100")[0]
     assert f"{decodes_as_quoted(now)};" in sentence
@@ -234,8 +236,7 @@ def test_the_targets_table_is_the_recorded_runs():
     third = recorded_rows("bench-cpu-avx2-cpu-fast-turns.json", EPYC)
     fourth = recorded_rows("bench-cpu-avx2-voice-prefix.json", EPYC)
     fifth = recorded_rows("bench-cpu-avx2-aoti.json", EPYC)
-    zen4, zen4_compiled, zen4_int8 = (recorded_rows(name, '"avx512_vnni"') for name in (
-        "bench-cpu-zen4.json", "bench-cpu-zen4-compiled.json", "bench-cpu-zen4-int8.json"))
+    zen4, zen4_compiled, zen4_int8 = (recorded_rows(name, ZEN4) for name in ZEN4_RUNS)
     amx = recorded_rows("bench-cpu.json", "Xeon")
     noamx = recorded_rows("bench-cpu-noamx-r3.json", "Xeon")
     h100 = recorded_rows("bench-gpu-h100.json", "H100")["gpu-fast"]
