@@ -175,7 +175,8 @@ def fidelity_row(manager: ModelManager, config, text: str, voice: str,
         references["ref"] = fidelity.reference(tts.t3, tts.s3gen, conds, text_tokens,
                                                speech_tokens)
     result = fidelity.measure(references["ref"], t3, s3gen, conds, text_tokens, speech_tokens,
-                              config.cfm_steps, config.cfm_cfg, config.prompt_seconds)
+                              config.cfm_steps, config.cfm_cfg, config.prompt_seconds,
+                              config.cfm_parallel_rows)
     return {"logits_cosine": round(result.logits_cosine, 5),
             "top1_agreement": round(result.top1_agreement, 4),
             "mel_snr_db": round(result.mel_snr_db, 2)}

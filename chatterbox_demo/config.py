@@ -144,6 +144,12 @@ class OptimizationConfig:
     # Classifier-free guidance inside the CFM doubles its batch; off halves the work and
     # changes the audio.
     cfm_cfg: bool = True
+    # CPU: compute the two halves of the CFM estimator's batch (CFG's conditional and
+    # unconditional rows) side by side, each in its own thread on half of the cores,
+    # rather than the whole batch spread over every core op by op: the same arithmetic
+    # with fewer waits between cores (on a 2-core AVX2 EPYC, S3Gen 11% faster;
+    # docs/benchmarks.md). Without CFG there is one row, and nothing changes.
+    cfm_parallel_rows: bool = False
     # Seconds of the reference clip S3Gen conditions on (upstream: all of its 10 s). The
     # CFM's cost grows with prompt plus output frames, so a shorter prompt is faster; it
     # changes the audio.
@@ -181,6 +187,9 @@ class OptimizationConfig:
         if self.s3gen_quant == "int8-static" and self.s3gen_dtype != "fp32":
             raise ValueError("S3Gen int8-static works from fp32 weights; set s3gen_dtype to "
                              "fp32")
+        if self.s3gen_quant == "int8-static" and self.cfm_parallel_rows:
+            raise ValueError("S3Gen int8-static's compiled estimator takes the CFM's batch "
+                             "of two whole; turn cfm_parallel_rows off or use int8-dynamic")
         if self.s3gen_quant == "int8-static" and not self.cfm_cfg:
             raise ValueError("S3Gen int8-static is built for the CFM's batch of two (CFG); "
                              "turn cfm_cfg on or use int8-dynamic")
@@ -218,14 +227,15 @@ _CACHED = OptimizationConfig(cached_conditionals=True)
 def cpu_fast(bf16_matrix_unit: bool, onednn: bool = True) -> OptimizationConfig:
     """The fastest CPU configuration with upstream semantics: fast decoder and int8 T3,
     its float speech head through oneDNN where PyTorch has it (on an AVX2 EPYC, decode
-    4-19% faster than with MKL's); the CFM estimator in bf16 where the CPU has bf16
+    4-19% faster than with MKL's); CFG's two CFM rows side by side, a thread each; the
+    CFM estimator in bf16 where the CPU has bf16
     matrix instructions (AMX: half of S3Gen's time), else its Linear layers in int8
     (emulated bf16 runs slower than fp32; with AVX512-BF16 alone, on a Zen 4 EPYC, bf16
     was 5% slower than int8 and 9 dB further from fp32)."""
     estimator = ({"s3gen_dtype": "bf16"} if bf16_matrix_unit
                  else {"s3gen_quant": "int8-dynamic"})
     return replace(_CACHED, t3_decoder="fast", t3_voice_prefix=True, t3_quant="int8-dynamic",
-                   t3_onednn=onednn, **estimator)
+                   t3_onednn=onednn, cfm_parallel_rows=True, **estimator)
 
 
 CPU_BF16 = hardware.native_bf16()
@@ -252,13 +262,16 @@ PRESETS: dict[str, OptimizationConfig] = {
     "s3gen-bf16": replace(_CACHED, s3gen_dtype="bf16"),
     "s3gen-int8": replace(_CACHED, s3gen_quant="int8-dynamic"),
     "s3gen-int8-static": replace(_CACHED, s3gen_quant="int8-static"),
+    "s3gen-parallel-rows": replace(_CACHED, cfm_parallel_rows=True),
     # torch.compile alone (on an AVX2 CPU: 0.86x baseline after 510 s, docs/benchmarks.md).
     "compiled": replace(_CACHED, compile_mode="default"),
     # Everything that keeps upstream semantics, for this CPU (see cpu_fast).
     "cpu-fast": CPU_FAST,
     # cpu-fast with the CFM estimator in static int8, compiled: minutes of compiling the
     # first time on a machine, so the app does not start on it.
-    "cpu-compiled": replace(CPU_FAST, s3gen_dtype="fp32", s3gen_quant="int8-static"),
+    # Its package takes the CFM's batch of two whole, so the rows are not split.
+    "cpu-compiled": replace(CPU_FAST, s3gen_dtype="fp32", s3gen_quant="int8-static",
+                            cfm_parallel_rows=False),
     # cpu-fast plus knobs that change the audio: fewer CFM steps, no CFG in the CFM.
     "cpu-turbo": replace(CPU_FAST, cfm_steps=6, cfm_cfg=False),
     # For a CUDA GPU (see GPU_FAST).
@@ -287,11 +300,14 @@ PRESET_DESCRIPTIONS = {
     "s3gen-int8": "cached + S3Gen's CFM estimator Linear layers in int8 (CPU)",
     "s3gen-int8-static": "cached + S3Gen's CFM estimator in static int8 (PT2E, calibrated), "
                          "compiled (CPU; minutes of compiling the first time, then kept)",
+    "s3gen-parallel-rows": "cached + CFG's two CFM estimator rows computed side by side, a "
+                           "thread each on half of the cores (CPU; same arithmetic)",
     "compiled": "cached + torch.compile (default mode) of T3's layers, S3Gen's CFM estimator "
                 "and HiFT: its own effect; minutes of compiling when applied, and measured no "
                 "faster on a 2-core CPU",
     "cpu-fast": "fast decoder keeping the voice prefix, int8 T3"
                 + (" (float head through oneDNN)" if CPU_FAST.t3_onednn else "")
+                + ", CFM rows side by side"
                 + (" and bf16 CFM estimator (this CPU has bf16 matrix instructions)"
                    if CPU_FAST.s3gen_dtype == "bf16" else
                    " and int8 CFM estimator (this CPU lacks bf16 matrix instructions)")

@@ -18,7 +18,7 @@ from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
 from chatterbox.tts import Conditionals
 
 from .config import UPSTREAM_CFM_STEPS
-from .optimizations import cfm_guidance
+from .optimizations import cfm_guidance, cfm_parallel_rows
 from .pipeline import t3_cond_for, trim_prompt
 
 
@@ -46,10 +46,11 @@ def teacher_forced_logits(t3, conds: Conditionals, text_tokens: torch.Tensor,
 
 
 def mel(s3gen, conds: Conditionals, speech_tokens: torch.Tensor, steps: int, cfg: bool,
-        seed: int = 0, prompt_seconds: float | None = None) -> torch.Tensor:
+        seed: int = 0, prompt_seconds: float | None = None,
+        parallel_rows: bool = False) -> torch.Tensor:
     """S3Gen's output mel for ``speech_tokens`` with the CFM noise drawn from ``seed``."""
     torch.manual_seed(seed)
-    with cfm_guidance(s3gen, cfg):
+    with cfm_guidance(s3gen, cfg), cfm_parallel_rows(s3gen, parallel_rows):
         out = s3gen.flow_inference(speech_tokens.to(s3gen.device).view(1, -1),
                                    ref_dict=trim_prompt(conds.gen, prompt_seconds),
                                    n_cfm_timesteps=steps, finalize=True)
@@ -102,11 +103,12 @@ def reference(pristine_t3, pristine_s3gen, conds: Conditionals, text_tokens: tor
 
 def measure(ref: Reference, t3, s3gen, conds: Conditionals, text_tokens: torch.Tensor,
             speech_tokens: torch.Tensor, cfm_steps: int, cfm_cfg: bool,
-            prompt_seconds: float | None = None) -> Fidelity:
+            prompt_seconds: float | None = None, parallel_rows: bool = False) -> Fidelity:
     """Agreement of (t3, s3gen, CFM settings) with the fp32 stock reference (10 steps,
     CFG on), on the same tokens and noise."""
     cosine, top1 = compare_logits(
         ref.logits, teacher_forced_logits(t3, conds, text_tokens, speech_tokens))
     valid = speech_tokens[speech_tokens < SPEECH_VOCAB_SIZE]
-    other = mel(s3gen, conds, valid, cfm_steps, cfm_cfg, prompt_seconds=prompt_seconds)
+    other = mel(s3gen, conds, valid, cfm_steps, cfm_cfg, prompt_seconds=prompt_seconds,
+                parallel_rows=parallel_rows)
     return Fidelity(cosine, top1, snr_db(ref.mel, other))

@@ -15,6 +15,7 @@ import os
 import tempfile
 import types
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,9 @@ def unavailable_reason(config: OptimizationConfig, device: str) -> str | None:
             reasons.append("S3Gen int8-static: the x86 Inductor quantizer targets CPUs")
         if config.t3_onednn:
             reasons.append("T3 oneDNN: the packed weights are for oneDNN's CPU kernels")
+        if config.cfm_parallel_rows:
+            reasons.append("CFM rows in parallel: a thread per row is for CPU cores; a GPU "
+                           "computes the batch at once")
     if config.t3_quant == "int8-weight-only" and torchao_problem():
         reasons.append(f"T3 int8-weight-only needs torchao: {torchao_problem()}")
     if device == "cpu":
@@ -695,6 +699,74 @@ def module_bytes(module: nn.Module) -> int:
             weight = sub.weight()
             total += weight.numel() * weight.element_size()
     return total
+
+
+@contextmanager
+def cfm_parallel_rows(s3gen: S3Gen, enabled: bool):
+    """Run S3Gen's CFM estimator with the halves of its batch side by side
+    (:class:`ParallelRows`, ``enabled``) or as upstream does. Mutates ``s3gen`` until the
+    block exits; callers hold the manager's lock, as for :func:`cfm_guidance`."""
+    if not enabled:
+        yield
+        return
+    decoder = s3gen.flow.decoder
+    estimator = decoder.estimator
+    decoder.estimator = ParallelRows(estimator)
+    try:
+        yield
+    finally:
+        decoder.estimator = estimator
+
+
+class ParallelRows(nn.Module):
+    """An estimator whose batch is computed in two halves at once: the first in the
+    calling thread, the second in a worker thread, each with half of torch's intra-op
+    threads; the halves are joined in order. With CFG the halves are the conditional and
+    unconditional rows, which share nothing, so each row's arithmetic is the batch's
+    (int8 dynamic layers then scale each row's activations by its own range).
+
+    Why: on a 2-core CPU every operator of the estimator (a thousand a call, many of them
+    small) is split over both cores, which then wait for each other after each one; a row
+    per core never waits. S3Gen on a 2-core AVX2 EPYC: 11% faster in fp32 and in int8.
+    A batch of one, or a single intra-op thread, runs as it is."""
+
+    def __init__(self, estimator: nn.Module):
+        super().__init__()
+        self.estimator = estimator
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.estimator.dtype
+
+    def forward(self, x, mask, mu, t, spks=None, cond=None, r=None):
+        inputs = {"x": x, "mask": mask, "mu": mu, "t": t, "spks": spks, "cond": cond, "r": r}
+        threads = torch.get_num_threads()
+        if x.shape[0] < 2 or threads < 2:
+            return self.estimator.forward(**inputs)
+        halves = [{name: None if value is None else value.chunk(2)[half]
+                   for name, value in inputs.items()} for half in (0, 1)]
+        # Grad and inference modes are per thread: the worker takes the caller's.
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def run(half: dict, share: int) -> torch.Tensor:
+            torch.set_num_threads(share)  # this thread's OpenMP and MKL teams
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return self.estimator.forward(**half)
+
+        second = _row_worker().submit(run, halves[1], threads // 2)
+        try:
+            first = run(halves[0], threads - threads // 2)
+        finally:
+            wait([second])  # it has set its count before the caller's is put back:
+            # also the process-wide count that threads starting later take theirs from.
+            torch.set_num_threads(threads)
+        return torch.cat([first, second.result()])
+
+
+@functools.cache
+def _row_worker() -> ThreadPoolExecutor:
+    # One long-lived thread: its OpenMP team is made once, not per estimator call.
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfm-row")
 
 
 @contextmanager

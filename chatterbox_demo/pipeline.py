@@ -22,7 +22,7 @@ from chatterbox.tts import ChatterboxTTS, Conditionals, punc_norm
 
 from .config import BASELINE, GenerationParams, OptimizationConfig
 from .fast_t3 import FastT3Decoder
-from .optimizations import INDUCTOR_GRAPH_MODES, cfm_guidance
+from .optimizations import INDUCTOR_GRAPH_MODES, cfm_guidance, cfm_parallel_rows
 
 CFG_BATCH = 2  # T3 always runs the conditional and the unconditional row (see _sampling)
 
@@ -185,7 +185,8 @@ def _render(s3gen, tokens: torch.Tensor, conds: Conditionals,
             config: OptimizationConfig) -> np.ndarray:
     """S3Gen: speech tokens to a mono float32 waveform."""
     ref_dict = trim_prompt(conds.gen, config.prompt_seconds)
-    with cfm_guidance(s3gen, config.cfm_cfg):
+    with cfm_guidance(s3gen, config.cfm_cfg), cfm_parallel_rows(s3gen,
+                                                                config.cfm_parallel_rows):
         wav, _ = s3gen.inference(speech_tokens=tokens, ref_dict=ref_dict,
                                  n_cfm_timesteps=config.cfm_steps)
     return wav.squeeze(0).detach().float().cpu().numpy()

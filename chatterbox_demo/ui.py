@@ -444,6 +444,7 @@ CONFIG_HELP = {
     "t3_voice_prefix": "keep T3's keys and values of the voice's prompt",
     "s3gen_dtype": "CFM estimator precision", "s3gen_quant": "CFM estimator quantization",
     "cfm_steps": "CFM steps (upstream 10)", "cfm_cfg": "CFG inside the CFM",
+    "cfm_parallel_rows": "CFM rows side by side, a thread each (CPU)",
     "prompt_seconds": "S3Gen prompt seconds (0 = whole clip)",
     "compile_mode": "torch.compile", "cpu_threads": "CPU threads (0 = default)",
     "tf32": "TF32 matmuls (CUDA)", "cudnn_benchmark": "cuDNN autotuning (CUDA)",

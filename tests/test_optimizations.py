@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,13 @@ def test_static_int8_needs_the_cfm_batch_it_was_exported_for():
         OptimizationConfig(s3gen_quant="int8-static", cfm_cfg=False)
 
 
+def test_static_int8_takes_the_cfm_batch_whole():
+    with pytest.raises(ValueError, match="cfm_parallel_rows"):
+        OptimizationConfig(s3gen_quant="int8-static", cfm_parallel_rows=True)
+    assert PRESETS["cpu-fast"].cfm_parallel_rows
+    assert not PRESETS["cpu-compiled"].cfm_parallel_rows
+
+
 def test_static_int8_compiles_like_torch_compile_so_it_is_warmed_up_on_apply():
     assert OptimizationConfig(s3gen_quant="int8-static").compiles
     assert OptimizationConfig(compile_mode="default").compiles
@@ -89,7 +97,8 @@ def test_static_int8_compiles_like_torch_compile_so_it_is_warmed_up_on_apply():
 
 def test_presets_with_one_optimization_differ_from_cached_in_one_place():
     cached = dataclasses.asdict(PRESETS["cached"])
-    for name in ("fast-decoder", "s3gen-bf16", "s3gen-int8", "s3gen-int8-static"):
+    for name in ("fast-decoder", "s3gen-bf16", "s3gen-int8", "s3gen-int8-static",
+                 "s3gen-parallel-rows"):
         changed = {k for k, v in dataclasses.asdict(PRESETS[name]).items() if cached[k] != v}
         assert len(changed) == 1, (name, changed)
 
@@ -104,6 +113,7 @@ def test_cpu_fast_keeps_upstream_semantics_and_turbo_does_not():
     (OptimizationConfig(s3gen_quant="int8-dynamic"), "mps", "CPU kernels only"),
     (OptimizationConfig(s3gen_quant="int8-static"), "cuda", "targets CPUs"),
     (OptimizationConfig(t3_onednn=True), "cuda", "oneDNN's CPU kernels"),
+    (OptimizationConfig(cfm_parallel_rows=True), "cuda", "CPU cores"),
     (OptimizationConfig(t3_dtype="fp16"), "cpu", "fp16"),
     (OptimizationConfig(tf32=True), "cpu", "CUDA settings"),
     (OptimizationConfig(compile_mode="reduce-overhead"), "cpu", "CUDA graphs"),
@@ -585,6 +595,95 @@ def test_cfm_without_guidance_equals_upstream_with_zero_guidance(tts, conds):
     with cfm_guidance(tts.s3gen, enabled=False):
         assert "solve_euler" in decoder.__dict__
     assert "solve_euler" not in decoder.__dict__
+
+
+class RecordingRows(nn.Module):
+    """Records, per estimator call, the rows it got, its thread and that thread's torch
+    thread count."""
+
+    def __init__(self, estimator: nn.Module):
+        super().__init__()
+        self.estimator, self.calls = estimator, []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.estimator.dtype
+
+    def forward(self, **inputs):
+        self.calls.append((inputs["x"].shape[0], threading.get_ident(),
+                           torch.get_num_threads(), torch.is_inference_mode_enabled()))
+        return self.estimator.forward(**inputs)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_parallel_rows_compute_each_half_in_its_own_thread_as_the_batch_would(
+        tts, conds, threads):
+    """Each half of CFG's batch runs in its own thread on its share of the threads, the
+    mel is the batch's, and afterwards the thread count and upstream's estimator are
+    back."""
+    tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(1))
+    decoder = tts.s3gen.flow.decoder
+    estimator = decoder.estimator
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        expected = fidelity.mel(tts.s3gen, conds, tokens, 3, cfg=True)
+        decoder.estimator = recording = RecordingRows(estimator)
+        with torch.inference_mode():
+            ours = fidelity.mel(tts.s3gen, conds, tokens, 3, cfg=True, parallel_rows=True)
+        assert torch.get_num_threads() == threads
+    finally:
+        decoder.estimator = estimator
+        torch.set_num_threads(saved)
+    assert torch.allclose(ours, expected, atol=1e-5)
+    assert len(recording.calls) == 6  # 3 steps, 2 halves each
+    assert {rows for rows, *_ in recording.calls} == {1}
+    assert {inference for *_, inference in recording.calls} == {True}
+    for first, second in zip(recording.calls[::2], recording.calls[1::2], strict=True):
+        assert first[1] != second[1]
+        assert sorted((first[2], second[2])) == sorted((threads - threads // 2, threads // 2))
+
+
+def test_parallel_rows_leave_a_batch_of_one_and_a_single_thread_alone(tts, conds):
+    tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(1))
+    decoder = tts.s3gen.flow.decoder
+    estimator = decoder.estimator
+    saved = torch.get_num_threads()
+    decoder.estimator = recording = RecordingRows(estimator)
+    try:
+        fidelity.mel(tts.s3gen, conds, tokens, 2, cfg=False, parallel_rows=True)
+        torch.set_num_threads(1)
+        fidelity.mel(tts.s3gen, conds, tokens, 2, cfg=True, parallel_rows=True)
+    finally:
+        decoder.estimator = estimator
+        torch.set_num_threads(saved)
+    assert [rows for rows, *_ in recording.calls] == [1, 1, 2, 2]
+    assert {ident for _, ident, *_ in recording.calls} == {threading.get_ident()}
+
+
+def test_a_failing_row_fails_the_call_and_restores_the_estimator(tts, conds):
+    decoder = tts.s3gen.flow.decoder
+    estimator = decoder.estimator
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(1))
+    try:
+        with pytest.raises(RuntimeError, match="no row"):
+            with optimizations.cfm_parallel_rows(tts.s3gen, True):
+                decoder.estimator.estimator = Failing()
+                fidelity.mel(tts.s3gen, conds, tokens, 2, cfg=True)
+        assert decoder.estimator is estimator
+        assert torch.get_num_threads() == 2
+    finally:
+        decoder.estimator = estimator
+        torch.set_num_threads(saved)
+
+
+class Failing(nn.Module):
+    dtype = torch.float32
+
+    def forward(self, **inputs):
+        raise RuntimeError("no row")
 
 
 # --- fidelity promises (docs/benchmarks.md states the same thresholds) ---------------------------
