@@ -147,7 +147,7 @@ class OptimizationConfig:
     # CPU: compute the two halves of the CFM estimator's batch (CFG's conditional and
     # unconditional rows) side by side, each in its own thread on half of the cores,
     # rather than the whole batch spread over every core op by op: the same arithmetic
-    # with fewer waits between cores (on a 2-core AVX2 EPYC, S3Gen 11% faster;
+    # with fewer waits between cores (on a 2-core AVX2 EPYC, S3Gen 1.11x in fp32;
     # docs/benchmarks.md). Without CFG there is one row, and nothing changes.
     cfm_parallel_rows: bool = False
     # Seconds of the reference clip S3Gen conditions on (upstream: all of its 10 s). The

@@ -168,7 +168,9 @@ def test_the_avx2_figures_quoted_are_the_recorded_runs():
     """README's AMD EPYC sentences quote docs/bench-cpu-avx2-onednn-turns.json (cpu-fast
     and t3-onednn now), docs/bench-cpu-avx2-onednn-compiled.json (the later run),
     docs/bench-cpu-avx2-cpu-fast-turns.json (the third), docs/bench-cpu-avx2-voice-prefix.json
-    (the fourth) and docs/bench-cpu-avx2-static.json (before the oneDNN change)."""
+    (the fourth), docs/bench-cpu-avx2-aoti.json (the fifth),
+    docs/bench-cpu-avx2-parallel-rows.json (the sixth) and docs/bench-cpu-avx2-static.json
+    (before the oneDNN change)."""
     now = recorded_rows("bench-cpu-avx2-onednn-turns.json", EPYC)
     before = recorded_rows("bench-cpu-avx2-static.json", EPYC)
     text = " ".join(README.split())
@@ -193,6 +195,10 @@ def test_the_avx2_figures_quoted_are_the_recorded_runs():
     assert (f"a fifth, as slow, {fifth['cpu-fast']['speedup']:.2f}x (`baseline` "
             f"{fifth['baseline']['total_s']:.1f} s; `cpu-compiled` "
             f"{fifth['cpu-compiled']['speedup']:.2f}x)") in sentence
+    sixth = recorded_rows("bench-cpu-avx2-parallel-rows.json", EPYC)
+    assert (f"measured {sixth['cpu-fast']['speedup']:.2f}x (`baseline` "
+            f"{sixth['baseline']['total_s']:.1f} s), its S3Gen "
+            f"{sixth['cpu-fast']['s3gen_speedup']:.2f}x `baseline`'s") in sentence
     # 7-bit activations (the fifth run) against 8-bit ones (the runs before).
     assert (f"agrees with fp32 at {fifth['cpu-compiled']['mel_snr_db']:.1f} dB, against "
             f"{later['cpu-compiled']['mel_snr_db']:.1f} dB with 8 bits") in sentence
@@ -236,6 +242,7 @@ def test_the_targets_table_is_the_recorded_runs():
     third = recorded_rows("bench-cpu-avx2-cpu-fast-turns.json", EPYC)
     fourth = recorded_rows("bench-cpu-avx2-voice-prefix.json", EPYC)
     fifth = recorded_rows("bench-cpu-avx2-aoti.json", EPYC)
+    sixth = recorded_rows("bench-cpu-avx2-parallel-rows.json", EPYC)
     zen4, zen4_compiled, zen4_int8 = (recorded_rows(name, ZEN4) for name in ZEN4_RUNS)
     amx = recorded_rows("bench-cpu.json", "Xeon")
     noamx = recorded_rows("bench-cpu-noamx-r3.json", "Xeon")
@@ -275,14 +282,17 @@ def test_the_targets_table_is_the_recorded_runs():
         f"{s3gen(amx, 'cpu-fast')} on the Xeon with AMX (`cpu-fast`, bf16 estimator, "
         f"{amx['cpu-fast']['mel_snr_db']:.1f} dB mel SNR)",
         f"{s3gen(compiled, 'cpu-compiled')} on the AVX2 EPYC (`cpu-compiled`; `cpu-fast` "
-        f"{s3gen(epyc, 'cpu-fast')})",
+        f"{s3gen(epyc, 'cpu-fast')}, and {s3gen(sixth, 'cpu-fast')} since its CFM rows run "
+        "side by side)",
         f"EPYC: {epyc['cpu-fast']['speedup']:.2f}x, {compiled['cpu-fast']['speedup']:.2f}x and "
         f"{third['cpu-fast']['speedup']:.2f}x in three runs, `cpu-compiled` "
         f"{compiled['cpu-compiled']['speedup']:.2f}x; {fourth['cpu-fast']['speedup']:.2f}x in a "
         "fourth run with the voice's prefix kept, on a day the machine ran slow (`baseline` "
         f"{fourth['baseline']['total_s']:.1f} s), and {fifth['cpu-fast']['speedup']:.2f}x in a "
         f"fifth, as slow (`baseline` {fifth['baseline']['total_s']:.1f} s; `cpu-compiled` "
-        f"{fifth['cpu-compiled']['speedup']:.2f}x); Xeon with AMX "
+        f"{fifth['cpu-compiled']['speedup']:.2f}x), and {sixth['cpu-fast']['speedup']:.2f}x "
+        "in a sixth with the CFM rows side by side, as slow (`baseline` "
+        f"{sixth['baseline']['total_s']:.1f} s); Xeon with AMX "
         f"{amx['cpu-fast']['speedup']:.2f}x, without {noamx['cpu-fast']['speedup']:.2f}x",
         f"{epyc['cpu-fast']['t3_weights_mb']:.0f} MB against "
         f"{epyc['baseline']['t3_weights_mb']:.0f} MB "
