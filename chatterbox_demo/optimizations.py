@@ -725,7 +725,7 @@ class ParallelRows(nn.Module):
     unconditional rows, which share nothing, so each row's arithmetic is the batch's
     (int8 dynamic layers then scale each row's activations by its own range).
 
-    Why: on a 2-core CPU every operator of the estimator (a thousand a call, many of them
+    Why: on a 2-core CPU every operator of the estimator (hundreds a call, most of them
     small) is split over both cores, which then wait for each other after each one; a row
     per core never waits. On a 2-core AVX2 EPYC: S3Gen 1.11x in fp32, an int8 estimator
     call 1.09x (docs/benchmarks.md). A batch of one, or a single intra-op thread, runs as
@@ -758,8 +758,9 @@ class ParallelRows(nn.Module):
         try:
             first = run(halves[0], threads - threads // 2)
         finally:
-            wait([second])  # it has set its count before the caller's is put back:
-            # also the process-wide count that threads starting later take theirs from.
+            # Once the worker is done, so that its count cannot land after ours. This also
+            # puts back the process-wide count that threads starting later take theirs from.
+            wait([second])
             torch.set_num_threads(threads)
         return torch.cat([first, second.result()])
 
