@@ -615,26 +615,31 @@ class RecordingRows(nn.Module):
         return self.estimator.forward(**inputs)
 
 
+@pytest.fixture()
+def estimator(tts):
+    """The tiny S3Gen's estimator, put back (with torch's thread count) after the test."""
+    decoder, saved = tts.s3gen.flow.decoder, torch.get_num_threads()
+    estimator = decoder.estimator
+    yield estimator
+    decoder.estimator = estimator
+    torch.set_num_threads(saved)
+
+
+ROW_TOKENS = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(1))
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_parallel_rows_compute_each_half_in_its_own_thread_as_the_batch_would(
-        tts, conds, threads):
+        tts, conds, estimator, threads):
     """Each half of CFG's batch runs in its own thread on its share of the threads, the
-    mel is the batch's, and afterwards the thread count and upstream's estimator are
-    back."""
-    tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(1))
-    decoder = tts.s3gen.flow.decoder
-    estimator = decoder.estimator
-    saved = torch.get_num_threads()
+    mel is the batch's, and afterwards the thread count is back."""
     torch.set_num_threads(threads)
-    try:
-        expected = fidelity.mel(tts.s3gen, conds, tokens, 3, cfg=True)
-        decoder.estimator = recording = RecordingRows(estimator)
-        with torch.inference_mode():
-            ours = fidelity.mel(tts.s3gen, conds, tokens, 3, cfg=True, parallel_rows=True)
-        assert torch.get_num_threads() == threads
-    finally:
-        decoder.estimator = estimator
-        torch.set_num_threads(saved)
+    expected = fidelity.mel(tts.s3gen, conds, ROW_TOKENS, 3, cfg=True)
+    tts.s3gen.flow.decoder.estimator = recording = RecordingRows(estimator)
+    with torch.inference_mode():
+        ours = fidelity.mel(tts.s3gen, conds, ROW_TOKENS, 3, cfg=True, parallel_rows=True)
+    assert torch.get_num_threads() == threads
+    assert tts.s3gen.flow.decoder.estimator is recording
     assert torch.allclose(ours, expected, atol=1e-5)
     assert len(recording.calls) == 6  # 3 steps, 2 halves each
     assert {rows for rows, *_ in recording.calls} == {1}
@@ -644,39 +649,24 @@ def test_parallel_rows_compute_each_half_in_its_own_thread_as_the_batch_would(
         assert sorted((first[2], second[2])) == sorted((threads - threads // 2, threads // 2))
 
 
-def test_parallel_rows_leave_a_batch_of_one_and_a_single_thread_alone(tts, conds):
-    tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(1))
-    decoder = tts.s3gen.flow.decoder
-    estimator = decoder.estimator
-    saved = torch.get_num_threads()
-    decoder.estimator = recording = RecordingRows(estimator)
-    try:
-        fidelity.mel(tts.s3gen, conds, tokens, 2, cfg=False, parallel_rows=True)
-        torch.set_num_threads(1)
-        fidelity.mel(tts.s3gen, conds, tokens, 2, cfg=True, parallel_rows=True)
-    finally:
-        decoder.estimator = estimator
-        torch.set_num_threads(saved)
+def test_parallel_rows_leave_a_batch_of_one_and_a_single_thread_alone(tts, conds, estimator):
+    tts.s3gen.flow.decoder.estimator = recording = RecordingRows(estimator)
+    fidelity.mel(tts.s3gen, conds, ROW_TOKENS, 2, cfg=False, parallel_rows=True)
+    torch.set_num_threads(1)
+    fidelity.mel(tts.s3gen, conds, ROW_TOKENS, 2, cfg=True, parallel_rows=True)
     assert [rows for rows, *_ in recording.calls] == [1, 1, 2, 2]
     assert {ident for _, ident, *_ in recording.calls} == {threading.get_ident()}
 
 
-def test_a_failing_row_fails_the_call_and_restores_the_estimator(tts, conds):
+def test_a_failing_row_fails_the_call_and_restores_the_estimator(tts, conds, estimator):
     decoder = tts.s3gen.flow.decoder
-    estimator = decoder.estimator
-    saved = torch.get_num_threads()
     torch.set_num_threads(2)
-    tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(1))
-    try:
-        with pytest.raises(RuntimeError, match="no row"):
-            with optimizations.cfm_parallel_rows(tts.s3gen, True):
-                decoder.estimator.estimator = Failing()
-                fidelity.mel(tts.s3gen, conds, tokens, 2, cfg=True)
-        assert decoder.estimator is estimator
-        assert torch.get_num_threads() == 2
-    finally:
-        decoder.estimator = estimator
-        torch.set_num_threads(saved)
+    with pytest.raises(RuntimeError, match="no row"):
+        with optimizations.cfm_parallel_rows(tts.s3gen, True):
+            decoder.estimator.estimator = Failing()
+            fidelity.mel(tts.s3gen, conds, ROW_TOKENS, 2, cfg=True)
+    assert decoder.estimator is estimator
+    assert torch.get_num_threads() == 2
 
 
 class Failing(nn.Module):
