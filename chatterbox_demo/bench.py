@@ -39,6 +39,7 @@ def machine_info(manager: ModelManager) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": _cpu_model(),
+        "cpu_family_model": _cpu_family_model(),
         "cpu_flags": hardware.path_flags(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
@@ -58,6 +59,21 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _cpu_family_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """x86's "family F, model M" (one model name, "AMD EPYC", has covered Zen 3, 4 and 5
+    here: family 25 model 1, family 25 model 17, family 26 model 2); None elsewhere."""
+    fields: dict[str, str] = {}
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return None
+    if "cpu family" not in fields or "model" not in fields:
+        return None
+    return f"family {fields['cpu family']}, model {fields['model']}"
 
 
 def reset_peak_memory(device: str) -> None:

@@ -153,3 +153,16 @@ def test_bench_records_the_flags_that_pick_paths():
     assert header.startswith("AMD EPYC (avx2, avx512f, avx512_bf16, avx512_vnni), 2 cores")
     del result["machine"]["cpu_flags"]  # runs recorded before the field
     assert bench.to_markdown(result).startswith("AMD EPYC, 2 cores")
+
+
+def test_bench_records_the_cpu_family_and_model(tmp_path):
+    """Zen 4 and Zen 5 EPYCs share a name and most flags; family and model tell them
+    apart. Only the first processor's lines count (Linux repeats them per core)."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
+                       "model\t\t: 2\nmodel name\t: AMD EPYC\n\nprocessor\t: 1\n"
+                       "cpu family\t: 25\nmodel\t\t: 17\n")
+    assert bench._cpu_family_model(cpuinfo) == "family 26, model 2"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # Arm names neither
+    assert bench._cpu_family_model(cpuinfo) is None
+    assert bench._cpu_family_model(tmp_path / "missing") is None
