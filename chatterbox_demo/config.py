@@ -230,8 +230,8 @@ def cpu_fast(bf16_matrix_unit: bool, onednn: bool = True) -> OptimizationConfig:
     4-19% faster than with MKL's); CFG's two CFM rows side by side, a thread each; the
     CFM estimator in bf16 where the CPU has bf16 matrix instructions (AMX: half of
     S3Gen's time), else its Linear layers in int8 (emulated bf16 runs slower than fp32;
-    with AVX512-BF16 alone, on a Zen 4 EPYC, bf16 was 5% slower than int8 and 9 dB
-    further from fp32)."""
+    with AVX512-BF16 alone, bf16 was 5% slower than int8 on a Zen 4 EPYC and 8% on a
+    Zen 5, and 9 dB further from fp32 on both)."""
     estimator = ({"s3gen_dtype": "bf16"} if bf16_matrix_unit
                  else {"s3gen_quant": "int8-dynamic"})
     return replace(_CACHED, t3_decoder="fast", t3_voice_prefix=True, t3_quant="int8-dynamic",
