@@ -52,29 +52,16 @@ def machine_info(manager: ModelManager) -> dict:
 
 
 def _cpu_model() -> str:
-    return _cpuinfo().get("model name") or platform.processor() or "unknown"
+    return hardware.cpuinfo_fields().get("model name") or platform.processor() or "unknown"
 
 
 def _cpu_family_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     """x86's "family F, model M" (one model name, "AMD EPYC", has covered Zen 3, 4 and 5
     here: family 25 model 1, family 25 model 17, family 26 model 2); None elsewhere."""
-    fields = _cpuinfo(cpuinfo)
+    fields = hardware.cpuinfo_fields(cpuinfo)
     if "cpu family" not in fields or "model" not in fields:
         return None
     return f"family {fields['cpu family']}, model {fields['model']}"
-
-
-def _cpuinfo(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
-    """The first processor's fields (Linux repeats them per core); empty where there is no
-    such file."""
-    fields: dict[str, str] = {}
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    return fields
 
 
 def reset_peak_memory(device: str) -> None:

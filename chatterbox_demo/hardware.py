@@ -25,17 +25,23 @@ INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
 PATH_FLAGS = ("avx2", "avx512f", *sorted(BF16_FLAGS | INT8_DOT_FLAGS))
 
 
+def cpuinfo_fields(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first processor's fields in Linux's ``cpuinfo`` (it repeats them per core);
+    empty where there is no such file."""
+    fields: dict[str, str] = {}
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     """The CPU feature flags Linux reports (x86 "flags", Arm "Features"); empty elsewhere."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+    fields = cpuinfo_fields(cpuinfo)
+    return set(fields.get("flags", fields.get("Features", "")).split())
 
 
 def path_flags(flags: set[str] | None = None) -> list[str]:
