@@ -11,8 +11,9 @@ import torch
 
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 flags; "bf16" is Arm's feature name
 # bf16 matrix instructions: AMX tiles on x86, BFMMLA on Arm (part of its "bf16" feature).
-# With AVX512-BF16's dot products alone (an AMD EPYC, Zen 4) the bf16 CFM estimator was
-# no faster than the int8 dynamic one and 9 dB further from fp32 (docs/benchmarks.md).
+# With AVX512-BF16's dot products alone (AMD EPYCs, Zen 4 and Zen 5) the bf16 CFM
+# estimator was no faster than the int8 dynamic one and 9 dB further from fp32
+# (docs/benchmarks.md).
 BF16_MATRIX_FLAGS = {"amx_bf16", "bf16"}
 # Instructions that multiply int8 by int8 into 32-bit sums (x86 VNNI and AMX, Arm's dot
 # product). Without them oneDNN's int8 kernels pair products into 16 bits (AVX2's
@@ -21,7 +22,8 @@ INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}
 
 
 # The flags that pick a path in this package, recorded with every benchmark run: one model
-# name ("AMD EPYC") covers CPUs with AVX2 alone and CPUs with AVX-512, VNNI and bf16.
+# name ("AMD EPYC") covers CPUs with AVX2 alone and CPUs with AVX-512, VNNI and bf16
+# (the benchmark records family and model as well).
 PATH_FLAGS = ("avx2", "avx512f", *sorted(BF16_FLAGS | INT8_DOT_FLAGS))
 
 
