@@ -126,6 +126,11 @@ def decodes_as_quoted(rows: dict) -> str:
             f"tokens a second against {base:.1f}")
 
 
+def s3gen_speedup(rows: dict, preset: str) -> str:
+    """How the docs quote a preset's S3Gen against baseline's in one run."""
+    return f"{rows['baseline']['s3gen_s'] / rows[preset]['s3gen_s']:.2f}x"
+
+
 def test_the_gpu_figures_quoted_are_the_recorded_runs():
     """README's H100 sentence quotes docs/bench-gpu-h100.json (gpu-fast) and
     docs/bench-gpu-h100-compiled.json (gpu-compiled); a new run must move both."""
@@ -216,10 +221,9 @@ def test_the_zen4_figures_quoted_are_the_recorded_runs():
     assert (f"runs {now['cpu-fast']['speedup']:.2f}x end to end "
             f"({first['cpu-fast']['speedup']:.2f}x and {compiled['cpu-fast']['speedup']:.2f}x "
             "in two more runs)") in sentence
-    s3gen = now["baseline"]["s3gen_s"] / now["cpu-compiled"]["s3gen_s"]
     assert (f"`cpu-compiled` runs {now['cpu-compiled']['speedup']:.2f}x, its S3Gen "
-            f"{s3gen:.2f}x `baseline`'s, loading the estimator an earlier run compiled in "
-            f"{compiled['cpu-compiled']['warmup_s']:.0f} s") in sentence
+            f"{s3gen_speedup(now, 'cpu-compiled')} `baseline`'s, loading the estimator an "
+            f"earlier run compiled in {compiled['cpu-compiled']['warmup_s']:.0f} s") in sentence
 
 
 def test_the_zen5_figures_quoted_are_the_recorded_runs():
@@ -228,13 +232,10 @@ def test_the_zen5_figures_quoted_are_the_recorded_runs():
     text = " ".join(README.split())
     sentence = text.split("(Zen 5, AVX-VNNI besides), ")[1].split(" On an H100")[0]
 
-    def s3gen(run: dict) -> str:
-        return f"{run['baseline']['s3gen_s'] / run['cpu-fast']['s3gen_s']:.2f}x"
-
     assert (f"{decodes_as_quoted(rows)}) and runs {rows['cpu-fast']['speedup']:.2f}x end to "
-            f"end, its S3Gen {s3gen(rows)} `baseline`'s with upstream semantics "
-            f"({second['cpu-fast']['speedup']:.2f}x and {s3gen(second)} in a second run)"
-            ) in sentence
+            f"end, its S3Gen {s3gen_speedup(rows, 'cpu-fast')} `baseline`'s with upstream "
+            f"semantics ({second['cpu-fast']['speedup']:.2f}x and "
+            f"{s3gen_speedup(second, 'cpu-fast')} in a second run)") in sentence
     assert (f"(`cpu-compiled` ran {rows['cpu-compiled']['speedup']:.2f}x there, after "
             f"{rows['cpu-compiled']['warmup_s']:.0f} s of compiling)") in sentence
 
@@ -274,9 +275,6 @@ def test_the_targets_table_is_the_recorded_runs():
         fast, base = run["cpu-fast"]["t3_tokens_per_s"], run["baseline"]["t3_tokens_per_s"]
         return f"{fast / base:.1f}x"
 
-    def s3gen(run: dict, preset: str) -> str:
-        return f"{run['baseline']['s3gen_s'] / run[preset]['s3gen_s']:.2f}x"
-
     expected = [
         f"{decode(epyc)} on the AVX2 EPYC ({epyc['cpu-fast']['t3_tokens_per_s']:.1f} against "
         f"{epyc['baseline']['t3_tokens_per_s']:.1f} tokens/s)",
@@ -285,10 +283,12 @@ def test_the_targets_table_is_the_recorded_runs():
         f"| {zen4_int8['cpu-fast']['t3_tokens_per_s']:.1f} tokens/s on the Zen 4 EPYC (`cpu-fast`; "
         f"{zen4['cpu-fast']['t3_tokens_per_s']:.1f} and "
         f"{zen4_compiled['cpu-fast']['t3_tokens_per_s']:.1f} in two more runs)",
-        f"{s3gen(zen4_compiled, 'cpu-compiled')} and {s3gen(zen4_int8, 'cpu-compiled')} on the "
+        f"{s3gen_speedup(zen4_compiled, 'cpu-compiled')} and "
+        f"{s3gen_speedup(zen4_int8, 'cpu-compiled')} on the "
         f"Zen 4 EPYC (`cpu-compiled`, int8 on VNNI, "
         f"{zen4_compiled['cpu-compiled']['mel_snr_db']:.1f} dB mel SNR;",
-        f"`cpu-fast` {s3gen(zen4_int8, 'cpu-fast')}); {s3gen(zen5, 'cpu-fast')} and",
+        f"`cpu-fast` {s3gen_speedup(zen4_int8, 'cpu-fast')}); "
+        f"{s3gen_speedup(zen5, 'cpu-fast')} and",
         f"Zen 4 EPYC: {zen4['cpu-fast']['speedup']:.2f}x, "
         f"{zen4_compiled['cpu-fast']['speedup']:.2f}x and "
         f"{zen4_int8['cpu-fast']['speedup']:.2f}x in three runs, `cpu-compiled` "
@@ -298,10 +298,11 @@ def test_the_targets_table_is_the_recorded_runs():
         f"{zen5['baseline']['t3_tokens_per_s']:.1f}; {decode(zen5_second)} in a second run)",
         f"in two more runs); {zen5['cpu-fast']['t3_tokens_per_s']:.1f} tokens/s on the Zen 5 EPYC "
         f"({zen5_second['cpu-fast']['t3_tokens_per_s']:.1f} in a second run);",
-        f"{s3gen(zen5, 'cpu-fast')} and {s3gen(zen5_second, 'cpu-fast')} on the Zen 5 EPYC "
+        f"{s3gen_speedup(zen5, 'cpu-fast')} and {s3gen_speedup(zen5_second, 'cpu-fast')} on "
+        "the Zen 5 EPYC "
         f"(`cpu-fast`, int8 dynamic estimator, {zen5['cpu-fast']['mel_snr_db']:.1f} dB mel SNR;",
-        f"`cpu-compiled` {s3gen(zen5, 'cpu-compiled')} and "
-        f"{s3gen(zen5_second, 'cpu-compiled')}); 1.33x on the AVX2 EPYC",
+        f"`cpu-compiled` {s3gen_speedup(zen5, 'cpu-compiled')} and "
+        f"{s3gen_speedup(zen5_second, 'cpu-compiled')}); 1.33x on the AVX2 EPYC",
         f"Zen 5 EPYC: {zen5['cpu-fast']['speedup']:.2f}x and "
         f"{zen5_second['cpu-fast']['speedup']:.2f}x in two runs, `cpu-compiled` "
         f"{zen5['cpu-compiled']['speedup']:.2f}x and "
@@ -311,11 +312,11 @@ def test_the_targets_table_is_the_recorded_runs():
         f"runs {noamx['baseline']['t3_tokens_per_s'] / epyc['baseline']['t3_tokens_per_s']:.1f}x "
         "the EPYC's",
         f"; {epyc['cpu-fast']['t3_tokens_per_s']:.1f} tokens/s (`cpu-fast`, EPYC) on the AVX2 one",
-        f"{s3gen(amx, 'cpu-fast')} on the Xeon with AMX (`cpu-fast`, bf16 estimator, "
+        f"{s3gen_speedup(amx, 'cpu-fast')} on the Xeon with AMX (`cpu-fast`, bf16 estimator, "
         f"{amx['cpu-fast']['mel_snr_db']:.1f} dB mel SNR)",
-        f"{s3gen(compiled, 'cpu-compiled')} on the AVX2 EPYC (`cpu-compiled`; `cpu-fast` "
-        f"{s3gen(epyc, 'cpu-fast')}, and {s3gen(sixth, 'cpu-fast')} since its CFM rows run "
-        "side by side)",
+        f"{s3gen_speedup(compiled, 'cpu-compiled')} on the AVX2 EPYC (`cpu-compiled`; `cpu-fast` "
+        f"{s3gen_speedup(epyc, 'cpu-fast')}, and {s3gen_speedup(sixth, 'cpu-fast')} since its "
+        "CFM rows run side by side)",
         f"EPYC: {epyc['cpu-fast']['speedup']:.2f}x, {compiled['cpu-fast']['speedup']:.2f}x and "
         f"{third['cpu-fast']['speedup']:.2f}x in three runs, `cpu-compiled` "
         f"{compiled['cpu-compiled']['speedup']:.2f}x; {fourth['cpu-fast']['speedup']:.2f}x in a "
