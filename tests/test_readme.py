@@ -120,12 +120,18 @@ def recorded_rows(name: str, machine: str) -> dict:
     return {row["preset"]: row for row in recorded["rows"]}
 
 
+def decode_speedup(rows: dict) -> str:
+    """How the docs quote cpu-fast's T3 tokens/s against baseline's in one run."""
+    fast, base = rows["cpu-fast"]["t3_tokens_per_s"], rows["baseline"]["t3_tokens_per_s"]
+    return f"{fast / base:.1f}x"
+
+
 def decodes_as_quoted(rows: dict) -> str:
     """How README opens a run's decode figures: cpu-fast's speed-up over baseline and both
     rates."""
     fast, base = rows["cpu-fast"]["t3_tokens_per_s"], rows["baseline"]["t3_tokens_per_s"]
-    return (f"`cpu-fast` decodes {fast / base:.1f}x as fast as `baseline` ({fast:.1f} speech "
-            f"tokens a second against {base:.1f}")
+    return (f"`cpu-fast` decodes {decode_speedup(rows)} as fast as `baseline` ({fast:.1f} "
+            f"speech tokens a second against {base:.1f}")
 
 
 def s3gen_speedup(rows: dict, preset: str) -> str:
@@ -233,7 +239,6 @@ def test_the_zen5_figures_quoted_are_the_recorded_runs():
     rows, second = (recorded_rows(name, ZEN5) for name in ZEN5_RUNS)
     text = " ".join(README.split())
     sentence = text.split("(Zen 5, AVX-VNNI besides), ")[1].split(" On an H100")[0]
-
     assert (f"{decodes_as_quoted(rows)}) and runs {rows['cpu-fast']['speedup']:.2f}x end to "
             f"end, its S3Gen {s3gen_speedup(rows, 'cpu-fast')} `baseline`'s with upstream "
             f"semantics ({second['cpu-fast']['speedup']:.2f}x and "
@@ -273,14 +278,12 @@ def test_the_targets_table_is_the_recorded_runs():
     h100_compiled = recorded_rows("bench-gpu-h100-compiled.json", "H100")["gpu-compiled"]
     h200_compiled = recorded_rows("bench-gpu-h200.json", "H200")["gpu-compiled"]
 
-    def decode(run: dict) -> str:
-        fast, base = run["cpu-fast"]["t3_tokens_per_s"], run["baseline"]["t3_tokens_per_s"]
-        return f"{fast / base:.1f}x"
-
     expected = [
-        f"{decode(epyc)} on the AVX2 EPYC ({epyc['cpu-fast']['t3_tokens_per_s']:.1f} against "
+        f"{decode_speedup(epyc)} on the AVX2 EPYC "
+        f"({epyc['cpu-fast']['t3_tokens_per_s']:.1f} against "
         f"{epyc['baseline']['t3_tokens_per_s']:.1f} tokens/s)",
-        f"{decode(zen4_int8)} on the Zen 4 EPYC ({zen4_int8['cpu-fast']['t3_tokens_per_s']:.1f} "
+        f"{decode_speedup(zen4_int8)} on the Zen 4 EPYC "
+        f"({zen4_int8['cpu-fast']['t3_tokens_per_s']:.1f} "
         f"against {zen4_int8['baseline']['t3_tokens_per_s']:.1f})",
         f"| {zen4_int8['cpu-fast']['t3_tokens_per_s']:.1f} tokens/s on the Zen 4 EPYC (`cpu-fast`; "
         f"{zen4['cpu-fast']['t3_tokens_per_s']:.1f} and "
@@ -296,8 +299,10 @@ def test_the_targets_table_is_the_recorded_runs():
         f"{zen4_int8['cpu-fast']['speedup']:.2f}x in three runs, `cpu-compiled` "
         f"{zen4_compiled['cpu-compiled']['speedup']:.2f}x and "
         f"{zen4_int8['cpu-compiled']['speedup']:.2f}x;",
-        f"{decode(zen5)} on the Zen 5 EPYC ({zen5['cpu-fast']['t3_tokens_per_s']:.1f} against "
-        f"{zen5['baseline']['t3_tokens_per_s']:.1f}; {decode(zen5_second)} in a second run)",
+        f"{decode_speedup(zen5)} on the Zen 5 EPYC "
+        f"({zen5['cpu-fast']['t3_tokens_per_s']:.1f} against "
+        f"{zen5['baseline']['t3_tokens_per_s']:.1f}; {decode_speedup(zen5_second)} in a "
+        "second run)",
         f"in two more runs); {zen5['cpu-fast']['t3_tokens_per_s']:.1f} tokens/s on the Zen 5 EPYC "
         f"({zen5_second['cpu-fast']['t3_tokens_per_s']:.1f} in a second run);",
         f"{s3gen_speedup(zen5, 'cpu-fast')} and {s3gen_speedup(zen5_second, 'cpu-fast')} on "
@@ -309,7 +314,8 @@ def test_the_targets_table_is_the_recorded_runs():
         f"{zen5_second['cpu-fast']['speedup']:.2f}x in two runs, `cpu-compiled` "
         f"{zen5['cpu-compiled']['speedup']:.2f}x and "
         f"{zen5_second['cpu-compiled']['speedup']:.2f}x; Zen 4 EPYC:",
-        f"{decode(noamx)} on the Xeon without bf16 ({noamx['cpu-fast']['t3_tokens_per_s']:.1f} "
+        f"{decode_speedup(noamx)} on the Xeon without bf16 "
+        f"({noamx['cpu-fast']['t3_tokens_per_s']:.1f} "
         f"against {noamx['baseline']['t3_tokens_per_s']:.1f})",
         f"runs {noamx['baseline']['t3_tokens_per_s'] / epyc['baseline']['t3_tokens_per_s']:.1f}x "
         "the EPYC's",
