@@ -1,7 +1,7 @@
 """Routes to a faster S3Gen or T3 on a CPU without an int8 dot product (the AVX2 EPYC),
 each against what the presets ran before, medians (docs/benchmarks.md, "CFG's rows side
-by side, and routes not taken"). Parts 1-3 were not kept, so that nobody tries them
-again blind; part 4 became the switch ``cfm_parallel_rows``:
+by side, and routes not taken"). Parts 1-3 and 5 were not kept, so that nobody tries
+them again blind; part 4 became the switch ``cfm_parallel_rows``:
 
 1. The CFM estimator's convolutions (kernel 3, 256 or 512 input channels, 256 output,
    2 x 508 frames): PyTorch's fp32 convolution (oneDNN) against the same convolution as
@@ -18,10 +18,21 @@ again blind; part 4 became the switch ``cfm_parallel_rows``:
    upstream S3Gen pass (batch 2: CFG's two rows) as upstream makes it, against the same
    call through ``optimizations.ParallelRows`` (a row per thread, each thread on half of
    the cores), alternated.
+5. The estimator's attention (2 rows x 8 heads x 508 frames, head size 64): PyTorch's fp32
+   SDPA against the same attention with its two matmuls in int8 through fbgemm's dynamic
+   int8 Linear (each head's keys, or values, quantized and packed as the Linear's weight
+   per call, 7-bit activations as on a CPU without VNNI), and with the scores alone in int8.
 
-Run from the repository root; parts 1-3 take about a minute, part 4 three more:
+Run from the repository root; parts 1-3 and 5 take about a minute, part 4 three more:
 
     OMP_NUM_THREADS=2 python docs/experiments/cpu_routes.py random
+
+On a CPU with AVX-512, these variables make PyTorch, fbgemm, oneDNN and MKL take their
+AVX2 kernels instead, an emulation of the AVX2 EPYC's instructions (not of its caches or
+clocks):
+
+    ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 \
+      MKL_ENABLE_INSTRUCTIONS=AVX2 OMP_NUM_THREADS=2 python docs/experiments/cpu_routes.py
 """
 
 from __future__ import annotations
@@ -139,6 +150,38 @@ def decode_linear(name: str, inputs: int, outputs: int) -> None:
         for kernel, run in runs.items()))
 
 
+def int8_attention() -> None:
+    heads = BATCH * 8  # SDPA takes them as (row, head): a 3-d input runs a slower path
+    q, k, v = (torch.randn(BATCH, 8, FRAMES, 64) for _ in range(3))
+    q = q * 64 ** -0.5  # the softmax scale, folded into the queries
+    q1, k1, v1 = (x.view(heads, FRAMES, 64) for x in (q, k, v))
+
+    def packed(weight: torch.Tensor):
+        scale = weight.abs().amax().item() / 127
+        return torch.ops.quantized.linear_prepack(
+            torch.quantize_per_tensor(weight, scale, 0, torch.qint8), None)
+
+    def int8_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T with both in int8 (reduce_range: 7-bit activations)."""
+        return torch.ops.quantized.linear_dynamic(x, packed(weight), True)
+
+    runs = {
+        "fp32 SDPA (cpu-fast)": lambda: F.scaled_dot_product_attention(q, k, v, scale=1.0),
+        "both matmuls int8": lambda: torch.stack([
+            int8_matmul(int8_matmul(q1[i], k1[i]).softmax(-1), v1[i].t().contiguous())
+            for i in range(heads)]).view_as(q),
+        "scores int8, values fp32": lambda: torch.stack([
+            int8_matmul(q1[i], k1[i]).softmax(-1) @ v1[i] for i in range(heads)]).view_as(q),
+    }
+    reference = runs["fp32 SDPA (cpu-fast)"]()
+    print(f"CFM estimator attention, {heads} heads x {FRAMES} frames x 64, ms "
+          f"(PyTorch's CPU capability {torch.backends.cpu.get_cpu_capability()}):")
+    print("  " + ", ".join(
+        f"{name} {median_seconds(run, calls=15) * 1e3:.2f} "
+        f"(relative error {relative_error(run(), reference):.3f})"
+        for name, run in runs.items()))
+
+
 def estimator_rows(weights: str, rounds: int = 6) -> None:
     manager = ModelManager(weights, device="cpu", cache_dir=Path(tempfile.mkdtemp()),
                            shipped_voices=ROOT / "voices")
@@ -177,6 +220,7 @@ def main(weights: str | None) -> None:
         convolutions()
         int_mm()
         decode_linears()
+        int8_attention()
     if weights:
         estimator_rows(weights)
 
