@@ -1,6 +1,6 @@
 """What torch.compile makes of S3Gen's two hot parts, full size, random weights, CPU.
 
-    python docs/experiments/s3gen_compile_probe.py estimator [int8-|ao-int8-]MODE
+    python docs/experiments/s3gen_compile_probe.py estimator [int8-|ao-int8-|autotuned-]MODE
     python docs/experiments/s3gen_compile_probe.py estimator [frozen-|pt2e-int8-]COMPILED
     python docs/experiments/s3gen_compile_probe.py hift MODE
 
@@ -21,6 +21,8 @@ tutorial's setting: without it the int8 Linear layers are not lowered to oneDNN'
 kernels). Those modes take turns in one process (five each) with the fp32 eager forward
 and the ``torch.ao`` int8 dynamic one (``cpu-fast``'s without bf16) at 600 frames and,
 where shapes are not static, at 400, 510 and 450 frames too.
+``autotuned-`` compiles in mode max-autotune-no-cudagraphs instead of the default one
+(on a CPU, Inductor then also tries its C++ GEMM templates for the matmuls).
 ``int8-`` first quantizes its Linear layers as ``s3gen-int8`` and ``cpu-fast`` do
 (``torch.ao`` dynamic), ``ao-int8-`` with torchao's int8 dynamic activations and int8
 weights, the scheme torchao lowers to Inductor's fused int8 GEMMs when compiled.
@@ -101,7 +103,10 @@ def estimator(mode: str) -> None:
         forward = est.forward
     else:
         static = mode.endswith(("compiled-static", "compiled-marked"))
-        compiled = torch.compile(est if new_modes else est.forward, dynamic=not static)
+        options = ({"mode": "max-autotune-no-cudagraphs"} if mode.startswith("autotuned-")
+                   else {})
+        compiled = torch.compile(est if new_modes else est.forward, dynamic=not static,
+                                 **options)
 
         def forward(**kwargs):
             if marked:  # only the frame dimension varies between calls
