@@ -21,8 +21,8 @@ tutorial's setting: without it the int8 Linear layers are not lowered to oneDNN'
 kernels). Those modes take turns in one process (five each) with the fp32 eager forward
 and the ``torch.ao`` int8 dynamic one (``cpu-fast``'s without bf16) at 600 frames and,
 where shapes are not static, at 400, 510 and 450 frames too.
-``autotuned-`` compiles in mode max-autotune-no-cudagraphs instead of the default one
-(on a CPU, Inductor then also tries its C++ GEMM templates for the matmuls).
+``autotuned-`` compiles in mode max-autotune-no-cudagraphs (Inductor's autotuning, no
+CUDA graphs: the mode a CPU can take) instead of the default one.
 ``int8-`` first quantizes its Linear layers as ``s3gen-int8`` and ``cpu-fast`` do
 (``torch.ao`` dynamic), ``ao-int8-`` with torchao's int8 dynamic activations and int8
 weights, the scheme torchao lowers to Inductor's fused int8 GEMMs when compiled.
