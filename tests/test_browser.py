@@ -230,6 +230,8 @@ def test_cancel_stops_a_comparison_before_b(page):
     page.get_by_role("button", name="Cancel").click()
     summary = page.locator("#ab-summary")
     expect(summary).to_contain_text("Cancelled after A", timeout=GENERATION_TIMEOUT_MS)
+    expect(page.locator("#ab-table")).to_contain_text("not run")
+    expect(page.locator("#ab-table")).not_to_contain_text("null")
     expect(page.locator("#audio-a audio[src]")).to_have_count(1)
     expect(page.locator("#ab-history")).not_to_contain_text("baseline")
     # The page is usable at once: a short run completes and is the only one in history.
