@@ -22,7 +22,7 @@ from .config import (
     SWEEP,
     GenerationParams,
     check_number,
-    get_preset,
+    config_from_spec,
 )
 from .finetune import METHODS, TrainSettings, settings_from
 from .manager import DEVICES, ModelManager, check_text
@@ -67,14 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--exaggeration", type=float, default=None)
     synth.add_argument("--cfg-weight", type=float, default=0.5)
     synth.add_argument("--temperature", type=float, default=0.8)
-    synth.add_argument("--preset", default=None, help="optimization preset (default: cached)")
+    synth.add_argument("--preset", default=None,
+                       help="optimization preset (default: cached), optionally with fields "
+                            "changed as in bench --presets")
 
     bench = commands.add_parser("bench", parents=[source],
                                 help="measure presets side by side in one process")
     bench.add_argument("--json", nargs="?", const="-", default=None, metavar="F",
                        help="write the result as JSON to F (alone: print it)")
     bench.add_argument("--presets", default="baseline,cached,cpu-fast",
-                       help=f"comma-separated, from: {', '.join(PRESETS)}")
+                       help=f"comma-separated, from: {', '.join(PRESETS)}; a preset with "
+                            f"fields changed: cached+compile_mode=max-autotune+cfm_steps=8")
     bench.add_argument("--tokens", type=int, default=100,
                        help="speech tokens per run, stop token ignored (25 per second)")
     bench.add_argument("--repeats", type=int, default=1)
@@ -205,7 +208,7 @@ def read_text_file(path: Path) -> str:
 def synth(manager: ModelManager, args: argparse.Namespace) -> str:
     apply_s = 0.0  # building the preset's variant (and compiling a compiled one)
     if args.preset:
-        manager.apply_preset(args.preset)
+        manager.apply(config_from_spec(args.preset), args.preset)
         apply_s = manager.last_apply_s
     params = GenerationParams(
         seed=args.seed, max_new_tokens=args.max_tokens, exaggeration=args.exaggeration,
@@ -241,14 +244,14 @@ def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
     presets = [name.strip() for name in args.presets.split(",") if name.strip()]
     if args.sweep:
         presets = list(SWEEP)
-    for name in presets:
-        if name not in SWEEP:
-            get_preset(name)  # an unknown name fails before minutes of measuring
+    # Each name is checked (and a changed preset built) before minutes of measuring.
+    configs = {**SWEEP, **{name: config_from_spec(name) for name in presets
+                           if name not in SWEEP}}
     check_number("--tokens", args.tokens, 2, RANGES["max_new_tokens"][1], integer=True)
     check_number("--repeats", args.repeats, 1, 100, integer=True)
     result = bench.run(manager, presets, text=args.text or bench.DEFAULT_TEXT,
                        voice=args.voice, tokens=args.tokens, repeats=args.repeats,
-                       seed=args.seed, with_fidelity=not args.no_fidelity, configs=SWEEP,
+                       seed=args.seed, with_fidelity=not args.no_fidelity, configs=configs,
                        stream=args.stream,
                        voices=[v.strip() for v in args.voices.split(",") if v.strip()]
                        if args.voices else None,

@@ -351,3 +351,40 @@ def get_preset(name: str) -> OptimizationConfig:
         raise ValueError(
             f"Unknown preset {name!r}; available: {', '.join(PRESETS)}"
         ) from None
+
+
+def config_from_spec(spec: str) -> OptimizationConfig:
+    """A preset, with fields changed after a ``+`` each: ``cached+compile_mode=max-autotune``.
+
+    The benchmark's way to measure any configuration the A/B tab's advanced panel can
+    build. ``ValueError`` names what is wrong."""
+    name, *changes = spec.split("+")
+    config = get_preset(name.strip())
+    kinds = {f.name: f.type for f in fields(OptimizationConfig)}
+    values = {}
+    for change in changes:
+        field, equals, text = (part.strip() for part in change.partition("="))
+        if not equals or field not in kinds:
+            raise ValueError(f"{change!r} in {spec!r} is not field=value with one of the "
+                             f"fields {', '.join(kinds)}")
+        values[field] = _field_value(field, kinds[field], text)
+    return replace(config, **values)
+
+
+def _field_value(field: str, kind: str, text: str):
+    """``text`` as the type of an ``OptimizationConfig`` field (annotations are strings)."""
+    if "None" in kind and text.lower() == "none":
+        return None
+    if kind == "bool":
+        words = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}
+        if text.lower() not in words:
+            raise ValueError(f"{field} must be true or false (got {text!r})")
+        return words[text.lower()]
+    for number in (int, float):
+        if kind.startswith(number.__name__):
+            try:
+                return number(text)
+            except ValueError:
+                kind = "a whole number" if number is int else "a number"
+                raise ValueError(f"{field} must be {kind} (got {text!r})") from None
+    return text

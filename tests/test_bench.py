@@ -82,7 +82,8 @@ def test_cli_bench_writes_json_markdown_and_plot(tmp_path, session_cache, to_fil
     json_args = ["--json", str(out)] if to_file else ["--json"]
     proc = subprocess.run(
         [sys.executable, "-m", "chatterbox_demo", "bench", "--weights", "tiny",
-         "--presets", "cached,cpu-turbo", "--tokens", "40", "--no-fidelity", "--stream",
+         "--presets", "cached,cpu-turbo,cached+t3_decoder=fast", "--tokens", "40",
+         "--no-fidelity", "--stream",
          *json_args,
          "--markdown", str(md), "--plot", str(png)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -91,7 +92,9 @@ def test_cli_bench_writes_json_markdown_and_plot(tmp_path, session_cache, to_fil
     if to_file:
         assert "| cached |" in proc.stdout  # the markdown table, printed
     result = json.loads(out.read_text() if to_file else proc.stdout)
-    assert [r["preset"] for r in result["rows"]] == ["cached", "cpu-turbo"]
+    assert [r["preset"] for r in result["rows"]] == ["cached", "cpu-turbo",
+                                                      "cached+t3_decoder=fast"]
+    assert [r["t3_decoder"] for r in result["rows"]] == ["stock", "fast", "fast"]
     assert {"machine", "rows"} <= set(result)
     assert "cpu-turbo" in md.read_text() and "first audio s" in md.read_text()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -100,12 +103,16 @@ def test_cli_bench_writes_json_markdown_and_plot(tmp_path, session_cache, to_fil
         assert row["first_audio_share"] == round(row["first_audio_s"] / row["total_s"], 3)
 
 
-def test_cli_bench_refuses_an_unknown_preset_before_measuring():
+@pytest.mark.parametrize("presets, error", [
+    ("baseline,warp-speed", "Unknown preset 'warp-speed'"),
+    ("baseline,cached+cfm_steps=eight", "cfm_steps must be a whole number (got 'eight')"),
+])
+def test_cli_bench_refuses_an_unknown_preset_before_measuring(presets, error):
     proc = subprocess.run([sys.executable, "-m", "chatterbox_demo", "bench", "--weights",
-                           "tiny", "--presets", "baseline,warp-speed"],
+                           "tiny", "--presets", presets],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: Unknown preset 'warp-speed'")
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {error}")
 
 
 def test_trim_prompt_keeps_the_first_seconds_and_never_aliases():

@@ -11,7 +11,7 @@ import soundfile as sf
 from conftest import REPO, SHIPPED, slow_first_variant_build, write_audio
 
 from chatterbox_demo import cli
-from chatterbox_demo.config import DEVICE_PRESETS
+from chatterbox_demo.config import DEVICE_PRESETS, config_from_spec
 from chatterbox_demo.manager import ModelManager
 
 REPORT_KEYS = {"audio_seconds", "sample_rate", "weights", "weights_identity", "device", "preset",
@@ -177,6 +177,7 @@ def main(capsys, *argv):
         (["--text", "a" * 20_001], "the limit is 20000"),
         (["--text", "\x07\x1b"], "Enter some text to speak"),
         (["--preset", "gpu-fast"], "cannot run on cpu"),
+        (["--preset", "cached+cfm_cfg=maybe"], "cfm_cfg must be true or false"),
     ],
 )
 def test_user_errors_before_loading(capsys, tmp_path, no_instance, monkeypatch, argv, words):
@@ -227,6 +228,16 @@ def test_in_process_synth_with_a_clip_path_and_baseline(shared_cli, capsys, tmp_
     assert report["voice"] == {"name": "adhoc.wav", "source": "computed"}
     assert report["preset"] == "baseline"
     assert "adhoc.wav" not in shared_cli.library.names()
+
+
+def test_in_process_synth_with_a_changed_preset(shared_cli, capsys, tmp_path):
+    code, stdout, err = main(capsys, "synth", "--text", "Changed.", "--voice", "calm-mid",
+                             "--out", str(tmp_path / "f.wav"), "--max-tokens", "6",
+                             "--preset", "cached+cfm_steps=4", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["preset"] == "cached+cfm_steps=4"
+    assert shared_cli.config == config_from_spec("cached+cfm_steps=4")
+    assert shared_cli.config.cfm_steps == 4
 
 
 def test_in_process_synth_counts_preparing_the_preset_apart(shared_cli, capsys, tmp_path,

@@ -13,6 +13,7 @@ from chatterbox_demo.config import (
     GenerationParams,
     OptimizationConfig,
     check_number,
+    config_from_spec,
     default_max_new_tokens,
     get_preset,
 )
@@ -140,6 +141,33 @@ def test_unknown_preset_lists_the_available_ones(name):
     message = str(info.value)
     assert repr(name) in message
     assert "available: baseline, cached" in message
+
+
+def test_a_preset_with_fields_changed():
+    spec = ("cached+compile_mode=max-autotune-no-cudagraphs+cfm_steps=8+cfm_cfg=off"
+            "+prompt_seconds=3.5+cpu_threads=none")
+    assert config_from_spec(spec) == dataclasses.replace(
+        get_preset("cached"), compile_mode="max-autotune-no-cudagraphs", cfm_steps=8,
+        cfm_cfg=False, prompt_seconds=3.5, cpu_threads=None)
+    assert config_from_spec(" cpu-fast ") == get_preset("cpu-fast")
+    assert config_from_spec("baseline+cached_conditionals=true") == get_preset("cached")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("turbo+cfm_steps=8", "Unknown preset 'turbo'"),
+    ("cached+steps=8", "'steps=8' in 'cached+steps=8' is not field=value"),
+    ("cached+cfm_steps", "'cfm_steps' in 'cached+cfm_steps' is not field=value"),
+    ("cached+cfm_steps=eight", "cfm_steps must be a whole number (got 'eight')"),
+    ("cached+cfm_steps=80", "cfm_steps must be between 1 and 50 (got 80)"),
+    ("cached+cfm_cfg=maybe", "cfm_cfg must be true or false (got 'maybe')"),
+    ("cached+compile_mode=fast", "compile_mode must be one of off, default"),
+    ("cached+prompt_seconds=x", "prompt_seconds must be a number (got 'x')"),
+    ("cached+t3_dtype=bf16+t3_quant=int8-dynamic", "T3 quantization works from fp32"),
+])
+def test_a_changed_preset_that_is_wrong_says_what_is_wrong(spec, message):
+    with pytest.raises(ValueError) as info:
+        config_from_spec(spec)
+    assert str(info.value).startswith(message)
 
 
 def test_numpy_numbers_are_accepted_as_plain_ones():
