@@ -64,6 +64,14 @@ UPLOAD_TTL_S = int(os.environ.get("CHATTERBOX_UPLOAD_TTL", "600"))
 TITLE = "Chatterbox TTS: clone, synthesize, compare"
 
 
+def page_error(message: str) -> gr.Error:
+    """An error for the page. Gradio renders the message as HTML, so what a user typed (a
+    voice name, a value) is escaped: shown as typed, never as markup. It stays until
+    closed: a run can take minutes, and a user who looks back then must still read why
+    it failed (a timed notice leaves only a bare "Error" badge)."""
+    return gr.Error(html.escape(message, quote=False), duration=None, print_exception=False)
+
+
 def user_errors(fn):
     """Turn errors a user caused into a readable message in the page; log the rest and
     show a short notice instead of a stack trace."""
@@ -72,10 +80,10 @@ def user_errors(fn):
         if isinstance(exc, gr.Error):
             return exc
         if isinstance(exc, USER_ERRORS):
-            return gr.Error(str(exc), print_exception=False)
+            return page_error(str(exc))
         log.exception("Unexpected error in %s", fn.__name__)
-        return gr.Error(f"Something went wrong ({type(exc).__name__}); "
-                        "the server log has the details.", print_exception=False)
+        return page_error(f"Something went wrong ({type(exc).__name__}); "
+                          "the server log has the details.")
 
     # Gradio streams a handler's results when it is a generator function, so the wrapper
     # of a generator must be one too (and catch what the generator raises as it runs).
@@ -268,11 +276,11 @@ def _check_number_input(component, payload) -> None:
     name = component.label.split(" (")[0]
     if isinstance(payload, bool) or not isinstance(payload, (int, float)) or \
             payload != payload:  # NaN
-        raise gr.Error(f"{name} must be a number (got {payload!r})", print_exception=False)
+        raise page_error(f"{name} must be a number (got {payload!r})")
     low, high = component.minimum, component.maximum
     if (low is not None and payload < low) or (high is not None and payload > high):
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise gr.Error(f"{name} must be {bounds} (got {payload!r})", print_exception=False)
+        raise page_error(f"{name} must be {bounds} (got {payload!r})")
 
 
 def checked(component):
@@ -390,7 +398,7 @@ def synthesize(text: str, voice: str, preset: str, exaggeration: float, cfg_weig
         yield playable(result), report_markdown(result.report), result.report, gr.skip()
         return
     if not STREAMING:
-        raise gr.Error(f"Untick 'Stream': {STREAM_OFF_REASON}.", print_exception=False)
+        raise page_error(f"Untick 'Stream': {STREAM_OFF_REASON}.")
     played = 0.0
     for chunk in m.stream(text, voice, params, progress=say):
         live = playable(chunk) if len(chunk.wav) else gr.skip()
@@ -547,11 +555,11 @@ def collect_configs(request: gr.Request, *values) -> tuple[dict, dict]:
         try:
             config = config_from_fields(side_values)
         except ValueError as exc:
-            raise gr.Error(f"Configuration {side}: {exc}", print_exception=False) from None
+            raise page_error(f"Configuration {side}: {exc}") from None
         try:
             check_runnable(side, config, manager().device)
         except ValueError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+            raise page_error(str(exc)) from None
         configs.append(dataclasses.asdict(config))
     CANCELS.start(request.session_hash)
     return configs[0], configs[1]

@@ -206,6 +206,13 @@ def test_html_in_a_voice_name_comes_back_escaped(client):
 
 
 
+def test_html_in_an_error_message_comes_back_escaped(client):
+    # The page renders an error's message as HTML; the name must show as typed.
+    with pytest.raises(AppError) as info:
+        client.predict(handle_file(str(VOICE_CLIP)), "<i>a/b</i>", 0.5, api_name="/add_voice")
+    assert "'&lt;i&gt;a/b&lt;/i&gt;' looks like a path" in str(info.value)
+
+
 def test_bad_voice_upload_is_refused_and_changes_nothing(client, tmp_path):
     fake = tmp_path / "notes.wav"
     fake.write_text("this is not audio")

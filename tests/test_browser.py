@@ -223,6 +223,22 @@ def test_an_error_is_a_readable_message_in_the_page(page):
     shoot(page, "5-error")
 
 
+def test_html_in_an_error_is_shown_as_typed_and_stays_until_closed(page):
+    name = "<i>a/b</i><img src=x>"
+    page.get_by_role("tab", name="Voices").click()
+    page.locator("input[type=file]").first.set_input_files(str(CLIP))
+    page.get_by_label("Name", exact=True).fill(name)
+    page.get_by_role("button", name="Add voice").click()
+    message = page.get_by_test_id("toast-text")
+    # Rendered as markup, the text would read "'a/b' looks like a path".
+    expect(message).to_contain_text(f"'{name}' looks like a path", timeout=30_000)
+    expect(message.locator("i, img")).to_have_count(0)
+    page.wait_for_timeout(11_000)  # past Gradio's default of 10 s for a notice
+    expect(message).to_be_visible()
+    page.get_by_test_id("toast-close").click()
+    expect(message).to_have_count(0)
+
+
 def test_cancel_stops_a_comparison_before_b(page):
     page.get_by_role("tab", name="A/B Compare").click()
     page.get_by_label("max_new_tokens (0 = from text length)").fill("200")
