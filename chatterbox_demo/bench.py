@@ -313,7 +313,8 @@ def write_json(result: dict, path: Path) -> None:
 def plot(result: dict, path: Path) -> None:
     """Stacked per-stage seconds per preset."""
     rows = [r for r in result["rows"] if "total_s" in r]
-    fig = plots.stage_bars([r["preset"] for r in rows], rows,
+    # A preset with switches changed ("cached+cfm_steps=8") takes a line per change.
+    fig = plots.stage_bars([r["preset"].replace("+", "\n+") for r in rows], rows,
                            f"{result['settings']['tokens']} speech tokens on "
                            f"{result['machine']['device']}")
     for label in fig.axes[0].get_xticklabels():

@@ -32,7 +32,8 @@ def stage_bars(labels: list[str], rows: list[dict], title: str):
         bottom += values
     ax.set_ylabel("seconds (median)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    # Beside the bars, not over them: the tallest bar reaches the top of the axes.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     plt.close(fig)  # Gradio renders the figure object; keep pyplot's registry empty
     return fig
