@@ -518,8 +518,13 @@ class StaticInt8Estimator(nn.Module):
     def forward(self, x, mask, mu, t, spks=None, cond=None, r=None):
         if r is not None:
             raise ValueError("int8-static was exported without meanflow's r input")
+        # The package reads each input in the layout it was exported with, unchecked: a
+        # strided view (a slice of a longer call's frames) gave an output as far from
+        # fp32's as noise. Upstream's solver passes contiguous tensors, kept as they are.
+        inputs = {"x": x, "mask": mask, "mu": mu, "t": t, "spks": spks, "cond": cond}
         with torch.no_grad():
-            return self.compiled(x=x, mask=mask, mu=mu, t=t, spks=spks, cond=cond)
+            return self.compiled(**{name: value.contiguous() if torch.is_tensor(value)
+                                    else value for name, value in inputs.items()})
 
 
 def _plain_linears(module: nn.Module) -> None:

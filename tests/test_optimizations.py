@@ -374,6 +374,12 @@ def test_static_int8_estimator_runs_int8_kernels_at_any_length(tts, conds, monke
     with torch.no_grad():
         int8 = s3gen.flow.decoder.estimator(**call)
         assert fidelity.snr_db(exact(**call), int8) >= 40
+        # The same values as strided views (each a slice of a longer tensor's frames).
+        strided = {name: torch.cat([value, value], dim=-1)[..., :value.shape[-1]]
+                   if name in optimizations.FRAME_INPUTS else value
+                   for name, value in call.items()}
+        assert not strided["x"].is_contiguous()
+        assert torch.equal(s3gen.flow.decoder.estimator(**strided), int8)
 
     # The next build (another process, say) loads the package: nothing compiles, and no
     # S3Gen pass records the calibration again.
