@@ -340,8 +340,23 @@ SWEEP = {
 
 
 def preset_name(config: OptimizationConfig) -> str:
-    """The name of the preset equal to ``config``, or "custom"."""
-    return next((name for name, c in PRESETS.items() if c == config), "custom")
+    """The name of the preset equal to ``config``; else the preset it differs least from,
+    with each difference after a ``+`` ("cpu-fast+cfm_steps=4"), which says what a
+    comparison changed and which :func:`config_from_spec` reads back."""
+    def changes(name: str) -> list[str]:
+        preset = PRESETS[name]
+        return [f"{f.name}={_spec_text(getattr(config, f.name))}"
+                for f in fields(OptimizationConfig)
+                if getattr(config, f.name) != getattr(preset, f.name)]
+
+    nearest = min(PRESETS, key=lambda name: len(changes(name)))  # ties: the first preset
+    return "+".join([nearest, *changes(nearest)])
+
+
+def _spec_text(value) -> str:
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def get_preset(name: str) -> OptimizationConfig:

@@ -82,7 +82,7 @@ def test_upload_a_voice_synthesize_and_compare(page):
     steps = page.get_by_label("cfm_steps: CFM steps (upstream 10)", exact=False)
     steps.last.fill("4")
     steps.last.press("Enter")
-    expect(page.get_by_text("✓ custom runs on CPU")).to_be_visible()
+    expect(page.get_by_text("✓ cpu-fast+cfm_steps=4 runs on CPU")).to_be_visible()
     page.get_by_role("button", name="Run A then B").click()
     summary = page.locator("#ab-summary")
     expect(summary).to_contain_text("end to end", timeout=GENERATION_TIMEOUT_MS)
@@ -91,7 +91,7 @@ def test_upload_a_voice_synthesize_and_compare(page):
     expect(page.locator("#ab-table")).to_contain_text(re.compile(r"total \(s\)"))
     expect(page.locator("#ab-chart img")).to_have_count(1)
     expect(page.locator("#ab-mels img")).to_have_count(1)
-    expect(page.locator("#ab-history")).to_contain_text("custom")
+    expect(page.locator("#ab-history")).to_contain_text("cpu-fast+cfm_steps=4")
     with page.expect_download() as download:
         page.locator("#ab-history-csv").click()
     assert download.value.suggested_filename.endswith(".csv")

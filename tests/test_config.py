@@ -153,6 +153,32 @@ def test_a_preset_with_fields_changed():
     assert config_from_spec("baseline+cached_conditionals=true") == get_preset("cached")
 
 
+def test_a_configuration_is_named_by_its_nearest_preset_and_reads_back():
+    from chatterbox_demo import config as options
+    from chatterbox_demo.config import preset_name
+
+    choices = {"t3_dtype": options.PRECISIONS, "t3_quant": options.T3_QUANTS,
+               "t3_decoder": options.T3_DECODERS, "s3gen_dtype": options.PRECISIONS,
+               "s3gen_quant": options.S3GEN_QUANTS, "compile_mode": options.COMPILE_MODES,
+               "cfm_steps": (4, 10), "prompt_seconds": (3.0, None), "cpu_threads": (1, None)}
+    named = 0
+    for preset in PRESETS.values():
+        for field in dataclasses.fields(OptimizationConfig):
+            for value in choices.get(field.name, (True, False)):
+                try:
+                    config = dataclasses.replace(preset, **{field.name: value})
+                except ValueError:
+                    continue  # not a valid configuration
+                name = preset_name(config)
+                assert config_from_spec(name) == config, name
+                named += 1
+    assert named > 200
+    changed = dataclasses.replace(get_preset("cpu-fast"), cfm_steps=4)
+    assert preset_name(changed) == "cpu-fast+cfm_steps=4"
+    assert preset_name(dataclasses.replace(get_preset("baseline"), prompt_seconds=3.0,
+                                           tf32=True)) == "baseline+prompt_seconds=3.0+tf32=true"
+
+
 @pytest.mark.parametrize("spec, message", [
     ("turbo+cfm_steps=8", "Unknown preset 'turbo'"),
     ("cached+steps=8", "'steps=8' in 'cached+steps=8' is not field=value"),
