@@ -400,6 +400,6 @@ def _field_value(field: str, kind: str, text: str):
             try:
                 return number(text)
             except ValueError:
-                kind = "a whole number" if number is int else "a number"
-                raise ValueError(f"{field} must be {kind} (got {text!r})") from None
+                wanted = "a whole number" if number is int else "a number"
+                raise ValueError(f"{field} must be {wanted} (got {text!r})") from None
     return text
