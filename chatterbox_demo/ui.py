@@ -565,15 +565,18 @@ def collect_configs(request: gr.Request, *values) -> tuple[dict, dict]:
     return configs[0], configs[1]
 
 
-def comparison_outputs(result: Comparison, label_a: str, label_b: str,
-                       b_missing: str = "running…") -> tuple:
-    """Audio A, audio B, table, summary, chart, spectrograms for a (partial) comparison;
-    ``b_missing`` fills B's column until B has run (the table would print None as null)."""
+def comparison_table(result: Comparison, b_missing: str = "running…") -> list[list]:
+    """The latency table, ``b_missing`` in B's column until B has run (the page's table
+    would print None as null)."""
+    if result.b is not None:
+        return result.rows()
+    return [[label, value_a, b_missing, ratio] for label, value_a, _, ratio in result.rows()]
+
+
+def comparison_outputs(result: Comparison, label_a: str, label_b: str) -> tuple:
+    """Audio A, audio B, table, summary, chart, spectrograms for a (partial) comparison."""
     a = result.audio_a
     b = result.audio_b
-    table = result.rows()
-    if b is None:
-        table = [[label, value_a, b_missing, ratio] for label, value_a, _, ratio in table]
     if b is None:
         summary = f"A (**{html.escape(label_a)}**) done; running B (**{html.escape(label_b)}**)…"
     else:
@@ -583,7 +586,7 @@ def comparison_outputs(result: Comparison, label_a: str, label_b: str,
                    f"(**{html.escape(label_a)}**) end to end."
                    if speedup else "No timing to compare.")
         summary += f"\n\n**Fidelity of B against A:** {html.escape(result.fidelity.reading())}"
-    return (playable(a), playable(b) if b else None, table,
+    return (playable(a), playable(b) if b else None, comparison_table(result),
             summary, result.chart(), result.spectrograms())
 
 
@@ -665,10 +668,10 @@ def _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b, repeats,
         yield (*[gr.skip()] * 3, stopped, *[gr.skip()] * 5)
         raise
     if result.b is None:
-        audio_a, _, table, _, chart, mels = comparison_outputs(result, label_a, label_b,
-                                                               b_missing="not run")
-        yield (audio_a, None, table, f"Cancelled after A (**{html.escape(label_a)}**): B did "
-               "not run.", chart, mels, history, history, csv_file)
+        audio_a, _, _, _, chart, mels = outputs
+        cancelled = f"Cancelled after A (**{html.escape(label_a)}**): B did not run."
+        yield (audio_a, None, comparison_table(result, "not run"), cancelled, chart, mels,
+               history, history, csv_file)
 
 
 # --- layout --------------------------------------------------------------------------------
