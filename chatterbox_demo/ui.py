@@ -660,12 +660,15 @@ def _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b, repeats,
             yield (*outputs, history, history, csv_file)
             a_done = True
     except Exception:
-        # The error itself becomes the page's message; the summary must not go on saying
-        # "running B…" (or show an earlier comparison's verdict) beside it.
-        stopped = (f"A (**{html.escape(label_a)}**) done; B (**{html.escape(label_b)}**) "
-                   "failed: see the message." if a_done else
-                   "The comparison stopped: see the message.")
-        yield (*[gr.skip()] * 3, stopped, *[gr.skip()] * 5)
+        # The error itself becomes the page's message; the summary and B's column must not
+        # go on saying "running B…" (or show an earlier comparison's verdict) beside it.
+        if a_done:
+            stopped = (f"A (**{html.escape(label_a)}**) done; B (**{html.escape(label_b)}**) "
+                       "failed: see the message.")
+            table = comparison_table(result, "failed")
+        else:
+            stopped, table = "The comparison stopped: see the message.", gr.skip()
+        yield (*[gr.skip()] * 2, table, stopped, *[gr.skip()] * 5)
         raise
     if result.b is None:
         audio_a, _, _, _, chart, mels = outputs

@@ -124,7 +124,9 @@ def test_a_side_that_fails_is_named_in_the_summary(ui_manager, monkeypatch):
             shown.append(outputs)
     assert "running B" in shown[0][3]  # A's result, B under way
     assert shown[-1][3] == "A (**cached**) done; B (**fast-decoder**) failed: see the message."
-    assert shown[-1][:3] == (gr.skip(),) * 3  # A's audio and table stay
+    assert shown[-1][:2] == (gr.skip(),) * 2  # A's audio stays
+    assert [row[2] for row in shown[-1][2]] == ["failed"] * len(shown[-1][2])
+    assert [row[1] for row in shown[-1][2]] == [row[1] for row in shown[0][2]]
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
