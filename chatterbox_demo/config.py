@@ -178,6 +178,11 @@ class OptimizationConfig:
             check_number("prompt_seconds", self.prompt_seconds, 0.5, 10.0)
         if self.cpu_threads is not None:
             check_number("cpu_threads", self.cpu_threads, 1, 256, integer=True)
+        # Whole floats (4.0) pass the checks; torch wants ints, and preset_name's "4.0"
+        # would not read back as one.
+        object.__setattr__(self, "cfm_steps", int(self.cfm_steps))
+        if self.cpu_threads is not None:
+            object.__setattr__(self, "cpu_threads", int(self.cpu_threads))
         if self.t3_quant != "none" and self.t3_dtype != "fp32":
             raise ValueError("T3 quantization works from fp32 weights; set t3_dtype to fp32")
         if self.t3_onednn and (self.t3_dtype != "fp32" or self.t3_quant == "int8-weight-only"

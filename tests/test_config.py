@@ -235,3 +235,18 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert not hardware.int8_dot_product(hardware.cpu_flags(cpuinfo))
     assert hardware.path_flags(hardware.cpu_flags(cpuinfo)) == ["avx2"]
     assert hardware.cpu_flags(tmp_path / "missing") == set()
+
+
+def test_whole_numbers_are_stored_as_ints_and_read_back():
+    import numpy as np
+
+    from chatterbox_demo.config import preset_name
+
+    config = OptimizationConfig(cfm_steps=4.0, cpu_threads=np.int64(2))
+    assert type(config.cfm_steps) is int and config.cfm_steps == 4
+    assert type(config.cpu_threads) is int and config.cpu_threads == 2
+    assert preset_name(config) == "baseline+cfm_steps=4+cpu_threads=2"
+    assert config_from_spec(preset_name(config)) == config
+    assert OptimizationConfig(cpu_threads=None).cpu_threads is None
+    with pytest.raises(ValueError, match="cfm_steps must be a whole number"):
+        OptimizationConfig(cfm_steps=4.5)
