@@ -9,18 +9,24 @@ once per (audio content, weights) pair and kept in memory and on disk::
     CACHE/adapters/<sha256>/              a copy of each fine-tuned voice's adapter directory
 
 Files are written to a temporary name and renamed, so a killed process never leaves a
-half-written entry, and cache files are read with ``weights_only=True`` only.
+half-written entry, and cache files are read with ``weights_only=True`` only. Several
+processes may share one cache (the app, and ``voices add`` from a shell): each change to
+the index is made under a lock on ``CACHE/voices.json.lock``, on the index as it is on disk
+at that moment, so one process never writes back a list that lacks the other's voices.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
 import unicodedata
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +44,9 @@ INDEX_VERSION = 1
 # Voices a user added (a clip, or a fine-tuned adapter): kept in the index, renamable and
 # removable; the others ship with the weights or the app.
 USER_KINDS = ("user", "finetuned")
+# flock() keeps other processes out; this keeps out other threads and other libraries on
+# the same cache in this process as well, whatever the file system makes of flock().
+_INDEX_LOCK = threading.Lock()
 
 
 class VoiceError(ValueError):
@@ -78,6 +87,11 @@ def check_name(name) -> str:
         raise VoiceError(
             f"{name!r} looks like a path; use a plain name such as 'narrator' or 'Ann 2'."
         )
+    # Reserved even while the loaded weights have no built-in voice: weights that do may be
+    # loaded later on the same cache, and the two would then share one name.
+    if name_key(name) == name_key(BUILTIN_NAME):
+        raise VoiceError(f"{name!r} is reserved for the voice that ships with the weights; "
+                         "choose another name.")
     return name
 
 
@@ -96,8 +110,15 @@ class VoiceLibrary:
         self.index_path = self.cache_dir / "voices.json"
         self._voices: dict[str, Voice] = {}  # by name_key
         self._memory: dict[str, Conditionals] = {}  # by sha256 (or BUILTIN_NAME)
-        for voice in self._read_index():
-            self._voices[name_key(voice.name)] = voice
+        renamed = self._reload()
+        if renamed:
+            log.warning("A user voice is named %r, which is reserved for the voice that ships "
+                        "with the weights; it is now listed as %r", *renamed)
+            try:
+                with self._changing():  # and saved so, for the other processes too
+                    self._commit(self._voices)
+            except VoiceError as exc:
+                log.warning("%s", exc)
 
     # --- registration -----------------------------------------------------------------
 
@@ -105,6 +126,8 @@ class VoiceLibrary:
         """The voice shipped inside the weights (``conds.pt``), when there is one."""
         if conds is None:
             return
+        # Its key never holds a user voice (check_name refuses the name and _reload renames
+        # one from an older index), so this replaces nothing of the user's.
         exaggeration = float(conds.t3.emotion_adv.reshape(-1)[0])
         self._voices[name_key(BUILTIN_NAME)] = Voice(BUILTIN_NAME, "builtin", exaggeration)
         self._memory[BUILTIN_NAME] = conds
@@ -186,7 +209,9 @@ class VoiceLibrary:
             self._store(clip.sha256, self.compute(stored, float(exaggeration)))
         voice = Voice(name, "user", float(exaggeration), clip.sha256, str(stored),
                       round(clip.seconds, 2))
-        self._commit({**self._voices, name_key(name): voice})
+        with self._changing():
+            self._new_name(name, exaggeration)  # another process may have taken it meanwhile
+            self._commit({**self._voices, name_key(name): voice})
         return voice
 
     def add_finetuned(self, name, adapter_dir, base_identity: str,
@@ -217,7 +242,9 @@ class VoiceLibrary:
         voice = Voice(name, "finetuned", float(exaggeration), sha256, None, None,
                       str(stored), card["method"])
         self._adapter_conds(voice)  # a damaged conds.pt fails here, before it is listed
-        self._commit({**self._voices, name_key(name): voice})
+        with self._changing():
+            self._new_name(name, exaggeration)  # another process may have taken it meanwhile
+            self._commit({**self._voices, name_key(name): voice})
         return voice
 
     def _adapter_conds(self, voice: Voice) -> tuple[Conditionals, str]:
@@ -243,21 +270,23 @@ class VoiceLibrary:
         return name
 
     def remove(self, name: str) -> Voice:
-        voice = self._user_voice(name, "removed")
-        self._commit({k: v for k, v in self._voices.items() if v is not voice})
+        with self._changing():
+            voice = self._user_voice(name, "removed")
+            self._commit({k: v for k, v in self._voices.items() if v is not voice})
         # The audio and conditionals files stay: another voice may share the content,
         # and re-adding the same clip later is then instant.
         return voice
 
     def rename(self, old: str, new: str) -> Voice:
-        voice = self._user_voice(old, "renamed")
-        new = check_name(new)
-        clash = self._voices.get(name_key(new))
-        if clash is not None and clash is not voice:
-            raise VoiceError(f"A voice named {clash.name!r} exists; choose another name.")
-        renamed = Voice(**{**asdict(voice), "name": new})
-        voices = {k: v for k, v in self._voices.items() if v is not voice}
-        self._commit({**voices, name_key(new): renamed})
+        with self._changing():
+            voice = self._user_voice(old, "renamed")
+            new = check_name(new)
+            clash = self._voices.get(name_key(new))
+            if clash is not None and clash is not voice:
+                raise VoiceError(f"A voice named {clash.name!r} exists; choose another name.")
+            renamed = Voice(**{**asdict(voice), "name": new})
+            voices = {k: v for k, v in self._voices.items() if v is not voice}
+            self._commit({**voices, name_key(new): renamed})
         return renamed
 
     def _user_voice(self, name: str, verb: str) -> Voice:
@@ -282,7 +311,7 @@ class VoiceLibrary:
             aside = path.with_name(path.name + ".corrupt")
             log.warning("Cache file %s is unreadable (%s); moved to %s and recomputing",
                         path, exc, aside.name)
-            os.replace(path, aside)
+            _move_aside(path, aside)
             return None
 
     def _store(self, sha256: str, conds: Conditionals) -> None:
@@ -318,11 +347,44 @@ class VoiceLibrary:
             aside = self.index_path.with_name("voices.json.corrupt")
             log.warning("Voice index %s is unreadable (%s); moved to %s",
                         self.index_path, exc, aside.name)
-            os.replace(self.index_path, aside)
+            _move_aside(self.index_path, aside)
             return []
 
+    def _reload(self) -> tuple[str, str] | None:
+        """Bring the user voices in memory up to date with the index on disk, where another
+        process may have added, renamed or removed some. A user voice from an index older
+        than the reserved name gets a free one; returns (old name, new name) then."""
+        users = {name_key(voice.name): voice for voice in self._read_index()}
+        renamed = None
+        clash = users.pop(name_key(BUILTIN_NAME), None)
+        if clash is not None:
+            number = 2
+            while name_key(f"{clash.name} {number}") in users:
+                number += 1
+            new = Voice(**{**asdict(clash), "name": f"{clash.name} {number}"})
+            users[name_key(new.name)] = new
+            renamed = (clash.name, new.name)
+        others = {k: v for k, v in self._voices.items() if v.kind not in USER_KINDS}
+        self._voices = {**others, **users}  # a user voice hides a shipped one, as at start-up
+        return renamed
+
+    @contextmanager
+    def _changing(self):
+        """Hold the index lock, with memory brought up to date with the index: a change is
+        checked and made on the index as it is now, and no other process writes meanwhile."""
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.cache_dir / "voices.json.lock", "a")
+        except OSError as exc:
+            raise _not_saved(exc) from None
+        with _INDEX_LOCK, handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+            self._reload()
+            yield
+
     def _commit(self, voices: dict[str, Voice]) -> None:
-        """Write the index for ``voices``, then adopt them: a failed write changes nothing."""
+        """Write the index for ``voices``, then adopt them: a failed write changes nothing.
+        Called inside ``_changing``, with ``voices`` made from what it read."""
         entries = []
         for voice in voices.values():
             if voice.kind not in USER_KINDS:
@@ -332,10 +394,23 @@ class VoiceLibrary:
                 entry = {k: v for k, v in entry.items() if k not in ("kind", "adapter", "method")}
             entries.append(entry)
         try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
             body = json.dumps({"version": INDEX_VERSION, "voices": entries}, indent=1)
             write_atomically(self.index_path, lambda tmp: tmp.write_text(body))
         except OSError as exc:
-            raise VoiceError(f"Could not save the voice library ({exc.strerror or exc}); "
-                             "nothing was changed.") from None
+            raise _not_saved(exc) from None
         self._voices = voices
+
+
+def _not_saved(exc: OSError) -> VoiceError:
+    return VoiceError(f"Could not save the voice library ({exc.strerror or exc}); "
+                      "nothing was changed.")
+
+
+def _move_aside(path: Path, aside: Path) -> None:
+    """Keep an unreadable file for a look later. Failing that (a read-only cache, or
+    another process moved it first) it is left where it is: the caller goes on without it
+    either way, and it is rewritten by the next successful save."""
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        log.warning("Could not move %s aside (%s)", path, exc.strerror or exc)

@@ -183,9 +183,59 @@ def test_builtin_voice(make_library, tiny_manager, ref_wav):
     before = snapshot(library)
     with pytest.raises(VoiceError, match="ships with the weights and cannot be removed"):
         library.remove("Builtin")
-    with pytest.raises(VoiceError, match="'builtin' exists"):
+    with pytest.raises(VoiceError, match="'BUILTIN' is reserved .* choose another name"):
         library.add("BUILTIN", ref_wav)
     assert snapshot(library) == before
+
+
+def test_the_builtin_name_is_reserved_even_without_a_builtin_voice(make_library, clip):
+    # Weights without conds.pt have no built-in voice; weights with one, loaded later on
+    # the same cache, would hide (and the next save drop) a user voice of that name.
+    library = make_library()
+    library.register_builtin(None)
+    with pytest.raises(VoiceError, match="reserved for the voice that ships with the weights"):
+        library.add("Builtin", clip)
+    library.add("Ann", clip)
+    with pytest.raises(VoiceError, match="choose another name"):
+        library.rename("Ann", "builtin")
+    assert library.names() == ["Ann"]
+
+
+def test_a_user_voice_named_builtin_in_an_old_index_is_renamed_not_lost(
+        make_library, clip, make_wav, tiny_manager, ref_wav, caplog):
+    old = make_library()
+    old.add("Ann", clip)
+    entries = index_entries(old)
+    entries.append({**entries[0], "name": "Builtin"})  # as an older version could save it
+    old.index_path.write_text(json.dumps({"version": 1, "voices": entries}))
+
+    library = make_library()
+    assert "'Builtin'" in caplog.text and "'Builtin 2'" in caplog.text
+    library.register_builtin(tiny_manager._compute_conditionals(ref_wav, 0.5))
+    assert [(v.name, v.kind) for v in library.list()] == [
+        (BUILTIN_NAME, "builtin"), ("Ann", "user"), ("Builtin 2", "user")]
+    assert library.get("Builtin 2").sha256 == entries[0]["sha256"]
+    library.add("Other", make_wav("other.wav", seed=5))
+    assert [e["name"] for e in index_entries(library)] == ["Ann", "Builtin 2", "Other"]
+
+
+def test_two_libraries_on_one_cache_keep_each_others_changes(make_library, clip, make_wav):
+    # The app and `voices add` run in a shell: two processes, each with its own library
+    # read at its start, on one cache.
+    app, cli = make_library(), make_library()
+    app.add("Alice", clip)
+    cli.add("Bob", make_wav("bob.wav", seed=2))
+    assert make_library().names() == ["Alice", "Bob"]
+    app.rename("Alice", "Alice2")
+    assert make_library().names() == ["Alice2", "Bob"]
+    assert app.names() == ["Alice2", "Bob"]  # the app's own list caught up too
+    cli.remove("Alice2")  # a voice the shell's library never saw
+    assert make_library().names() == ["Bob"]
+    with pytest.raises(VoiceError, match="'Bob' exists"):
+        app.add("bob", make_wav("bob2.wav", seed=3))
+    with pytest.raises(VoiceError, match="Unknown voice 'Alice2'"):
+        app.rename("Alice2", "Carol")
+    assert make_library().names() == ["Bob"]
 
 
 # --- refused names --------------------------------------------------------------------------
@@ -337,6 +387,24 @@ def test_failed_index_write_changes_nothing(make_library, clip, make_wav, monkey
     with pytest.raises(VoiceError, match="nothing was changed"):
         library.remove("keeper")
     assert snapshot(library) == before
+
+
+def test_a_file_that_cannot_be_moved_aside_is_left_and_the_library_goes_on(
+        make_library, clip, compute, monkeypatch):
+    # Another process moved it first, or the cache is read-only.
+    library = make_library()
+    voice = library.add("Ann", clip)
+    (library.conds_dir / f"{voice.sha256}.pt").write_bytes(b"garbage")
+    library.index_path.write_text("{ not json")
+
+    def already_gone(src, dst):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr("chatterbox_demo.voices.os.replace", already_gone)
+    fresh = make_library()
+    assert fresh.names() == []
+    _, source = fresh.conditionals_for_file(clip, 0.5)
+    assert source == "computed"
 
 
 @pytest.mark.parametrize("broken", [
