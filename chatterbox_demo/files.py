@@ -12,12 +12,22 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
     """Call ``write(tmp)`` to fill a temporary file (or directory) beside ``path``, then
     rename it over ``path``: readers see the old one or the whole new one. When ``write``
     fails, the temporary one is removed, ``path`` is left as it was, and the error
-    propagates."""
+    propagates.
+
+    The new data is flushed to the disk before the rename: otherwise a power cut can leave
+    the rename done but the data not, an empty file where the old one was. A directory
+    replacing an existing one takes two renames (Linux has no portable atomic swap): the
+    old one is moved aside to ``.NAME.old<pid>`` and removed only once the new one is in
+    place, so a crash between the two leaves both, never half of either."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
-        os.replace(tmp, path)
+        _flush(tmp)
+        if tmp.is_dir() and path.is_dir():
+            _swap_folder(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         try:
             if tmp.is_dir():
@@ -27,4 +37,45 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
         except OSError:
             pass  # a read-only folder never got the file in the first place
         raise
+    _flush_folder(path.parent)  # the rename itself
     return path
+
+
+def _swap_folder(new: Path, path: Path) -> None:
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    # One left by an earlier run killed after its swap; had it died between the renames,
+    # ``path`` would not exist and we would not be here.
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _flush(path: Path) -> None:
+    """fsync a file, or every file in a directory and the directory itself."""
+    if path.is_dir():
+        for child in path.rglob("*"):
+            if child.is_file() and not child.is_symlink():
+                _fsync(child)
+        _flush_folder(path)
+    else:
+        _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flush_folder(folder: Path) -> None:
+    try:
+        _fsync(folder)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the data itself is on disk

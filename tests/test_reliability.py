@@ -134,3 +134,68 @@ def test_a_failed_directory_write_leaves_nothing_behind(tmp_path):
     with pytest.raises(OSError, match="No space"):
         write_atomically(tmp_path / "adapter", half_a_folder)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_atomic_write_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """Else a power cut can leave the rename done but not the data: an empty index."""
+    import os
+
+    from chatterbox_demo import files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    files.write_atomically(tmp_path / "voices.json", lambda tmp: tmp.write_text("{}"))
+    tmp = str(tmp_path / f".voices.json.tmp{os.getpid()}")
+    assert events.index(("fsync", tmp)) < events.index(("replace", tmp))
+    assert events[-1] == ("fsync", str(tmp_path))  # and the rename itself
+
+
+def _folder(files):
+    def write(tmp):
+        tmp.mkdir()
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+    return write
+
+
+def test_a_folder_replaces_an_existing_one_whole(tmp_path):
+    from chatterbox_demo.files import write_atomically
+
+    target = tmp_path / "adapter"
+    write_atomically(target, _folder({"card.json": "old", "adapter.safetensors": "old"}))
+    write_atomically(target, _folder({"card.json": "new", "speaker_offset.safetensors": "new"}))
+    assert {p.name: p.read_text() for p in target.iterdir()} == {
+        "card.json": "new", "speaker_offset.safetensors": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_a_folder_that_cannot_be_put_in_place_leaves_the_old_one(tmp_path, monkeypatch):
+    import os
+
+    from chatterbox_demo import files
+
+    target = tmp_path / "adapter"
+    files.write_atomically(target, _folder({"card.json": "old"}))
+    real_replace = os.replace
+
+    def fails_for_the_new_folder(src, dst):
+        if ".tmp" in Path(src).name:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", fails_for_the_new_folder)
+    with pytest.raises(OSError, match="No space"):
+        files.write_atomically(target, _folder({"card.json": "new"}))
+    assert {p.name: p.read_text() for p in target.iterdir()} == {"card.json": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
