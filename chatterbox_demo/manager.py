@@ -286,12 +286,21 @@ class ModelManager:
         with self.lock:
             tts = self.load().tts
             t3_key, s3gen_key = self._variant_keys(config, adapter)
-            t3 = self._cached_variant(self._t3_variants, "T3", t3_key,
-                                      lambda: build_t3(self._t3_base(adapter), config))
-            s3gen = self._cached_variant(
-                self._s3gen_variants, "S3Gen", s3gen_key,
-                lambda: build_s3gen(tts.s3gen, config, self._estimator_calibration,
-                                    self.cache_dir / "compiled"))
+            # Both parts are built before either is cached or anything is dropped: when
+            # S3Gen runs out of memory, the cache (and the active configuration's
+            # variants in it) stays exactly as it was.
+            t3 = self._t3_variants.get(t3_key)
+            if t3 is None:
+                t3 = self._build("T3", t3_key,
+                                 lambda: build_t3(self._t3_base(adapter), config))
+            s3gen = self._s3gen_variants.get(s3gen_key)
+            if s3gen is None:
+                s3gen = self._build(
+                    "S3Gen", s3gen_key,
+                    lambda: build_s3gen(tts.s3gen, config, self._estimator_calibration,
+                                        self.cache_dir / "compiled"))
+            self._keep(self._t3_variants, "T3", t3_key, t3, tts.t3)
+            self._keep(self._s3gen_variants, "S3Gen", s3gen_key, s3gen, tts.s3gen)
             apply_runtime_settings(config, self.device)  # only once both parts exist
             # Part of building: a traced decode step is recorded here, outside any timing.
             pipeline.prepare_decoder(t3, config)
@@ -328,7 +337,9 @@ class ModelManager:
         """Whether the variants these (configuration, voice) pairs run on can all stay
         built at once, so that taking turns between them never rebuilds one."""
         keys = [self._variant_keys(config, self._adapter_of(voice)) for config, voice in runs]
-        return all(len({pair[part] for pair in keys}) <= MAX_VARIANTS for part in (0, 1))
+        pristine = self._variant_keys(BASELINE, None)  # kept apart from the bound
+        return all(len({pair[part] for pair in keys} - {pristine[part]}) <= MAX_VARIANTS
+                   for part in (0, 1))
 
     def _t3_base(self, adapter: str | None) -> torch.nn.Module:
         """The fp32 T3 variants are derived from: the pristine one, or a fine-tuned copy."""
@@ -343,35 +354,38 @@ class ModelManager:
         chosen = self._library.get(voice if voice else self._default_voice())
         return chosen.adapter if chosen.method in ("lora", "full") else None
 
-    def _cached_variant(self, cache: OrderedDict, label: str, key: tuple, build):
-        if key in cache:
-            cache.move_to_end(key)
-        else:
-            started = time.perf_counter()
-            try:
-                built = build()
-            except MEMORY_ERRORS as exc:
-                # Nothing was cached or switched: the manager stays on what it ran before.
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                message = (f"Not enough memory to build the {label} variant "
-                           f"{_label(key)} ({type(exc).__name__}); staying on "
-                           f"{self.preset}. Try a preset with int8 or bf16 weights, or free "
-                           "memory.")
-                self.notices.append(message)
-                log.warning(message)
-                raise OutOfMemory(message) from None
-            cache[key] = built
-            log.info("Built %s variant %s in %.1f s", label, key,
-                     time.perf_counter() - started)
-        module = cache[key]
-        while len(cache) > MAX_VARIANTS:  # the one just used is last, so never dropped
-            old_key, _ = cache.popitem(last=False)
+    def _build(self, label: str, key: tuple, build) -> torch.nn.Module:
+        started = time.perf_counter()
+        try:
+            built = build()
+        except MEMORY_ERRORS as exc:
+            # Nothing was cached or switched: the manager stays on what it ran before.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            message = (f"Not enough memory to build the {label} variant "
+                       f"{_label(key)} ({type(exc).__name__}); staying on "
+                       f"{self.preset}. Try a preset with int8 or bf16 weights, or free "
+                       "memory.")
+            self.notices.append(message)
+            log.warning(message)
+            raise OutOfMemory(message) from None
+        log.info("Built %s variant %s in %.1f s", label, key, time.perf_counter() - started)
+        return built
+
+    def _keep(self, cache: OrderedDict, label: str, key: tuple, module: torch.nn.Module,
+              pristine: torch.nn.Module) -> None:
+        """Cache ``module`` as the most recently used, and drop the least recently used
+        copies past MAX_VARIANTS. The pristine module is cached too but neither counted
+        nor dropped: it is the loaded model itself, so dropping it would free nothing."""
+        cache[key] = module
+        cache.move_to_end(key)
+        copies = [k for k, built in cache.items() if built is not pristine]
+        for old_key in copies[:-MAX_VARIANTS]:  # the one just used is last: never dropped
+            del cache[old_key]
             self._warmed.clear()  # a rebuilt variant compiles again: warm it up again
             self.notices.append(f"{label} variant {_label(old_key)} was dropped to bound "
                                 "memory; using it again rebuilds it")
             log.info(self.notices[-1])
-        return module
 
     # --- voices ---------------------------------------------------------------------------
 

@@ -1,3 +1,5 @@
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from chatterbox_demo import manager as manager_mod
 from chatterbox_demo import pipeline
 from chatterbox_demo.config import (
     MAX_TEXT_CHARS,
+    PRESETS,
     GenerationParams,
     default_max_new_tokens,
     get_preset,
@@ -341,3 +344,64 @@ def test_instance_reads_the_environment(monkeypatch, tmp_path):
     assert one is ModelManager.instance()  # one per process
     assert (one.weights_spec, one.device, one.cache_dir) == ("tiny", "cpu", tmp_path)
     assert one.loaded is None  # lazy: nothing is built until first use
+
+
+# --- building, caching and warming model variants -------------------------------------------
+
+
+@pytest.fixture
+def own_variants(tiny_manager, monkeypatch):
+    """The shared manager with its variant caches, warm-ups, notices and configuration
+    restored after the test; the caches start empty (the pristine modules are the loaded
+    model, so nothing is lost)."""
+    for name in ("_t3_variants", "_s3gen_variants"):
+        monkeypatch.setattr(tiny_manager, name, OrderedDict())
+    monkeypatch.setattr(tiny_manager, "_warmed", set())
+    monkeypatch.setattr(tiny_manager, "notices", [])
+    monkeypatch.setattr(tiny_manager, "config", tiny_manager.config)
+    monkeypatch.setattr(tiny_manager, "preset", tiny_manager.preset)
+    return tiny_manager
+
+
+def cache_state(manager):
+    return list(manager._t3_variants.items()), list(manager._s3gen_variants.items())
+
+
+def test_a_failed_s3gen_build_leaves_the_cache_as_it_was(own_variants, monkeypatch):
+    """T3 is built first; when S3Gen then runs out of memory, neither is the new T3 cached
+    nor the active configuration's T3 dropped to make room for it."""
+    monkeypatch.setattr(manager_mod, "MAX_VARIANTS", 1)
+    own_variants.apply_preset("t3-bf16")
+    active_t3, _ = own_variants.variant(own_variants.config)
+    before = cache_state(own_variants)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(manager_mod, "build_s3gen", no_memory)
+    with pytest.raises(manager_mod.OutOfMemory, match="S3Gen variant"):
+        own_variants.apply_preset("cpu-fast")  # a new T3 and a new S3Gen
+    assert cache_state(own_variants) == before
+    assert own_variants.preset == "t3-bf16"
+    assert not any("dropped" in notice for notice in own_variants.notices)
+    assert own_variants.variant(own_variants.config)[0] is active_t3  # nothing rebuilt
+
+
+def test_the_pristine_modules_do_not_count_against_the_bound(own_variants, monkeypatch):
+    """They are the loaded model itself: keeping them costs nothing, dropping them would
+    free nothing, so only the copies are bounded."""
+    monkeypatch.setattr(manager_mod, "MAX_VARIANTS", 1)
+    tts = own_variants.loaded.tts
+    own_variants.variant(PRESETS["cached"])
+    bf16, _ = own_variants.variant(PRESETS["t3-bf16"])
+    own_variants.variant(PRESETS["cached"])  # the pristine one used again: nothing dropped
+    assert list(own_variants._t3_variants.values()) == [bf16, tts.t3]
+    assert own_variants.notices == []
+    own_variants.variant(PRESETS["t3-int8"])  # a second copy: the first one goes
+    assert tts.t3 in own_variants._t3_variants.values()
+    assert bf16 not in own_variants._t3_variants.values()
+    assert len(own_variants.notices) == 1 and "T3 variant bf16" in own_variants.notices[0]
+    # The estimate for taking turns agrees: one copy besides the pristine one fits.
+    assert own_variants.variants_fit([(PRESETS["cached"], None), (PRESETS["t3-bf16"], None)])
+    assert not own_variants.variants_fit([(PRESETS["t3-bf16"], None),
+                                          (PRESETS["t3-int8"], None)])
