@@ -20,10 +20,12 @@ import numpy as np
 import soundfile as sf
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from .audio import to_pcm16
 from .config import MAX_LONG_TEXT_CHARS, QUEUE_MAX, GenerationParams
 from .manager import ModelManager, TextError, check_text
+from .pipeline import GenerationError
 
 # Names a client may send as `model`: ours, and OpenAI's, so that existing clients work.
 MODELS = ("chatterbox", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
@@ -36,6 +38,9 @@ FORMATS = {
     "pcm": (None, None, "audio/pcm"),
 }
 SPEED_RANGE = (0.25, 4.0)
+# What a request can get wrong past parsing: bad text or settings, or a generation that made
+# no speech (too small a token budget); a 400 saying what to change, not a 500.
+REQUEST_ERRORS = (ValueError, GenerationError)
 # Requests allowed at once: one on the model and QUEUE_MAX waiting; more get 503 at once.
 _waiting = threading.BoundedSemaphore(QUEUE_MAX + 1)
 
@@ -151,7 +156,7 @@ def synthesize(manager: ModelManager, args: dict) -> tuple[np.ndarray, int]:
     _admit(manager, args["voice"])
     try:
         result = manager.generate_long(args["text"], args["voice"], args["params"])
-    except ValueError as exc:
+    except REQUEST_ERRORS as exc:
         raise ApiError(400, str(exc)) from None
     finally:
         _waiting.release()
@@ -160,18 +165,29 @@ def synthesize(manager: ModelManager, args: dict) -> tuple[np.ndarray, int]:
 
 def open_stream(manager: ModelManager, args: dict):
     """Start a streamed generation and wait for its first audio, so that what fails
-    early (no speech produced) is still an error response; then the rest as 16-bit PCM
-    byte blocks."""
+    early (no speech produced) is still an error response; then (the rest as 16-bit PCM
+    byte blocks, ``finish``). ``finish`` stops the generation and gives the queue place
+    back, once however often it is called: the blocks call it when they end, and the
+    response must call it when it is done, since Starlette never starts the blocks (so
+    never runs their ``finally``) for a client that hung up before the first audio."""
     _admit(manager, args["voice"])
     chunks = manager.stream(args["text"], args["voice"], args["params"])
     try:
         first = next(chunks)
-    except ValueError as exc:
+    except REQUEST_ERRORS as exc:
         _waiting.release()
         raise ApiError(400, str(exc)) from None
     except BaseException:
         _waiting.release()
         raise
+    finished = threading.Lock()
+
+    def finish():
+        if finished.acquire(blocking=False):
+            try:
+                chunks.close()  # a client that hung up stops the generation
+            finally:
+                _waiting.release()
 
     def pcm_blocks():
         try:
@@ -179,10 +195,9 @@ def open_stream(manager: ModelManager, args: dict):
                 if len(chunk.wav):
                     yield encode(chunk.wav, chunk.sample_rate, "pcm")
         finally:
-            chunks.close()  # a client that hung up stops the generation
-            _waiting.release()
+            finish()
 
-    return pcm_blocks()
+    return pcm_blocks(), finish
 
 
 def build_router(manager_factory=ModelManager.instance) -> APIRouter:
@@ -214,7 +229,7 @@ def build_router(manager_factory=ModelManager.instance) -> APIRouter:
             _check_key(request)
             try:
                 body = json.loads(await request.body())
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # RecursionError: nesting too deep
                 raise ApiError(400, "The request body is not valid JSON.") from None
             args = parse_speech_request(body)
         except ApiError as exc:
@@ -229,9 +244,10 @@ async def _speak(manager: ModelManager, args: dict):
     (a container header, or the time stretch for ``speed``) and are sent when done."""
     from starlette.concurrency import run_in_threadpool
 
+    finish = None  # what the response runs when done: ends a streamed generation
     try:
         if args["format"] == "pcm" and args["speed"] == 1.0:
-            blocks = await run_in_threadpool(open_stream, manager, args)
+            blocks, finish = await run_in_threadpool(open_stream, manager, args)
         else:
             wav, sample_rate = await run_in_threadpool(synthesize, manager, args)
             audio = encode(wav, sample_rate, args["format"])
@@ -241,9 +257,14 @@ async def _speak(manager: ModelManager, args: dict):
                                                                         SSE_BLOCK)]
     except ApiError as exc:
         return exc.response()
+    # Starlette runs a background task after the response, whether the client stayed or
+    # hung up; it first waits for any block being made (a thread is never abandoned), so
+    # ``finish`` never closes a generator that is running.
+    background = BackgroundTask(finish) if finish else None
     if args["stream_format"] == "sse":
-        return StreamingResponse(_sse_events(blocks), media_type="text/event-stream")
-    return StreamingResponse(blocks, media_type=FORMATS["pcm"][2])
+        return StreamingResponse(_sse_events(blocks), media_type="text/event-stream",
+                                 background=background)
+    return StreamingResponse(blocks, media_type=FORMATS["pcm"][2], background=background)
 
 
 SSE_BLOCK = 32 * 1024  # bytes of a whole encoded file per SSE event

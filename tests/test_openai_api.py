@@ -4,14 +4,20 @@ port (with an API key), and the router in-process for the error cases."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import socket
+import threading
+import time
+import urllib.request
 
 import numpy as np
 import openai
 import pytest
 import soundfile as sf
-from app_server import running_app
+import uvicorn
+from app_server import free_port, running_app
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -154,6 +160,20 @@ def test_missing_fields_and_bad_json(http):
     response = http.post("/v1/audio/speech", content=b"{not json",
                          headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    # Nesting deeper than Python's recursion limit is malformed JSON too, not a 500.
+    response = http.post("/v1/audio/speech", content=b"[" * 100_000 + b"]" * 100_000,
+                         headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("fmt", ["wav", "pcm"])  # pcm: the streamed path
+def test_no_speech_made_is_a_400_that_says_what_to_try(http, fmt):
+    response = speak(http, response_format=fmt, max_new_tokens=1)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"].startswith("The model stopped before producing any speech")
+    assert error["type"] == "invalid_request_error"
+    assert api._waiting._value == api.QUEUE_MAX + 1
 
 
 def test_a_full_queue_is_503(http, monkeypatch):
@@ -163,3 +183,58 @@ def test_a_full_queue_is_503(http, monkeypatch):
     api._waiting.acquire()
     response = speak(http)
     assert response.status_code == 503 and response.json()["error"]["code"] == "queue_full"
+
+
+@contextlib.contextmanager
+def serving(app):
+    """``app`` on a real server on a free loopback port (only a real server sees a client
+    hang up); yields its port."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_a_client_gone_before_the_first_audio_gives_its_place_back(tiny_manager,
+                                                                   monkeypatch):
+    """For a client that hung up before the first audio, Starlette never starts a
+    streamed body, so its ``finally`` never gives the queue place back: with one place,
+    every later request was a 503."""
+    monkeypatch.setattr(api, "_waiting", threading.BoundedSemaphore(1))
+    admitted, hung_up, stream = threading.Event(), threading.Event(), tiny_manager.stream
+
+    def first_audio_after_the_hang_up(*args, **kwargs):
+        admitted.set()  # the request holds the place now
+        hung_up.wait(60)
+        yield from stream(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_manager, "stream", first_audio_after_the_hang_up)
+    app = FastAPI()
+    app.include_router(api.build_router(lambda: tiny_manager))
+    body = json.dumps({"model": "chatterbox", "voice": "calm-mid", "response_format": "pcm",
+                       "input": "Hello there.", "max_new_tokens": 40}).encode()
+    with serving(app) as port:
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            assert admitted.wait(60)
+        hung_up.set()
+        assert api._waiting.acquire(timeout=60), "the place was never given back"
+        api._waiting.release()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/audio/speech", headers={"Content-Type":
+                                                                 "application/json"},
+            data=json.dumps({**json.loads(body), "response_format": "wav"}).encode())
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert response.status == 200 and response.read()[:4] == b"RIFF"
