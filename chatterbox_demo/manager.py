@@ -72,6 +72,17 @@ class OutOfMemory(ValueError):
 # What running out of memory raises: MemoryError on a CPU, torch's OutOfMemoryError on a
 # GPU (a RuntimeError subclass; older torch names it torch.cuda.OutOfMemoryError).
 MEMORY_ERRORS = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+# ...but torch's own CPU (and MPS) allocators raise a plain RuntimeError, known only by its
+# message: "DefaultCPUAllocator: can't allocate memory", "MPS backend out of memory".
+MEMORY_MESSAGES = ("can't allocate memory", "out of memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says memory ran out, rather than some other failure."""
+    if isinstance(exc, MEMORY_ERRORS):
+        return True
+    return isinstance(exc, RuntimeError) and any(words in str(exc)
+                                                 for words in MEMORY_MESSAGES)
 
 
 @dataclass
@@ -358,7 +369,9 @@ class ModelManager:
         started = time.perf_counter()
         try:
             built = build()
-        except MEMORY_ERRORS as exc:
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
             # Nothing was cached or switched: the manager stays on what it ran before.
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

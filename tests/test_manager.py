@@ -367,6 +367,32 @@ def cache_state(manager):
     return list(manager._t3_variants.items()), list(manager._s3gen_variants.items())
 
 
+def test_out_of_memory_on_a_cpu_is_recognised_by_torchs_message(own_variants, monkeypatch):
+    """torch's CPU allocator raises a plain RuntimeError, not MemoryError: the switch must
+    still fall back to the configuration it had."""
+    def huge(pristine, config):
+        return torch.empty(2**50, dtype=torch.uint8)  # 1 PB: more than any address space
+
+    monkeypatch.setattr(manager_mod, "build_t3", huge)
+    with pytest.raises(manager_mod.OutOfMemory, match="Not enough memory.*staying on cached"):
+        own_variants.apply_preset("t3-bf16")
+    assert own_variants.preset == "cached"
+    assert "Not enough memory" in own_variants.notices[-1]
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(own_variants, monkeypatch):
+    def broken(pristine, config):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(manager_mod, "build_t3", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        own_variants.apply_preset("t3-bf16")
+    assert own_variants.notices == []
+    assert manager_mod.is_out_of_memory(RuntimeError("MPS backend out of memory"))
+    assert manager_mod.is_out_of_memory(MemoryError())
+    assert not manager_mod.is_out_of_memory(ValueError("can't allocate memory"))
+
+
 def test_a_failed_s3gen_build_leaves_the_cache_as_it_was(own_variants, monkeypatch):
     """T3 is built first; when S3Gen then runs out of memory, neither is the new T3 cached
     nor the active configuration's T3 dropped to make room for it."""
