@@ -205,13 +205,19 @@ class ModelManager:
                      time.perf_counter() - started)
             if loaded.banner:
                 log.warning(loaded.banner)
-            self.loaded = loaded
-            library = VoiceLibrary(self.cache_dir, loaded.identity,
-                                   self._compute_conditionals, self.device)
-            library.register_builtin(loaded.tts.conds)
-            if self.shipped_voices and self.shipped_voices.is_dir():
-                progress(0.7, "Preparing the shipped voices")
-                library.register_shipped(self.shipped_voices)
+            self.loaded = loaded  # the library computes the voices' conditionals with it
+            try:
+                library = VoiceLibrary(self.cache_dir, loaded.identity,
+                                       self._compute_conditionals, self.device)
+                library.register_builtin(loaded.tts.conds)
+                if self.shipped_voices and self.shipped_voices.is_dir():
+                    progress(0.7, "Preparing the shipped voices")
+                    library.register_shipped(self.shipped_voices)
+            except BaseException:
+                # Not loaded after all: the next load() starts over rather than return at
+                # once into a manager without a voice library.
+                self.loaded = None
+                raise
             self._library = library
             progress(0.9, f"Preparing the {self.preset} preset")
             try:

@@ -1,12 +1,14 @@
+import shutil
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHIPPED
+from conftest import SHIPPED, VOICES_DIR
 
 from chatterbox_demo import manager as manager_mod
 from chatterbox_demo import pipeline
+from chatterbox_demo.audio import AudioError
 from chatterbox_demo.config import (
     MAX_TEXT_CHARS,
     PRESETS,
@@ -431,3 +433,19 @@ def test_the_pristine_modules_do_not_count_against_the_bound(own_variants, monke
     assert own_variants.variants_fit([(PRESETS["cached"], None), (PRESETS["t3-bf16"], None)])
     assert not own_variants.variants_fit([(PRESETS["t3-bf16"], None),
                                           (PRESETS["t3-int8"], None)])
+
+
+def test_a_voice_that_fails_to_load_leaves_the_manager_unloaded(make_manager, tmp_path):
+    """A bad clip among the shipped voices fails load() naming it, every time, rather than
+    leave a manager that claims to be loaded without a voice library."""
+    voices = tmp_path / "voices"
+    shutil.copytree(VOICES_DIR, voices)
+    (voices / "broken.wav").write_bytes(b"not a wav file")
+    fresh = make_manager(shipped_voices=voices, load=False)
+    for _ in range(2):
+        with pytest.raises(AudioError, match="'broken.wav' is not a readable audio file"):
+            fresh.load()
+        assert fresh.loaded is None
+    (voices / "broken.wav").unlink()
+    fresh.load()
+    assert fresh.list_voices()[0].name == SHIPPED[0]
