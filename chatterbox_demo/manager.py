@@ -166,7 +166,7 @@ class ModelManager:
         self._t3_variants: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
         self._s3gen_variants: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
         self.notices: list[str] = []  # things the UI should say (evictions, fallbacks)
-        self._warmed: set[tuple] = set()  # compiled variants already run once
+        self._warmed: set[OptimizationConfig] = set()  # compiling ones already run once
         self.last_apply_s = 0.0  # build plus warm-up time of the last switch
 
     # --- the process-wide instance ------------------------------------------------------
@@ -279,11 +279,13 @@ class ModelManager:
             self.load()
             started = time.perf_counter()
             self.variant(config)
-            if config.compiles and config.variant_key() not in self._warmed:
+            if config.compiles and config not in self._warmed:
                 # torch.compile compiles on first call: pay that here, not in a user's
-                # first generation, and report it apart.
+                # first generation, and report it apart. Per whole configuration, not per
+                # variant key: the decoder, the voice prefix, CUDA graphs and the CFM's
+                # batch change what gets compiled as much as the weights do.
                 self._warm_up(config)
-                self._warmed.add(config.variant_key())
+                self._warmed.add(config)
             self.last_apply_s = time.perf_counter() - started
             self.preset = name or self._preset_name(config)
             self.config = config

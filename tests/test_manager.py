@@ -1,3 +1,4 @@
+import dataclasses
 import shutil
 from collections import OrderedDict
 
@@ -433,6 +434,18 @@ def test_the_pristine_modules_do_not_count_against_the_bound(own_variants, monke
     assert own_variants.variants_fit([(PRESETS["cached"], None), (PRESETS["t3-bf16"], None)])
     assert not own_variants.variants_fit([(PRESETS["t3-bf16"], None),
                                           (PRESETS["t3-int8"], None)])
+
+
+def test_a_compiled_configuration_is_warmed_up_per_decoder_too(own_variants, monkeypatch):
+    """The same compiled weights run by another decoder compile other code: switching to
+    it warms up again, and switching back to one already warmed does not."""
+    warmed = []
+    monkeypatch.setattr(own_variants, "_warm_up", warmed.append)
+    stock = dataclasses.replace(PRESETS["cached"], compile_mode="default")
+    fast = dataclasses.replace(stock, t3_decoder="fast", t3_voice_prefix=True)
+    for config in (stock, fast, stock, fast):
+        own_variants.apply(config)
+    assert warmed == [stock, fast]
 
 
 def test_a_voice_that_fails_to_load_leaves_the_manager_unloaded(make_manager, tmp_path):
