@@ -57,6 +57,9 @@ DEVICES = ("auto", "cuda", "mps", "cpu")
 # Built variants kept per component (T3, S3Gen) besides the pristine fp32 ones. A full-size
 # fp32 T3 copy is 2.1 GB, int8 0.6 GB; three of each fit the 24 GB this project targets.
 MAX_VARIANTS = 3
+# Notices kept for the UI (which shows the last few): a long-running server would otherwise
+# keep one per eviction or failed build for its whole life.
+MAX_NOTICES = 20
 
 Progress = Callable[[float, str], None]
 
@@ -224,8 +227,8 @@ class ModelManager:
                 self.apply(self.config, self.preset)
             except Exception as exc:  # the model still works on the stock path
                 log.warning("Preset %s failed to build (%s); using baseline", self.preset, exc)
-                self.notices.append(f"{self.preset} could not be built here ({exc}); "
-                                    "started on baseline")
+                self._notify(f"{self.preset} could not be built here ({exc}); "
+                             "started on baseline")
                 self.preset, self.config = "baseline", BASELINE
             progress(1.0, "Ready")
             return loaded
@@ -387,7 +390,7 @@ class ModelManager:
                        f"{_label(key)} ({type(exc).__name__}); staying on "
                        f"{self.preset}. Try a preset with int8 or bf16 weights, or free "
                        "memory.")
-            self.notices.append(message)
+            self._notify(message)
             log.warning(message)
             raise OutOfMemory(message) from None
         log.info("Built %s variant %s in %.1f s", label, key, time.perf_counter() - started)
@@ -404,9 +407,14 @@ class ModelManager:
         for old_key in copies[:-MAX_VARIANTS]:  # the one just used is last: never dropped
             del cache[old_key]
             self._warmed.clear()  # a rebuilt variant compiles again: warm it up again
-            self.notices.append(f"{label} variant {_label(old_key)} was dropped to bound "
-                                "memory; using it again rebuilds it")
+            self._notify(f"{label} variant {_label(old_key)} was dropped to bound memory; "
+                         "using it again rebuilds it")
             log.info(self.notices[-1])
+
+    def _notify(self, message: str) -> None:
+        """Something the UI should say; only the latest MAX_NOTICES are kept."""
+        self.notices.append(message)
+        del self.notices[:-MAX_NOTICES]
 
     # --- voices ---------------------------------------------------------------------------
 

@@ -436,6 +436,16 @@ def test_the_pristine_modules_do_not_count_against_the_bound(own_variants, monke
                                           (PRESETS["t3-int8"], None)])
 
 
+def test_notices_are_bounded(own_variants, monkeypatch):
+    monkeypatch.setattr(manager_mod, "MAX_VARIANTS", 1)
+    monkeypatch.setattr(manager_mod, "MAX_NOTICES", 2)
+    for name in ("t3-bf16", "t3-int8", "t3-bf16", "t3-int8"):  # three evictions
+        own_variants.variant(PRESETS[name])
+    assert len(own_variants.notices) == 2
+    assert "T3 variant fp32/int8-dynamic" in own_variants.notices[0]
+    assert "T3 variant bf16" in own_variants.notices[1]
+
+
 def test_a_compiled_configuration_is_warmed_up_per_decoder_too(own_variants, monkeypatch):
     """The same compiled weights run by another decoder compile other code: switching to
     it warms up again, and switching back to one already warmed does not."""
