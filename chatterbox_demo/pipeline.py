@@ -181,12 +181,28 @@ def _speakable(tokens: torch.Tensor, device) -> torch.Tensor:
     return tokens[tokens < SPEECH_VOCAB_SIZE].to(device)
 
 
+@contextmanager
+def seeded_apart(seed: int, device):
+    """Torch's random state set from ``seed`` inside the block and restored after it.
+
+    S3Gen draws its CFM noise and HiFT's from torch's global generator. Left where T3 left
+    it, that state would depend on how many samples T3 drew, and the fast decoder draws up
+    to ``stop_check_every - 1`` more than the stock one (it looks for the stop token in
+    blocks and drops what follows), so the same tokens would give different audio. Every
+    S3Gen call starts from the generation's seed instead, and T3's state is left as it was
+    (a stream goes on decoding after each block it renders)."""
+    device = torch.device(device)
+    with torch.random.fork_rng([device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def _render(s3gen, tokens: torch.Tensor, conds: Conditionals,
-            config: OptimizationConfig) -> np.ndarray:
-    """S3Gen: speech tokens to a mono float32 waveform."""
+            config: OptimizationConfig, seed: int) -> np.ndarray:
+    """S3Gen: speech tokens to a mono float32 waveform, its noise drawn from ``seed``."""
     ref_dict = trim_prompt(conds.gen, config.prompt_seconds)
-    with cfm_guidance(s3gen, config.cfm_cfg), cfm_parallel_rows(s3gen,
-                                                                config.cfm_parallel_rows):
+    with (seeded_apart(seed, tokens.device), cfm_guidance(s3gen, config.cfm_cfg),
+          cfm_parallel_rows(s3gen, config.cfm_parallel_rows)):
         wav, _ = s3gen.inference(speech_tokens=tokens, ref_dict=ref_dict,
                                  n_cfm_timesteps=config.cfm_steps)
     return wav.squeeze(0).detach().float().cpu().numpy()
@@ -224,7 +240,7 @@ def run(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration: float,
         if speech_tokens.numel() < 2:
             raise _too_short()
         with timed(device, times, "s3gen"):
-            wav = _render(s3gen, speech_tokens, conds, config)
+            wav = _render(s3gen, speech_tokens, conds, config, params.seed)
     with timed("cpu", times, "watermark"):
         wav = tts.watermarker.apply_watermark(wav, sample_rate=tts.sr)
     return StageResult(
@@ -271,13 +287,13 @@ def run_stream(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration:
     """:func:`run` as a stream of :class:`StreamPiece`: T3 decodes, and whenever a block of
     new tokens is ready S3Gen renders it with ``LEFT_CONTEXT`` tokens before it. A piece
     starts ``overlap`` samples before the previous one ended, for a crossfade over audio
-    both rendered. T3 samples the same tokens as :func:`run` with the same seed (S3Gen's
-    noise is drawn from a forked generator); only the rendering differs."""
+    both rendered. T3 samples the same tokens as :func:`run` with the same seed (each S3Gen
+    call draws its noise apart, from the seed: :func:`seeded_apart`); only the rendering
+    differs."""
     t3 = t3 or tts.t3
     s3gen = s3gen or tts.s3gen
     device = torch.device(tts.device)
     per_token = tts.sr // S3_TOKEN_RATE  # audio samples per speech token (960)
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
     sampling = _sampling(tts, t3, text, conds, exaggeration, params, max_new_tokens)
     seed_everything(params.seed)
     tokens = torch.zeros(0, dtype=torch.long, device=device)
@@ -299,8 +315,8 @@ def run_stream(tts: ChatterboxTTS, text: str, conds: Conditionals, exaggeration:
                 stop = len(tokens) if final else end + LOOKAHEAD
                 if stop - start < 2:
                     raise _too_short()
-                with timed(device, times, "s3gen"), torch.random.fork_rng(rng_devices):
-                    wav = _render(s3gen, tokens[start:stop], conds, config)
+                with timed(device, times, "s3gen"):
+                    wav = _render(s3gen, tokens[start:stop], conds, config, params.seed)
                 skip = (emitted - start) * per_token - (overlap if emitted else 0)
                 wav = wav[skip:] if final else wav[skip:(end - start) * per_token]
                 with timed("cpu", times, "watermark"):
