@@ -14,6 +14,10 @@ An adapter directory holds::
     t3_cfg.safetensors         full: the whole T3, in the upstream checkpoint layout
     checkpoint.pt              training state (trainable weights, optimizer, step), to resume
 
+It is written whole at the end of training: into a temporary folder beside it, which then
+replaces it, so a run that fails leaves the previous adapter as it was (and only its
+checkpoint.pt, which the run updates as it goes, is newer).
+
 For generation a LoRA adapter is merged into a copy of T3's weights (W + B A alpha/r), so
 it costs nothing per token; the speaker offset is baked into the voice's conditionals.
 """
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -43,6 +49,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 CARD_VERSION = 1
 FILES = {"lora": "adapter.safetensors", "speaker-adapter": "speaker_offset.safetensors",
          "full": "t3_cfg.safetensors"}
+OUTPUTS = ("card.json", "conds.pt", "checkpoint.pt", *FILES.values())
+START_OVER = "train again without --resume, which starts over and replaces the checkpoint"
 
 
 class FinetuneError(ValueError):
@@ -189,8 +197,10 @@ def train(t3_base, conds: Conditionals, data: SpeakerData, out_dir: Path,
           resume: bool = False) -> dict:
     """Fine-tune a copy of ``t3_base`` on ``data`` and write the adapter directory; returns
     its card. ``progress(step, steps, loss)`` after every step. With ``resume``, training
-    goes on from ``out_dir/checkpoint.pt``, which must come from the same settings."""
+    goes on from ``out_dir/checkpoint.pt``, which must come from the same base weights,
+    data and settings."""
     out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_set, val_set = split(data, settings.val_fraction, settings.seed)
     torch.manual_seed(settings.seed)
@@ -213,8 +223,12 @@ def train(t3_base, conds: Conditionals, data: SpeakerData, out_dir: Path,
 
     start, history = 0, []
     checkpoint = out_dir / "checkpoint.pt"
+    # What a checkpoint must match to be resumed, besides the settings: resuming on other
+    # weights or clips would silently train a mix of both.
+    made_on = {"base_weights": base_identity, "data_hash": data.data_hash,
+               "shapes": [list(p.shape) for p in params]}
     if resume:
-        start, history = _load_checkpoint(checkpoint, settings, params, optimizer)
+        start, history = _load_checkpoint(checkpoint, settings, made_on, params, optimizer)
 
     def loss_of(example):
         cond = speaker_cond(conds, settings.exaggeration, t3.device, offset)
@@ -235,14 +249,14 @@ def train(t3_base, conds: Conditionals, data: SpeakerData, out_dir: Path,
         if progress:
             progress(step + 1, settings.steps, total)
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-            _save_checkpoint(checkpoint, settings, params, optimizer, step + 1, history)
+            _save_checkpoint(checkpoint, settings, made_on, params, optimizer, step + 1,
+                             history)
     train_seconds = time.perf_counter() - started
 
     t3.eval()
     with torch.no_grad():
         val_loss = (sum(float(loss_of(e)[1]) for e in val_set) / len(val_set)
                     if val_set else None)
-    _write_outputs(out_dir, t3, conds, settings, offset)
     card = {
         "version": CARD_VERSION,
         "base_weights": base_identity,
@@ -260,8 +274,37 @@ def train(t3_base, conds: Conditionals, data: SpeakerData, out_dir: Path,
         "train_seconds": round(train_seconds, 1),
         "loss_history": history,
     }
-    _write_json(out_dir / "card.json", card)
+
+    def write(tmp: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed earlier run
+        tmp.mkdir()
+        _write_outputs(tmp, t3, conds, settings, offset)
+        _link_or_copy(checkpoint, tmp / "checkpoint.pt")
+        (tmp / "card.json").write_text(json.dumps(card, indent=1))
+    write_atomically(out_dir, write)
     return card
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """The adapter directory is replaced whole when training ends, so it may hold only
+    what training writes: anything else in it would be lost."""
+    if not out_dir.is_dir():
+        return
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUTS
+                    and not (p.name.startswith(".") and ".tmp" in p.name))  # killed writes
+    if others:
+        raise FinetuneError(f"{out_dir} holds files that fine-tuning did not write "
+                            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                            "choose a new or empty folder: the adapter replaces it whole.")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    # A full fine-tune's checkpoint is gigabytes; a hard link costs nothing, and the old
+    # folder keeps its own name for it until the new one is in place.
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _state_of(params) -> dict[str, torch.Tensor]:
@@ -270,11 +313,13 @@ def _state_of(params) -> dict[str, torch.Tensor]:
     return {str(i): p.detach().cpu() for i, p in enumerate(params)}
 
 
-def _save_checkpoint(path: Path, settings, params, optimizer, step: int, history) -> None:
+def _save_checkpoint(path: Path, settings, made_on: dict, params, optimizer, step: int,
+                     history) -> None:
     # The random state too: T3's conditioning encoder has dropout, and a resumed run must
     # draw what an uninterrupted one would. On a GPU the dropout draws from CUDA's
     # generators, so theirs is saved as well.
-    state = {"settings": json.dumps(asdict(settings)), "step": step, "history": history,
+    state = {**made_on, "settings": json.dumps(asdict(settings)), "step": step,
+             "history": history,
              "params": _state_of(params), "optimizer": optimizer.state_dict(),
              "rng": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -282,16 +327,12 @@ def _save_checkpoint(path: Path, settings, params, optimizer, step: int, history
     write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
-def _load_checkpoint(path: Path, settings, params, optimizer) -> tuple[int, list]:
+def _load_checkpoint(path: Path, settings, made_on: dict, params,
+                     optimizer) -> tuple[int, list]:
     if not path.exists():
         raise FinetuneError(f"Nothing to resume: {path} does not exist.")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = json.loads(state["settings"])
-    # Only the length of the run may change on resume.
-    if {k: v for k, v in saved.items() if k != "steps"} != \
-            {k: v for k, v in json.loads(json.dumps(asdict(settings))).items() if k != "steps"}:
-        raise FinetuneError("The checkpoint was made with other settings; resume with the "
-                            "same settings (only --steps may change).")
+    _check_checkpoint(path, state, settings, made_on)
     if state["step"] > settings.steps:
         raise FinetuneError(f"The checkpoint is at step {state['step']}, past --steps "
                             f"{settings.steps}.")
@@ -303,6 +344,36 @@ def _load_checkpoint(path: Path, settings, params, optimizer) -> tuple[int, list
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], list(state["history"])
+
+
+def _check_checkpoint(path: Path, state: dict, settings, made_on: dict) -> None:
+    """Refuse a checkpoint made on other weights, clips, method or settings, saying which."""
+    if any(key not in state for key in made_on):
+        raise FinetuneError(f"{path} was written by an older version, which did not record "
+                            "the base weights and clips it was trained on: resuming could "
+                            f"mix them. {START_OVER.capitalize()}.")
+    if state["base_weights"] != made_on["base_weights"]:
+        raise FinetuneError(f"The checkpoint was trained on the weights "
+                            f"{state['base_weights']}, not the loaded "
+                            f"{made_on['base_weights']}: load those to resume, or "
+                            f"{START_OVER}.")
+    if state["data_hash"] != made_on["data_hash"]:
+        raise FinetuneError("The checkpoint was trained on other clips (the dataset's audio "
+                            "or transcripts changed since): resume on the same clips, or "
+                            f"{START_OVER}.")
+    saved = json.loads(state["settings"])
+    now = json.loads(json.dumps(asdict(settings)))  # tuples as JSON lists, as saved
+    # Only the length of the run may change on resume.
+    changed = [f"{key} {saved.get(key)!r}, now {now.get(key)!r}"
+               for key in sorted(saved.keys() | now.keys())
+               if key != "steps" and saved.get(key) != now.get(key)]
+    if changed:
+        raise FinetuneError(f"The checkpoint was made with other settings ({'; '.join(changed)}"
+                            f"): resume with the same settings (only --steps may change), or "
+                            f"{START_OVER}.")
+    if state["shapes"] != made_on["shapes"]:
+        raise FinetuneError("The checkpoint's trainable weights do not have this model's "
+                            f"shapes: {START_OVER}.")
 
 
 def _write_outputs(out_dir: Path, t3, conds: Conditionals, settings: TrainSettings,
@@ -327,10 +398,6 @@ def load_upstream_state(t3, state: dict[str, torch.Tensor]) -> None:
     if missing or unexpected:
         raise FinetuneError(f"The checkpoint does not fit this T3 (missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}): it was trained on other weights.")
-
-
-def _write_json(path: Path, body: dict) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(body, indent=1)))
 
 
 # --- using an adapter -----------------------------------------------------------------------

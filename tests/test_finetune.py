@@ -5,8 +5,11 @@ LoRA merged equal to LoRA applied, and voices that switch back to the base model
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,6 +202,80 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_manager, datase
     other = TrainSettings(**{**settings.__dict__, "rank": 4})
     with pytest.raises(FinetuneError, match="other settings"):
         tiny_manager.finetune(dataset, tmp_path / "resumed", other, resume=True)
+
+
+@pytest.fixture
+def train_quickly(tiny_manager, prepared):
+    """``train_quickly(out, settings, data=, base=, resume=)``: finetune.train on the
+    session's tiny T3 and prepared clips, with the base weights' identity changeable."""
+    conds = tiny_manager._compute_conditionals(Path(prepared.reference), 0.5)
+
+    def run(out, settings, data=prepared, base=tiny_manager.loaded.identity, resume=False):
+        return finetune.train(tiny_manager.loaded.tts.t3, conds, data, out, settings, base,
+                              resume=resume)
+
+    return run
+
+
+def test_a_checkpoint_resumes_only_on_its_weights_clips_and_settings(train_quickly, prepared,
+                                                                     tmp_path):
+    out = tmp_path / "adapter"
+    half = TrainSettings(method="speaker-adapter", steps=1, batch=1, val_fraction=0.0)
+    whole = replace(half, steps=2)
+    train_quickly(out, half)
+    checkpoint = out / "checkpoint.pt"
+    saved = checkpoint.read_bytes()
+    with pytest.raises(FinetuneError, match="trained on the weights tiny:.*not the loaded "
+                                            "hub:other.*without --resume"):
+        train_quickly(out, whole, base="hub:other", resume=True)
+    with pytest.raises(FinetuneError, match="other clips.*without --resume"):
+        train_quickly(out, whole, data=dataclasses.replace(prepared, data_hash="x"),
+                      resume=True)
+    with pytest.raises(FinetuneError, match="method 'speaker-adapter', now 'lora'"):
+        train_quickly(out, replace(whole, method="lora"), resume=True)
+    assert checkpoint.read_bytes() == saved
+
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({**state, "shapes": [[1, 128]]}, checkpoint)
+    with pytest.raises(FinetuneError, match="do not have this model's shapes"):
+        train_quickly(out, whole, resume=True)
+    # An older version's checkpoint records none of it: refused rather than guessed.
+    torch.save({k: v for k, v in state.items()
+                if k not in ("base_weights", "data_hash", "shapes")}, checkpoint)
+    with pytest.raises(FinetuneError, match="older version.*Train again without --resume"):
+        train_quickly(out, whole, resume=True)
+    train_quickly(out, half)  # starting over replaces it
+    assert train_quickly(out, whole, resume=True)["steps"] == 2
+
+
+def test_a_failed_retrain_leaves_the_previous_adapter_whole(train_quickly, tmp_path,
+                                                            monkeypatch):
+    out = tmp_path / "adapter"
+    quick = TrainSettings(steps=1, batch=1, val_fraction=0.0)
+    train_quickly(out, replace(quick, rank=2, alpha=16.0))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "checkpoint.pt"}
+
+    def disk_full(self, path):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:  # the last output written
+        patched.setattr(finetune.Conditionals, "save", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            train_quickly(out, replace(quick, rank=4, alpha=4.0))
+    # Not the new weights under the old card (which would merge at the wrong scale).
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "checkpoint.pt"} \
+        == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+    # Another method's adapter replaces the folder whole: no stale LoRA file beside it.
+    train_quickly(out, replace(quick, method="speaker-adapter"))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "card.json", "checkpoint.pt", "conds.pt", "speaker_offset.safetensors"]
+    # So a folder holding anything else is refused before training, and left as it was.
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FinetuneError, match=r"holds files .*\(notes.txt\).*new or empty"):
+        train_quickly(out, quick)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_the_speaker_adapter_trains_only_an_offset(tiny_manager, dataset, tmp_path):
