@@ -4,7 +4,8 @@ audio without clicks.
 Chatterbox speaks up to about a minute per call and drifts on long inputs, so a long text is
 split at sentence ends (not after abbreviations, inside decimals or at each dot of an
 ellipsis), short sentences are packed together up to ``max_chars``, and a sentence longer
-than that is split at clause boundaries, then at word boundaries as a last resort.
+than that is split at clause boundaries, then at word boundaries, then (a URL) between
+characters.
 """
 
 from __future__ import annotations
@@ -50,14 +51,18 @@ def split_sentences(text: str) -> list[str]:
 
 
 def _split_long(sentence: str, max_chars: int) -> list[str]:
-    """A sentence over ``max_chars`` split at clause boundaries, then between words."""
+    """A sentence over ``max_chars`` split at clause boundaries, then between words, and a
+    word longer than ``max_chars`` (a URL) into pieces of ``max_chars`` characters: the
+    model is refused text over its limit."""
     pieces: list[str] = []
     for clause in _CLAUSE.split(sentence):
         if len(clause) <= max_chars:
             pieces.append(clause)
             continue
         line = ""
-        for word in clause.split():
+        words = [word[i:i + max_chars] for word in clause.split()
+                 for i in range(0, len(word), max_chars)]
+        for word in words:
             if line and len(line) + 1 + len(word) > max_chars:
                 pieces.append(line)
                 line = word
@@ -79,14 +84,25 @@ def _pack(pieces: list[str], max_chars: int) -> list[str]:
     return chunks
 
 
+def _speaks(text: str) -> bool:
+    """Whether ``text`` has a letter or digit: the manager refuses text without one."""
+    return any(ch.isalnum() for ch in text)
+
+
 def chunk_text(text: str, max_chars: int = CHUNK_CHARS) -> list[str]:
-    """``text`` as chunks of whole sentences, each at most ``max_chars`` long (a word
-    longer than that stays whole)."""
+    """``text`` as chunks of whole sentences, each at most ``max_chars`` long.
+
+    Punctuation alone ("?!") is packed with its neighbours; where it fits with neither it
+    is left out: alone it would be refused as having nothing to speak, and joined to a full
+    neighbour it would break the limit (a long separator line past the model's own), while
+    leaving it out loses no speech. Text with nothing to speak anywhere comes back as it
+    is, for the caller to refuse."""
     pieces: list[str] = []
     for sentence in split_sentences(" ".join(text.split())):
         pieces.extend([sentence] if len(sentence) <= max_chars
                       else _split_long(sentence, max_chars))
-    return _pack(pieces, max_chars)
+    chunks = _pack(pieces, max_chars)
+    return [chunk for chunk in chunks if _speaks(chunk)] or chunks
 
 
 class Stitcher:

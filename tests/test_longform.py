@@ -8,6 +8,7 @@ import pytest
 from chatterbox_demo import longform
 from chatterbox_demo.config import GenerationParams
 from chatterbox_demo.longform import chunk_text, crossfade_join, split_sentences
+from chatterbox_demo.manager import check_text
 
 
 @pytest.mark.parametrize("text, sentences", [
@@ -36,8 +37,31 @@ def test_chunks_pack_sentences_and_split_long_ones_at_clauses():
     assert all(c.endswith((",", ".")) for c in chunks)  # cut at clause ends
 
 
-def test_a_word_longer_than_a_chunk_stays_whole():
-    assert chunk_text("a" * 50 + " b", max_chars=10) == ["a" * 50, "b"]
+def test_a_word_longer_than_a_chunk_is_cut_to_fit():
+    assert chunk_text("a" * 25 + " b", max_chars=10) == ["a" * 10, "a" * 10, "a" * 5 + " b"]
+
+
+def speakable_chunks(text: str) -> list[str]:
+    """``text``'s chunks, each checked as the manager checks one generation's text."""
+    chunks = chunk_text(text)
+    for chunk in chunks:
+        assert len(chunk) <= longform.CHUNK_CHARS
+        check_text(chunk)  # raises TextError: too long, or nothing to speak
+    return chunks
+
+
+def test_punctuation_that_fits_nowhere_is_not_a_chunk_of_its_own():
+    # "?!" fits with neither neighbour: alone it was a chunk with nothing to speak.
+    text = "?! " + "word " * 59 + "end."
+    assert speakable_chunks(text) == [text[3:]]
+    # Where it fits, it stays with its neighbour.
+    assert speakable_chunks("Hi. ?! " + "word " * 59 + "end.")[0] == "Hi. ?!"
+
+
+def test_a_url_longer_than_the_model_takes_is_cut():
+    url = "https://example.com/" + "a" * 1116
+    chunks = speakable_chunks(f"See {url} and more words.")
+    assert "".join(chunks).replace(" ", "") == f"See{url}andmorewords."
 
 
 def test_crossfade_removes_the_step_at_a_join():
