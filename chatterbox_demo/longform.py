@@ -3,9 +3,9 @@ audio without clicks.
 
 Chatterbox speaks up to about a minute per call and drifts on long inputs, so a long text is
 split at sentence ends (not after abbreviations, inside decimals or at each dot of an
-ellipsis), short sentences are packed together up to ``max_chars``, and a sentence longer
-than that is split at clause boundaries, then at word boundaries, then (a URL) between
-characters.
+ellipsis; CJK and full-width marks too), short sentences are packed together up to
+``max_chars``, and a sentence longer than that is split at clause boundaries, then at word
+boundaries, then (a URL, text written without spaces) between characters.
 """
 
 from __future__ import annotations
@@ -23,9 +23,13 @@ ABBREVIATIONS = {
     "no", "fig", "approx", "dept", "inc", "ltd", "co", "jan", "feb", "mar", "apr", "jun",
     "jul", "aug", "sep", "sept", "oct", "nov", "dec", "u.s", "u.k", "a.m", "p.m",
 }
-# A sentence end: . ! ? or an ellipsis, optional closing quotes/brackets, then whitespace.
-_END = re.compile(r"""(\.\.\.|…|[.!?]+)(["'”’)\]]*)\s+""")
-_CLAUSE = re.compile(r"(?<=[,;:—–])\s+")
+# A sentence end: . ! ? or an ellipsis, optional closing quotes/brackets, then whitespace;
+# or a CJK / full-width mark, which needs no whitespace after it (those scripts put none
+# between sentences). Group 1 is the ASCII mark, None for the others.
+_END = re.compile(r"""(\.\.\.|…|[.!?]+)["'”’)\]」』）]*\s+|[。！？]+["'”’)\]」』）]*\s*""")
+# A clause end, likewise: , ; : or a dash before whitespace, or a CJK / full-width one.
+_CLAUSE = re.compile(r"(?<=[,;:—–])\s+|(?<=[，、；：])\s*")
+_OPENERS = "\"'“‘([{«「『（"  # stripped before the abbreviation lookup: "(e.g. this)"
 
 
 def split_sentences(text: str) -> list[str]:
@@ -33,8 +37,8 @@ def split_sentences(text: str) -> list[str]:
     sentences, start = [], 0
     for match in _END.finditer(text):
         end_mark = match.group(1)
-        before = text[start:match.start()]
-        word = before.rsplit(None, 1)[-1].lower() if before.split() else ""
+        words = text[start:match.start()].split()
+        word = words[-1].lower().lstrip(_OPENERS) if words else ""
         if end_mark == "." and word.rstrip(".") in ABBREVIATIONS:
             continue  # "Dr. Smith", "e.g. this"
         if end_mark == "." and len(word) == 1 and word.isalpha():
@@ -52,8 +56,8 @@ def split_sentences(text: str) -> list[str]:
 
 def _split_long(sentence: str, max_chars: int) -> list[str]:
     """A sentence over ``max_chars`` split at clause boundaries, then between words, and a
-    word longer than ``max_chars`` (a URL) into pieces of ``max_chars`` characters: the
-    model is refused text over its limit."""
+    word longer than ``max_chars`` (a URL, a run of text without spaces) into pieces of
+    ``max_chars`` characters: the model is refused text over its limit."""
     pieces: list[str] = []
     for clause in _CLAUSE.split(sentence):
         if len(clause) <= max_chars:

@@ -64,6 +64,30 @@ def test_a_url_longer_than_the_model_takes_is_cut():
     assert "".join(chunks).replace(" ", "") == f"See{url}andmorewords."
 
 
+@pytest.mark.parametrize("sentence", ["这是一个很长的中文句子，没有空格。",
+                                      "全角の感嘆符です！", "これは質問ですか？"])
+def test_cjk_text_is_split_at_its_own_sentence_marks(sentence):
+    text = sentence * 40
+    chunks = speakable_chunks(text)
+    assert len(chunks) > 1 and all(c.endswith(sentence[-1]) for c in chunks)
+    assert "".join(chunks).replace(" ", "") == text
+    assert split_sentences(sentence * 2) == [sentence, sentence]
+
+
+def test_cjk_clauses_and_text_without_any_mark_still_fit():
+    clauses = "这是一个很长的从句，" * 40 + "完。"  # one sentence of 401 characters
+    chunks = speakable_chunks(clauses)
+    assert len(chunks) > 1 and all(c.endswith(("，", "。")) for c in chunks)
+    unmarked = "没有标点符号的文字" * 80
+    chunks = speakable_chunks(unmarked)
+    assert len(chunks) == 3 and "".join(chunks) == unmarked
+
+
+def test_an_abbreviation_after_a_bracket_does_not_end_a_sentence():
+    assert split_sentences("Fruit (e.g. apples) is good. So are nuts.") == [
+        "Fruit (e.g. apples) is good.", "So are nuts."]
+
+
 def test_crossfade_removes_the_step_at_a_join():
     sr = 24000
     a, b = np.full(sr, 0.5, np.float32), np.full(sr, -0.5, np.float32)
