@@ -170,7 +170,7 @@ def prepare(folder: Path, tts: ChatterboxTTS, weights_identity: str,
     folder = Path(folder)
     clips, problems = find_clips(folder)
     digest = data_hash(clips)
-    cached = _read_cache(folder, weights_identity, digest)
+    cached = _read_cache(folder, weights_identity, digest, clips)
     if cached is not None:
         return cached
     examples, lengths_by_audio = [], {}
@@ -200,23 +200,32 @@ def prepare(folder: Path, tts: ChatterboxTTS, weights_identity: str,
     return data
 
 
-def _read_cache(folder: Path, weights_identity: str, digest: str) -> SpeakerData | None:
+def _read_cache(folder: Path, weights_identity: str, digest: str,
+                clips: list[Clip]) -> SpeakerData | None:
     path = folder / CACHE_NAME
     try:
         stored = json.loads(path.read_text())
         if (stored["version"], stored["weights"], stored["data_hash"]) != (
                 CACHE_VERSION, weights_identity, digest):
             return None
+        # Stored relative to the folder, so that it follows the folder when it is moved or
+        # copied. It must name one of this folder's clips: an older cache held an absolute
+        # path, which after a move named the old copy's clip (or nothing), and the cache
+        # may come from an uploaded zip.
+        reference = folder / stored["reference"]
+        if reference not in {clip.audio for clip in clips}:
+            return None
         return SpeakerData(folder, [Example(**e) for e in stored["examples"]],
-                           stored["problems"], digest, stored["reference"])
+                           stored["problems"], digest, str(reference))
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no cache, or one from other clips or weights: tokenize again
 
 
 def _write_cache(folder: Path, weights_identity: str, data: SpeakerData) -> None:
     path = folder / CACHE_NAME
+    reference = Path(data.reference).relative_to(folder).as_posix()
     body = {"version": CACHE_VERSION, "weights": weights_identity,
-            "data_hash": data.data_hash, "reference": data.reference,
+            "data_hash": data.data_hash, "reference": reference,
             "problems": data.problems, "examples": [asdict(e) for e in data.examples]}
     try:
         write_atomically(path, lambda tmp: tmp.write_text(json.dumps(body)))

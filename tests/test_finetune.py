@@ -69,6 +69,33 @@ def test_a_dataset_is_checked_tokenized_and_cached(tiny_manager, dataset, prepar
     assert again.examples == prepared.examples and again.data_hash == prepared.data_hash
 
 
+def test_a_moved_dataset_keeps_its_tokens_and_takes_its_own_reference_clip(tiny_manager,
+                                                                           dataset, tmp_path):
+    def prepare(folder):
+        tokenized = []
+        data = speaker_data.prepare(folder, tiny_manager.loaded.tts,
+                                    tiny_manager.loaded.identity,
+                                    lambda share, what: tokenized.append(what))
+        return data, len(tokenized)
+
+    folder = tmp_path / "speaker"
+    shutil.copytree(dataset, folder, ignore=shutil.ignore_patterns(".chatterbox*"))
+    first, tokenized = prepare(folder)
+    assert tokenized == 8 and Path(first.reference).parent == folder
+    moved = tmp_path / "moved"
+    shutil.move(folder, moved)
+    data, tokenized = prepare(moved)
+    assert tokenized == 0  # read from the cache
+    assert data.reference == str(moved / Path(first.reference).name)
+    # A cache from before: the reference as an absolute path, here the clip of another copy
+    # of the folder. Stale: tokenized again, and the reference is this folder's own.
+    cache = moved / speaker_data.CACHE_NAME
+    body = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**body, "reference": str(dataset / Path(first.reference).name)}))
+    data, tokenized = prepare(moved)
+    assert tokenized == 8 and data.reference == str(moved / Path(first.reference).name)
+
+
 def test_bad_clips_are_reported_one_line_each_and_the_rest_go_on(tiny_manager, dataset,
                                                                   tmp_path):
     folder = tmp_path / "mixed"
