@@ -209,11 +209,12 @@ def _read_cache(folder: Path, weights_identity: str, digest: str,
                 CACHE_VERSION, weights_identity, digest):
             return None
         # Stored relative to the folder, so that it follows the folder when it is moved or
-        # copied. It must name one of this folder's clips: an older cache held an absolute
-        # path, which after a move named the old copy's clip (or nothing), and the cache
-        # may come from an uploaded zip.
+        # copied. An older cache held an absolute path, which after a move named the old
+        # copy's clip (or nothing): stale. And it must name one of this folder's clips, as
+        # the cache may come from an uploaded zip.
         reference = folder / stored["reference"]
-        if reference not in {clip.audio for clip in clips}:
+        if Path(stored["reference"]).is_absolute() or \
+                reference not in {clip.audio for clip in clips}:
             return None
         return SpeakerData(folder, [Example(**e) for e in stored["examples"]],
                            stored["problems"], digest, str(reference))
