@@ -13,6 +13,7 @@ import json
 import logging
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -250,16 +251,24 @@ def checkpoint_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(tts: ChatterboxTTS, directory: Path, arch: str) -> Path:
-    """Write ``tts`` in the upstream checkpoint layout (plus our arch marker when tiny)."""
+    """Write ``tts`` in the upstream checkpoint layout (plus our arch marker when tiny).
+    Over an earlier checkpoint, the files that no longer apply are removed: a model loaded
+    from it would otherwise claim that one's built-in voice or architecture."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for module, name in ((tts.ve, "ve"), (tts.t3, "t3_cfg"), (tts.s3gen, "s3gen")):
-        save_file(checkpoint_state(module), directory / f"{name}.safetensors")
+        write_atomically(directory / f"{name}.safetensors",
+                         partial(save_file, checkpoint_state(module)))
     write_tokenizer_json(directory / "tokenizer.json")
     if tts.conds is not None:
-        tts.conds.save(directory / BUILTIN_VOICE_FILE)
+        write_atomically(directory / BUILTIN_VOICE_FILE, tts.conds.save)
+    else:
+        (directory / BUILTIN_VOICE_FILE).unlink(missing_ok=True)
     if arch != "full":
-        (directory / ARCH_FILE).write_text(json.dumps({"arch": arch}) + "\n")
+        marker = json.dumps({"arch": arch}) + "\n"
+        write_atomically(directory / ARCH_FILE, lambda tmp: tmp.write_text(marker))
+    else:
+        (directory / ARCH_FILE).unlink(missing_ok=True)
     return directory
 
 

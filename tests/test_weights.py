@@ -230,6 +230,21 @@ def test_write_checkpoint_without_conds_has_no_conds_file(tiny_manager, tmp_path
     assert all((tmp_path / name).is_file() for name in weights.CHECKPOINT_FILES)
 
 
+def test_rewriting_a_checkpoint_removes_what_no_longer_applies(tiny_manager, tmp_path):
+    tts = copy.copy(tiny_manager.loaded.tts)
+    tts.t3 = torch.nn.Linear(1, 1)  # small stand-ins: only which files are written matters
+    tts.s3gen = torch.nn.Linear(1, 1)
+    tts.conds = tiny_manager._compute_conditionals(VOICES_DIR / "calm-mid.wav", 0.5)
+    weights.write_checkpoint(tts, tmp_path, arch="tiny")
+    assert (tmp_path / weights.BUILTIN_VOICE_FILE).exists()
+    assert (tmp_path / weights.ARCH_FILE).exists()
+    # The same directory, now a full-size model without a built-in voice: loaded from it,
+    # the model must not claim the earlier one's voice, nor its tiny architecture.
+    tts.conds = None
+    weights.write_checkpoint(tts, tmp_path, arch="full")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(weights.CHECKPOINT_FILES)
+
+
 def test_local_round_trip_gives_identical_weights(tiny_manager, local_manager, tiny_checkpoint):
     loaded = local_manager.loaded
     assert (loaded.source, loaded.arch, loaded.banner) == ("local", "tiny", None)
