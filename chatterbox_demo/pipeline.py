@@ -3,7 +3,8 @@
 Upstream ``ChatterboxTTS.generate`` does the same work but hard-codes 1000 new tokens,
 takes no seed and times nothing. This module keeps its semantics step for step (text
 normalisation, CFG batch, start/stop padding, token filtering, watermark) so that the
-``baseline`` preset measures the real upstream path.
+``baseline`` preset measures the real upstream path. One deliberate difference: which
+sampled tokens reach S3Gen (see ``_speakable``), where upstream fails or drops speech.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from chatterbox.models.s3tokenizer import S3_TOKEN_RATE, SPEECH_VOCAB_SIZE, drop_invalid_tokens
+from chatterbox.models.s3tokenizer import S3_TOKEN_RATE, SPEECH_VOCAB_SIZE
 from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.tts import ChatterboxTTS, Conditionals, punc_norm
 
@@ -176,8 +177,18 @@ def step_mode(t3, config: OptimizationConfig) -> str:
 
 
 def _speakable(tokens: torch.Tensor, device) -> torch.Tensor:
-    """Upstream's filter: only real speech tokens (no start/stop or CFG padding)."""
-    tokens = drop_invalid_tokens(tokens[0] if tokens.dim() > 1 else tokens)
+    """The sampled tokens S3Gen renders: the speech tokens, those below the speech
+    vocabulary (so no start or stop token), of the conditional row.
+
+    Upstream runs ``drop_invalid_tokens`` first, which keeps only what follows a sampled
+    start token (the speech before it is lost) and fails outright on two of them. Its
+    result depends on what it is given, so :func:`run` (the whole sequence) and
+    :func:`run_stream` (block by block) rendered different tokens. This filter looks at
+    each token alone, so whole or in blocks it keeps the same ones, for every decoder,
+    ``baseline`` included: it matches upstream whenever no start token is sampled, and
+    differs only where upstream loses speech or crashes. Nothing needs cutting at the stop
+    token: both decoders end with it."""
+    tokens = tokens[0] if tokens.dim() > 1 else tokens
     return tokens[tokens < SPEECH_VOCAB_SIZE].to(device)
 
 

@@ -4,10 +4,12 @@ frees the model."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
 import pytest
+import torch
 from conftest import slow_first_variant_build
 
 from chatterbox_demo import longform, pipeline
@@ -90,6 +92,78 @@ def test_long_text_streams_chunk_by_chunk(tiny_manager):
     assert [c["text"] for c in streamed.report["chunks"]] == longform.chunk_text(text)
     again = collect(tiny_manager, text, params, "cached")[1]
     assert np.array_equal(again.wav, streamed.wav)
+
+
+START = 6561  # the start-of-speech token, which random weights may sample
+
+
+def force_start_token(t3, steps):
+    """A hook making the start token certain at these decode calls (0 = prefill)."""
+    calls = {"n": 0}
+
+    def hook(module, inputs, output):
+        if steps is None or calls["n"] in steps:
+            output[..., START] = 1e4
+        calls["n"] += 1
+        return output
+
+    return t3.speech_head.register_forward_hook(hook)
+
+
+def run_and_stream(manager, monkeypatch, decoder: str, start_at):
+    """The sampled tokens, then what :func:`pipeline.run` and :func:`pipeline.run_stream`
+    render of them (or the GenerationError each raises), with start tokens forced."""
+    tts = manager.load().tts
+    conds, _ = manager.library.conditionals(manager.library.get("calm-mid"))
+    monkeypatch.setattr(pipeline, "step_mode", lambda t3, config: "plain")  # hooks reach it
+    config = dataclasses.replace(get_preset("baseline"), t3_decoder=decoder)
+    params = GenerationParams(seed=2)
+    sampling = pipeline._sampling(tts, tts.t3, TEXT, conds, 0.5, params, 40)
+
+    def hooked(work):
+        handle = force_start_token(tts.t3, start_at)
+        try:
+            return work()
+        except pipeline.GenerationError as error:
+            return error
+        finally:
+            handle.remove()
+
+    def sampled():
+        pipeline.seed_everything(params.seed)
+        with torch.inference_mode():
+            return torch.cat(list(pipeline._token_blocks(tts.t3, sampling, config, False)),
+                             dim=1)[0].tolist()
+
+    def one_shot():
+        return pipeline.run(tts, TEXT, conds, 0.5, params, 40, config).speech_tokens
+
+    def streamed():
+        pieces = pipeline.run_stream(tts, TEXT, conds, 0.5, params, 40, 480, config)
+        return [token for piece in pieces for token in piece.speech_tokens]
+
+    return hooked(sampled), hooked(one_shot), hooked(streamed)
+
+
+@pytest.mark.parametrize("decoder", ["stock", "fast"])
+@pytest.mark.parametrize("start_at", [{20}, {5, 20}])
+def test_one_shot_and_stream_render_the_same_tokens_around_start_tokens(
+        tiny_manager, monkeypatch, decoder, start_at):
+    # Upstream's filter kept only what followed a start token, and only when given the
+    # whole sequence at once (two of them crashed it): the stream rendered other tokens.
+    sampled, one_shot, streamed = run_and_stream(tiny_manager, monkeypatch, decoder,
+                                                 start_at)
+    assert all(sampled[step] == START for step in start_at)
+    assert one_shot == streamed == [token for token in sampled if token < START]
+
+
+@pytest.mark.parametrize("decoder", ["stock", "fast"])
+def test_nothing_but_start_tokens_is_a_generation_error(tiny_manager, monkeypatch, decoder):
+    sampled, one_shot, streamed = run_and_stream(tiny_manager, monkeypatch, decoder, None)
+    assert set(sampled) == {START}
+    for result in (one_shot, streamed):
+        assert isinstance(result, pipeline.GenerationError), result
+        assert "stopped before producing any speech" in str(result)
 
 
 def test_a_dropped_stream_frees_the_model(tiny_manager):
