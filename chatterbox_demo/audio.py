@@ -23,6 +23,11 @@ MIN_SECONDS = 1.0
 MAX_SECONDS = 300.0  # 5 minutes; only the first 10 s are used, the rest is wasted upload
 MAX_BYTES = 100 * 1024 * 1024
 SILENCE_PEAK = 1e-3  # below -60 dBFS everywhere counts as silence
+# Float audio is nominally within +-1 (integer formats are read scaled into it). A little
+# over is ordinary float headroom; a peak of 1000 (+60 dBFS) is no recording level but a
+# damaged or wrongly scaled file, and from about 1e19 librosa's mel squares overflow to
+# inf and the conditionals computation crashes deep inside it.
+MAX_PEAK = 1e3
 EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 
 log = logging.getLogger(__name__)
@@ -82,8 +87,15 @@ def load_reference(path: str | os.PathLike | None) -> ReferenceClip:
             f"{path.name!r} is {seconds / 60:.1f} minutes long; the limit is "
             f"{MAX_SECONDS / 60:.0f} minutes (only the first 10 s are used anyway)."
         )
-    if float(np.abs(samples).max()) < SILENCE_PEAK:
+    peak = float(np.abs(samples).max())
+    if peak < SILENCE_PEAK:
         raise AudioError(f"{path.name!r} is silent; record or upload a clip of someone speaking.")
+    if peak > MAX_PEAK:
+        raise AudioError(
+            f"{path.name!r} has samples up to {peak:.3g}, far outside the -1 to 1 of float "
+            "audio: it is damaged or wrongly scaled; normalise it to a peak of at most 1 and "
+            "export it again."
+        )
     return ReferenceClip(
         path=path,
         sha256=hashlib.sha256(data).hexdigest(),

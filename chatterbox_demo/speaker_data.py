@@ -28,7 +28,7 @@ import torch
 from chatterbox.models.s3tokenizer import S3_SR
 from chatterbox.tts import ChatterboxTTS, punc_norm
 
-from .audio import SILENCE_PEAK
+from .audio import MAX_PEAK, SILENCE_PEAK
 from .files import write_atomically
 
 MIN_SECONDS = 0.5
@@ -145,9 +145,9 @@ def check_clip(clip: Clip) -> tuple[np.ndarray | None, str | None]:
         return None, (f"{clip.id}: {info.duration:.1f} s long; clips must be "
                       f"{MIN_SECONDS}-{MAX_SECONDS:.0f} s")
     wav, _ = librosa.load(str(clip.audio), sr=S3_SR, mono=True)
-    # The voice library's silence threshold, so that a clip refused as a voice is not
-    # taken for training either.
-    if not np.isfinite(wav).all() or np.abs(wav).max() < SILENCE_PEAK:
+    # The voice library's thresholds, so that a clip refused as a voice is not taken for
+    # training either.
+    if not np.isfinite(wav).all() or not SILENCE_PEAK <= np.abs(wav).max() <= MAX_PEAK:
         return None, f"{clip.id}: audio is silent or damaged"
     return wav, None
 

@@ -158,6 +158,20 @@ def test_refuses_below_silence_threshold(tmp_path):
     _refused(path, "silent")
 
 
+@pytest.mark.parametrize("scale", [1e4, 1e30])  # peaks 5000 and 5e29
+def test_refuses_float_samples_far_outside_full_scale(tmp_path, scale):
+    # 1e30 is finite in float32, and crashed librosa's mel computation with a ValueError.
+    data = speech_like(2.0, 16000) * scale
+    path = write_audio(tmp_path / "loud.wav", data=data, subtype="FLOAT", sample_rate=16000)
+    _refused(path, "loud.wav", "damaged or wrongly scaled")
+
+
+def test_accepts_float_headroom_over_full_scale(tmp_path):
+    data = speech_like(2.0, 16000) * 4.0  # peak 2.0: +6 dBFS, ordinary in float audio
+    path = write_audio(tmp_path / "hot.wav", data=data, subtype="FLOAT", sample_rate=16000)
+    assert load_reference(path).seconds == pytest.approx(2.0)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_refuses_nan_and_inf_samples(tmp_path, bad):
     data = speech_like(2.0, 16000)

@@ -110,6 +110,8 @@ def test_bad_clips_are_reported_one_line_each_and_the_rest_go_on(tiny_manager, d
     hum = 5e-4 * np.sin(np.linspace(0, 2000, 48000, dtype=np.float32))  # -66 dBFS, 2 s
     sf.write(folder / "hum.wav", hum, 24000)
     (folder / "hum.txt").write_text("Too quiet to be speech.")
+    sf.write(folder / "loud.wav", hum * 1e30, 24000, subtype="FLOAT")  # finite, absurd
+    (folder / "loud.txt").write_text("Far outside full scale.")
     data = tiny_manager.prepare_dataset(folder)
     report = "\n".join(data.problems)
     assert "clip000: empty transcript" in report
@@ -118,6 +120,7 @@ def test_bad_clips_are_reported_one_line_each_and_the_rest_go_on(tiny_manager, d
     assert "broken: audio broken.wav is unreadable" in report
     assert "blip: 0.1 s long" in report
     assert "hum: audio is silent" in report  # the voice library's threshold
+    assert "loud: audio is silent or damaged" in report  # and its other one
     assert len(data.examples) == 6  # the 8 clips less the two damaged ones
     assert "6 clips usable" in data.report()
 
