@@ -10,6 +10,7 @@ minimum are reported; the repeats are taken in turns across the rows. The A/B ta
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -306,8 +307,35 @@ def _cell(value) -> str:
     return "" if value is None else str(value)
 
 
+def to_json(result: dict, indent: int | None = 1) -> str:
+    """Strict JSON, which every reader takes: a figure that is not finite (the mel SNR of
+    audio identical to fp32's is inf) is null, not Python's ``Infinity``. Runs recorded
+    before (docs/*.json) hold ``Infinity``, which Python's json still reads."""
+    return json.dumps(_finite(result), indent=indent, default=str, allow_nan=False)
+
+
+def _finite(value):
+    """``value`` with every float that is not finite, however deep, replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
 def write_json(result: dict, path: Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    Path(path).write_text(to_json(result) + "\n")
+
+
+def plot_formats() -> list[str]:
+    """The suffixes (without the dot) :func:`plot` and :func:`plot_tradeoff` can write:
+    matplotlib picks the image type by the suffix."""
+    plots.pyplot()  # the Agg backend, before its canvas is imported
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
 
 
 def plot(result: dict, path: Path) -> None:

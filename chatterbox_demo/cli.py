@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from . import bench, speaker_data
@@ -30,7 +31,9 @@ from .pipeline import GenerationError
 from .voices import check_name, name_key
 from .weights import SOURCES
 
-USER_ERRORS = (ValueError, FileNotFoundError, GenerationError)
+# OSError: a file the user named that cannot be read or written; output paths are checked
+# before the work (check_output), so this is the last resort.
+USER_ERRORS = (ValueError, OSError, GenerationError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,17 +208,49 @@ def read_text_file(path: Path) -> str:
             from None
 
 
+def check_output(flag: str, path: Path, formats: list[str] | None = None,
+                 new_folders: bool = False) -> None:
+    """Refuse an output path that cannot be written before the work whose result it would
+    lose: a directory, a suffix not in ``formats``, or a folder that is missing (unless
+    ``new_folders``: the writer makes them), not a folder, or not writable."""
+    shown = repr(str(path))
+    if formats is not None and path.suffix[1:].lower() not in formats:
+        raise ValueError(f"{flag} {shown}: end it in one of "
+                         f"{', '.join('.' + name for name in formats)}.")
+    if path.is_dir():
+        raise ValueError(f"{flag} {shown} is a folder; give a file path.")
+    folder = path.parent
+    while new_folders and not folder.exists():
+        folder = folder.parent
+    if not folder.exists():
+        raise ValueError(f"{flag} {shown}: the folder {str(folder)!r} does not exist.")
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {shown}: {str(folder)!r} is a file, not a folder.")
+    try:  # a real file, not os.access: root passes that even where nothing can be written
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {shown}: cannot write in {str(folder)!r} ({exc.strerror})."
+                         ) from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {shown}: the file is read-only.")
+
+
 def synth(manager: ModelManager, args: argparse.Namespace) -> str:
-    apply_s = 0.0  # building the preset's variant (and compiling a compiled one)
-    if args.preset:
-        manager.apply(config_from_spec(args.preset), args.preset)
-        apply_s = manager.last_apply_s
+    # What the user typed is checked before the model loads and before the preset is
+    # built (minutes for a compiled one): a typo must not cost either.
+    check_output("--out", args.out, new_folders=True)  # write_wav makes missing folders
+    text = read_text_file(args.text_file) if args.text_file else args.text
+    check_text(text, MAX_LONG_TEXT_CHARS)
+    config = config_from_spec(args.preset) if args.preset else None
     params = GenerationParams(
         seed=args.seed, max_new_tokens=args.max_tokens, exaggeration=args.exaggeration,
         cfg_weight=args.cfg_weight, temperature=args.temperature,
     )
-    text = read_text_file(args.text_file) if args.text_file else args.text
-    check_text(text, MAX_LONG_TEXT_CHARS)  # a typo must not cost a model load first
+    apply_s = 0.0  # building the preset's variant (and compiling a compiled one)
+    if config:
+        manager.apply(config, args.preset)
+        apply_s = manager.last_apply_s
     voice_file = None
     voice = args.voice
     library_names = {name_key(name) for name in manager.library.names()}
@@ -241,30 +276,41 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
 
 
 def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
-    presets = [name.strip() for name in args.presets.split(",") if name.strip()]
-    if args.sweep:
-        presets = list(SWEEP)
-    # Each name is checked (and a changed preset built) before minutes of measuring.
+    # Everything is checked before minutes of measuring: each preset name (a changed one
+    # built), the text every row speaks, and the paths the results go to.
+    presets = list(SWEEP) if args.sweep else [name.strip() for name in args.presets.split(",")
+                                              if name.strip()]
+    if not presets:
+        raise ValueError(f"--presets names no preset; give some of: {', '.join(PRESETS)}.")
     configs = {**SWEEP, **{name: config_from_spec(name) for name in presets
                            if name not in SWEEP}}
     check_number("--tokens", args.tokens, 2, RANGES["max_new_tokens"][1], integer=True)
     check_number("--repeats", args.repeats, 1, 100, integer=True)
-    result = bench.run(manager, presets, text=args.text or bench.DEFAULT_TEXT,
+    text = bench.DEFAULT_TEXT if args.text is None else args.text
+    check_text(text)  # each row is one generation: the one-generation limit
+    json_path = Path(args.json) if args.json not in (None, "-") else None
+    if json_path:
+        check_output("--json", json_path)
+    if args.markdown:
+        check_output("--markdown", args.markdown)
+    if args.plot:
+        check_output("--plot", args.plot, bench.plot_formats())
+    result = bench.run(manager, presets, text=text,
                        voice=args.voice, tokens=args.tokens, repeats=args.repeats,
                        seed=args.seed, with_fidelity=not args.no_fidelity, configs=configs,
                        stream=args.stream,
                        voices=[v.strip() for v in args.voices.split(",") if v.strip()]
                        if args.voices else None,
                        log=lambda line: print(line, file=sys.stderr, flush=True))
+    if json_path:  # first: the whole result, should a later write fail after all
+        bench.write_json(result, json_path)
     markdown = bench.to_markdown(result)
     if args.markdown:
         args.markdown.write_text(markdown)
     if args.plot:
         (bench.plot_tradeoff if args.sweep else bench.plot)(result, args.plot)
     if args.json == "-":
-        return _dump(result)
-    if args.json:
-        bench.write_json(result, Path(args.json))
+        return bench.to_json(result, indent=None)
     return markdown
 
 

@@ -64,6 +64,21 @@ def test_rows_run_one_after_another_when_their_variants_do_not_fit(tiny_manager,
     assert all("total_s" in row for row in result["rows"])
 
 
+def test_json_is_strict_with_null_for_figures_that_are_not_finite(tmp_path):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    result = {"machine": {"cores": 2}, "settings": {"voices": ("calm-mid",)},
+              "rows": [{"preset": "baseline", "mel_snr_db": float("inf"),
+                        "odd": [float("nan"), -float("inf"), 1.5]}]}
+    bench.write_json(result, tmp_path / "bench.json")
+    written = json.loads((tmp_path / "bench.json").read_text(), parse_constant=refuse)
+    assert written["rows"] == [{"preset": "baseline", "mel_snr_db": None,
+                                "odd": [None, None, 1.5]}]
+    assert written["settings"]["voices"] == ["calm-mid"]
+    assert result["rows"][0]["mel_snr_db"] == float("inf")  # the result itself unchanged
+
+
 def test_variants_fit_counts_each_part_against_the_bound(tiny_manager):
     from chatterbox_demo.config import get_preset
     from chatterbox_demo.manager import MAX_VARIANTS

@@ -178,6 +178,9 @@ def main(capsys, *argv):
         (["--text", "\x07\x1b"], "Enter some text to speak"),
         (["--preset", "gpu-fast"], "cannot run on cpu"),
         (["--preset", "cached+cfm_cfg=maybe"], "cfm_cfg must be true or false"),
+        # The text and the settings before the preset is built (minutes when compiled).
+        (["--text", "", "--preset", "cpu-fast"], "Enter some text to speak"),
+        (["--preset", "cached", "--temperature", "99"], "temperature must be between"),
     ],
 )
 def test_user_errors_before_loading(capsys, tmp_path, no_instance, monkeypatch, argv, words):
@@ -192,6 +195,65 @@ def test_user_errors_before_loading(capsys, tmp_path, no_instance, monkeypatch, 
     assert err.splitlines() == [err.strip()] and err.startswith("error: ")
     assert words in err
     assert not (tmp_path / "x.wav").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["synth", "--out", "{folder}"], "--out '{folder}' is a folder"),
+    (["synth", "--out", "{file}/x.wav"], "'{file}' is a file, not a folder"),
+    pytest.param(["synth", "--out", "/proc/x.wav"], "cannot write in '/proc'",  # even as root
+                 marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="Linux")),
+    (["bench", "--json", "{folder}"], "--json '{folder}' is a folder"),
+    (["bench", "--json", "{folder}/missing/b.json"], "the folder '{folder}/missing' does not"),
+    (["bench", "--markdown", "{file}/b.md"], "'{file}' is a file, not a folder"),
+    (["bench", "--plot", "{folder}/chart.txt"], "end it in one of .eps, .jpeg"),
+    (["bench", "--presets", " , "], "--presets names no preset"),
+    (["bench", "--text", "?!"], "nothing to speak"),
+    (["bench", "--text", "a" * 1001], "the limit is 1000"),  # a row is one generation
+])
+def test_bad_outputs_and_bench_inputs_fail_before_loading(capsys, tmp_path, no_instance,
+                                                          monkeypatch, argv, words):
+    """Checked before the model loads: after the work, a path that cannot be written
+    threw its results away, and a text no row could speak made every row an error."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli.ModelManager, "load", no_model)
+    folder, file = tmp_path / "folder", tmp_path / "file"
+    folder.mkdir()
+    file.write_text("x")
+    argv = [arg.format(folder=folder, file=file) for arg in argv]
+    rest = {"synth": ["--text", "Hello."], "bench": ["--tokens", "4"]}
+    code, out, err = main(capsys, *argv, *rest[argv[0]], "--weights", "tiny",
+                          "--device", "cpu")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [err.strip()] and err.startswith("error: ")
+    assert words.format(folder=folder, file=file) in err
+
+
+def test_an_os_error_is_one_error_line(capsys, monkeypatch):
+    """The last resort, for a file that fails past the checks."""
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "out.wav")
+
+    monkeypatch.setattr(cli, "run", denied)
+    code, out, err = main(capsys, "voices", "list")
+    assert (code, out) == (2, "")
+    assert err == "error: [Errno 13] Permission denied: 'out.wav'\n"
+
+
+def test_in_process_bench_json_is_strict(shared_cli, capsys, tmp_path):
+    """baseline's mel matches fp32's exactly: an SNR of inf, which JSON has no word for
+    (Python wrote Infinity); null in the JSON, inf in the table."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    table = tmp_path / "bench.md"
+    code, stdout, err = main(capsys, "bench", "--presets", "baseline", "--tokens", "4",
+                             "--text", "Hi there.", "--json", "--markdown", str(table))
+    assert code == 0, err
+    row = json.loads(stdout, parse_constant=refuse)["rows"][0]
+    assert row["mel_snr_db"] is None and row["logits_cosine"] == 1.0
+    assert "| inf |" in table.read_text()
 
 
 def test_argparse_errors_exit_2(capsys):
