@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 from pathlib import Path
@@ -27,6 +28,25 @@ def test_readme_shows_the_cli():
 def test_every_cli_example_parses(line):
     argv = shlex.split(line)[3:]
     build_parser().parse_args(argv)  # exits (SystemExit) on an unknown flag or subcommand
+
+
+def subcommands(parser: argparse.ArgumentParser, words: tuple = ()):
+    """(words, parser) of every subcommand that runs: ("voices", "add"), ("synth",)..."""
+    chosen = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not chosen:
+        yield words, parser
+        return
+    for name, sub in chosen[0].choices.items():
+        yield from subcommands(sub, (*words, name))
+
+
+def test_the_subcommands_without_weights_device_and_json_are_the_ones_named():
+    claim = " ".join(README.split("## Command line", 1)[1].split("```", 1)[0].split())
+    named = set(re.findall(r"but `([^`]+)`", claim))
+    flags = ("--weights", "--device", "--json")
+    lacking = {" ".join(words) for words, sub in subcommands(build_parser())
+               if not all(flag in sub._option_string_actions for flag in flags)}
+    assert named == lacking
 
 
 def test_every_weights_value_in_the_table_is_accepted():
