@@ -135,7 +135,11 @@ class VoiceLibrary:
     def register_shipped(self, folder: Path, exaggeration: float = 0.5) -> None:
         """The reference clips in ``voices/``: listed read-only, conditionals precomputed."""
         for path in sorted(Path(folder).glob("*.wav")):
-            clip = load_reference(path)
+            try:
+                clip = load_reference(path)
+            except AudioError as exc:  # one bad file must not keep the app from starting
+                log.warning("Skipping the shipped voice %s: %s", path.name, exc)
+                continue
             voice = Voice(path.stem, "shipped", exaggeration, clip.sha256, str(path),
                           round(clip.seconds, 2))
             if name_key(voice.name) in self._voices:
@@ -148,6 +152,7 @@ class VoiceLibrary:
     # --- queries ----------------------------------------------------------------------
 
     def list(self) -> list[Voice]:
+        self._catch_up()
         order = {"builtin": 0, "shipped": 1, "user": 2, "finetuned": 3}
         return sorted(self._voices.values(), key=lambda v: (order[v.kind], name_key(v.name)))
 
@@ -155,6 +160,7 @@ class VoiceLibrary:
         return [v.name for v in self.list()]
 
     def get(self, name: str) -> Voice:
+        self._catch_up()
         voice = self._voices.get(name_key(name)) if isinstance(name, str) else None
         if voice is None:
             available = ", ".join(self.names()) or "none yet"
@@ -366,7 +372,21 @@ class VoiceLibrary:
             renamed = (clash.name, new.name)
         others = {k: v for k, v in self._voices.items() if v.kind not in USER_KINDS}
         self._voices = {**others, **users}  # a user voice hides a shipped one, as at start-up
+        self._seen = self._index_stamp()
         return renamed
+
+    def _index_stamp(self) -> tuple | None:
+        try:
+            found = self.index_path.stat()
+        except OSError:
+            return None
+        return found.st_ino, found.st_mtime_ns, found.st_size
+
+    def _catch_up(self) -> None:
+        """Show what another process (``voices add`` in a shell) changed since the index was
+        last read: every change replaces the file, so a new stamp means a new list."""
+        if self._index_stamp() != self._seen:
+            self._reload()
 
     @contextmanager
     def _changing(self):
@@ -399,6 +419,7 @@ class VoiceLibrary:
         except OSError as exc:
             raise _not_saved(exc) from None
         self._voices = voices
+        self._seen = self._index_stamp()
 
 
 def _not_saved(exc: OSError) -> VoiceError:

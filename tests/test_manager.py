@@ -9,7 +9,6 @@ from conftest import SHIPPED, VOICES_DIR
 
 from chatterbox_demo import manager as manager_mod
 from chatterbox_demo import pipeline
-from chatterbox_demo.audio import AudioError
 from chatterbox_demo.config import (
     MAX_TEXT_CHARS,
     PRESETS,
@@ -458,17 +457,30 @@ def test_a_compiled_configuration_is_warmed_up_per_decoder_too(own_variants, mon
     assert warmed == [stock, fast]
 
 
-def test_a_voice_that_fails_to_load_leaves_the_manager_unloaded(make_manager, tmp_path):
-    """A bad clip among the shipped voices fails load() naming it, every time, rather than
-    leave a manager that claims to be loaded without a voice library."""
+def test_a_bad_shipped_clip_is_skipped_and_named_in_the_log(make_manager, tmp_path, caplog):
+    """One unreadable file among the shipped voices costs that voice, not the app."""
     voices = tmp_path / "voices"
     shutil.copytree(VOICES_DIR, voices)
     (voices / "broken.wav").write_bytes(b"not a wav file")
-    fresh = make_manager(shipped_voices=voices, load=False)
+    fresh = make_manager(shipped_voices=voices)
+    assert [v.name for v in fresh.list_voices()] == list(SHIPPED)
+    assert "Skipping the shipped voice broken.wav" in caplog.text
+
+
+def test_a_voice_library_that_fails_leaves_the_manager_unloaded(make_manager, monkeypatch):
+    """A load() that fails while building the voice library fails again when retried,
+    rather than leave a manager that claims to be loaded without a voice library."""
+    real = manager_mod.VoiceLibrary.register_shipped
+
+    def failing(self, folder, *args, **kwargs):
+        raise OSError(5, "Input/output error", str(folder))
+
+    monkeypatch.setattr(manager_mod.VoiceLibrary, "register_shipped", failing)
+    fresh = make_manager(load=False)
     for _ in range(2):
-        with pytest.raises(AudioError, match="'broken.wav' is not a readable audio file"):
+        with pytest.raises(OSError, match="Input/output error"):
             fresh.load()
         assert fresh.loaded is None
-    (voices / "broken.wav").unlink()
+    monkeypatch.setattr(manager_mod.VoiceLibrary, "register_shipped", real)
     fresh.load()
     assert fresh.list_voices()[0].name == SHIPPED[0]

@@ -238,6 +238,16 @@ def test_two_libraries_on_one_cache_keep_each_others_changes(make_library, clip,
     assert make_library().names() == ["Bob"]
 
 
+def test_a_library_lists_what_another_process_added_without_a_change_of_its_own(
+        make_library, clip):
+    app, cli = make_library(), make_library()
+    assert app.names() == []
+    cli.add("Bob", clip)
+    assert app.names() == ["Bob"] and app.get("bob").name == "Bob"
+    cli.remove("Bob")
+    assert app.names() == []
+
+
 # --- refused names --------------------------------------------------------------------------
 
 
