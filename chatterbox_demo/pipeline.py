@@ -25,6 +25,9 @@ from .config import BASELINE, GenerationParams, OptimizationConfig
 from .fast_t3 import FastT3Decoder
 from .optimizations import INDUCTOR_GRAPH_MODES, cfm_guidance, cfm_parallel_rows
 
+# The stop token's id: one past the start token, itself the first id past the speech
+# vocabulary (T3Config's stop_speech_token, a constant of the checkpoint format).
+STOP_SPEECH_TOKEN = SPEECH_VOCAB_SIZE + 1
 CFG_BATCH = 2  # T3 always runs the conditional and the unconditional row (see _sampling)
 
 
@@ -186,9 +189,13 @@ def _speakable(tokens: torch.Tensor, device) -> torch.Tensor:
     :func:`run_stream` (block by block) rendered different tokens. This filter looks at
     each token alone, so whole or in blocks it keeps the same ones, for every decoder,
     ``baseline`` included: it matches upstream whenever no start token is sampled, and
-    differs only where upstream loses speech or crashes. Nothing needs cutting at the stop
-    token: both decoders end with it."""
+    differs only where upstream loses speech or crashes. Like upstream it ends at the first
+    stop token: both decoders end with it, but nothing after one is speech. (A stream's
+    blocks end there too, so whole or in blocks the cut falls in the same place.)"""
     tokens = tokens[0] if tokens.dim() > 1 else tokens
+    stops = (tokens == STOP_SPEECH_TOKEN).nonzero()
+    if len(stops):
+        tokens = tokens[: int(stops[0])]
     return tokens[tokens < SPEECH_VOCAB_SIZE].to(device)
 
 
