@@ -256,11 +256,9 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
     library_names = {name_key(name) for name in manager.library.names()}
     if voice and name_key(voice) not in library_names and Path(voice).is_file():
         voice_file, voice = Path(voice), None
-    if voice_file is None:
-        result = manager.generate_long(text, voice, params, progress=lambda fraction, message:
-                                       print(f"[synth] {message}", file=sys.stderr, flush=True))
-    else:  # a clip that is not in the library: one generation, short text
-        result = manager.generate(text, voice, params, voice_file=voice_file)
+    result = manager.generate_long(text, voice, params, voice_file=voice_file,
+                                   progress=lambda fraction, message:
+                                   print(f"[synth] {message}", file=sys.stderr, flush=True))
     write_wav(args.out, result.wav, result.sample_rate)
     report = {**result.report, "out": str(args.out)}
     report["timings"]["build_s"] += apply_s

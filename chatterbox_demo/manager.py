@@ -513,21 +513,23 @@ class ModelManager:
     def generate_long(self, text: str, voice: str | None = None,
                       params: GenerationParams | None = None,
                       config: OptimizationConfig | None = None,
-                      progress: Progress | None = None) -> Synthesis:
+                      progress: Progress | None = None,
+                      voice_file: str | os.PathLike | None = None) -> Synthesis:
         """Speak text of any length up to MAX_LONG_TEXT_CHARS: sentence chunks
         (longform.chunk_text), one generation each with the voice's conditionals computed
         at most once, joined with equal-power crossfades. Chunk i uses seed + i, so the same
         seed gives the same audio. ``params.max_new_tokens`` bounds each chunk. Text that
-        fits one chunk is a plain :meth:`generate`."""
+        fits one chunk is a plain :meth:`generate`. ``voice_file`` as in :meth:`generate`."""
         if isinstance(text, str) and len(text) <= longform.CHUNK_CHARS:
-            return self.generate(text, voice, params, config)
+            return self.generate(text, voice, params, config, voice_file=voice_file)
         text = check_text(text, MAX_LONG_TEXT_CHARS)
         params = params or GenerationParams()
         chunks = longform.chunk_text(text)
         with self.lock:  # one configuration for every chunk: no switch in between
             config = config or self.config
             name = self._preset_name(config)
-            results = [self.generate(chunk, voice, chunk_params, chunk_config)
+            results = [self.generate(chunk, voice, chunk_params, chunk_config,
+                                     voice_file=voice_file)
                        for _, chunk, chunk_params, chunk_config
                        in _chunk_runs(chunks, params, config, progress)]
         sample_rate = results[0].sample_rate

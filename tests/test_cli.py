@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import soundfile as sf
-from conftest import REPO, SHIPPED, slow_first_variant_build, write_audio
+from conftest import REPO, SHIPPED, VOICES_DIR, slow_first_variant_build, write_audio
 
 from chatterbox_demo import cli
 from chatterbox_demo.config import DEVICE_PRESETS, config_from_spec
@@ -352,17 +352,21 @@ def test_in_process_voice_management(shared_cli, capsys, make_wav):
     assert shared_cli.library.names() == list(SHIPPED)
 
 
+@pytest.mark.parametrize("voice", ["calm-mid", str(VOICES_DIR / "calm-mid.wav")],
+                         ids=["library-name", "clip-path"])
 def test_in_process_synth_of_a_long_text_file_reports_chunk_progress(shared_cli, capsys,
-                                                                     tmp_path):
+                                                                     tmp_path, voice):
+    # Past the 1,000 characters one generation takes, whether the voice is named or a clip.
     text_file = tmp_path / "story.txt"
     text_file.write_text(" ".join(f"Sentence {i} of a longer story, told slowly." for i in
-                                  range(20)), encoding="utf-8")
+                                  range(25)), encoding="utf-8")
+    assert len(text_file.read_text(encoding="utf-8")) > 1000
     out = tmp_path / "story.wav"
     code, stdout, err = main(capsys, "synth", "--text-file", str(text_file), "--voice",
-                             "calm-mid", "--out", str(out), "--max-tokens", "6", "--json")
+                             voice, "--out", str(out), "--max-tokens", "6", "--json")
     assert code == 0, err
     chunks = json.loads(stdout)["chunks"]
-    assert len(chunks) >= 3
+    assert len(chunks) >= 4
     assert f"[synth] chunk {len(chunks)} of {len(chunks)}" in err
     assert sf.info(out).samplerate == 24000
 
