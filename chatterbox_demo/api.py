@@ -38,6 +38,9 @@ FORMATS = {
     "pcm": (None, None, "audio/pcm"),
 }
 SPEED_RANGE = (0.25, 4.0)
+# A request's body is read only this far: 20,000 characters of input, even each one escaped
+# as \uXXXX, fit in an eighth of it, and a bigger body would only fill memory.
+MAX_BODY_BYTES = 1 << 20
 # What a request can get wrong past parsing: bad text or settings, or a generation that made
 # no speech (too small a token budget); a 400 saying what to change, not a 500.
 REQUEST_ERRORS = (ValueError, GenerationError)
@@ -228,7 +231,7 @@ def build_router(manager_factory=ModelManager.instance) -> APIRouter:
         try:
             _check_key(request)
             try:
-                body = json.loads(await request.body())
+                body = json.loads(await _read_body(request))
             except (ValueError, RecursionError):  # RecursionError: nesting too deep
                 raise ApiError(400, "The request body is not valid JSON.") from None
             args = parse_speech_request(body)
@@ -237,6 +240,16 @@ def build_router(manager_factory=ModelManager.instance) -> APIRouter:
         return await _speak(manager_factory(), args)
 
     return router
+
+
+async def _read_body(request: Request) -> bytes:
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"The request body is over {MAX_BODY_BYTES // 1024} KB; "
+                                f"'input' is limited to {MAX_LONG_TEXT_CHARS} characters.")
+    return bytes(body)
 
 
 async def _speak(manager: ModelManager, args: dict):
@@ -250,7 +263,9 @@ async def _speak(manager: ModelManager, args: dict):
             blocks, finish = await run_in_threadpool(open_stream, manager, args)
         else:
             wav, sample_rate = await run_in_threadpool(synthesize, manager, args)
-            audio = encode(wav, sample_rate, args["format"])
+            # Encoding minutes of audio (mp3, opus) takes seconds: off the event loop, which
+            # serves the page and every other request meanwhile.
+            audio = await run_in_threadpool(encode, wav, sample_rate, args["format"])
             if args["stream_format"] == "audio":
                 return Response(audio, media_type=FORMATS[args["format"]][2])
             blocks = [audio[start:start + SSE_BLOCK] for start in range(0, len(audio),

@@ -166,6 +166,33 @@ def test_missing_fields_and_bad_json(http):
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
 
 
+def test_a_body_past_the_limit_is_refused_before_it_is_read_whole(http):
+    body = json.dumps({"model": "chatterbox", "voice": "calm-mid",
+                       "input": "a" * (api.MAX_BODY_BYTES + 1)}).encode()
+    response = http.post("/v1/audio/speech", content=body,
+                         headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert "request body is over 1024 KB" in response.json()["error"]["message"]
+
+
+def test_audio_is_encoded_off_the_event_loop(http, monkeypatch):
+    import asyncio
+
+    real, on_loop = api.encode, []
+
+    def encode(*args):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop in this thread: a worker thread
+            on_loop.append(False)
+        return real(*args)
+
+    monkeypatch.setattr(api, "encode", encode)
+    assert speak(http, response_format="mp3").status_code == 200
+    assert on_loop == [False]
+
+
 @pytest.mark.parametrize("fmt", ["wav", "pcm"])  # pcm: the streamed path
 def test_no_speech_made_is_a_400_that_says_what_to_try(http, fmt):
     response = speak(http, response_format=fmt, max_new_tokens=1)
