@@ -13,6 +13,7 @@ import hmac
 import io
 import itertools
 import json
+import logging
 import os
 import threading
 
@@ -26,6 +27,9 @@ from .audio import to_pcm16
 from .config import MAX_LONG_TEXT_CHARS, QUEUE_MAX, GenerationParams
 from .manager import ModelManager, TextError, check_text
 from .pipeline import GenerationError
+from .voices import VoiceError
+
+log = logging.getLogger(__name__)
 
 # Names a client may send as `model`: ours, and OpenAI's, so that existing clients work.
 MODELS = ("chatterbox", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
@@ -145,11 +149,16 @@ def _admit(manager: ModelManager, voice: str) -> None:
         raise ApiError(503, "The server is busy: too many requests are waiting. Retry later.",
                        code="queue_full", kind="server_error")
     try:
-        manager.load()
-        manager.library.get(voice)
-    except ValueError as exc:
-        _waiting.release()
-        raise ApiError(404, str(exc), param="voice", code="voice_not_found") from None
+        try:
+            manager.load()
+        except Exception as exc:  # the server's fault, not the request's: not a 4xx
+            log.exception("Loading the model failed")
+            raise ApiError(500, f"The model could not be loaded ({exc}); see the server's "
+                                "log.", kind="server_error") from None
+        try:
+            manager.library.get(voice)
+        except VoiceError as exc:
+            raise ApiError(404, str(exc), param="voice", code="voice_not_found") from None
     except BaseException:
         _waiting.release()
         raise

@@ -175,6 +175,20 @@ def test_a_body_past_the_limit_is_refused_before_it_is_read_whole(http):
     assert "request body is over 1024 KB" in response.json()["error"]["message"]
 
 
+def test_a_model_that_fails_to_load_is_a_server_error_not_an_unknown_voice(http,
+                                                                          tiny_manager,
+                                                                          monkeypatch):
+    def broken():
+        raise ValueError("weights spec 'nowhere' is not understood")
+
+    monkeypatch.setattr(tiny_manager, "load", broken)
+    response = speak(http)
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and "could not be loaded" in error["message"]
+    assert api._waiting._value == api.QUEUE_MAX + 1
+
+
 def test_audio_is_encoded_off_the_event_loop(http, monkeypatch):
     import asyncio
 
