@@ -297,14 +297,17 @@ def to_markdown(result: dict) -> str:
              "|" + "---|" * len(columns)]
     for row in result["rows"]:
         if "error" in row:
-            lines.append(f"| {row['preset']} | {row['voice']} | error: {row['error']} |")
+            lines.append(f"| {_cell(row['preset'])} | {_cell(row['voice'])} | "
+                         f"error: {_cell(row['error'])} |")
             continue
         lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _cell(value) -> str:
-    return "" if value is None else str(value)
+    """A table cell: an error message's own | or line break would end the cell or row."""
+    text = "" if value is None else str(value)
+    return " ".join(text.replace("|", "\\|").split())
 
 
 def to_json(result: dict, indent: int | None = 1) -> str:

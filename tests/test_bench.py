@@ -181,6 +181,16 @@ def test_bench_records_the_flags_that_pick_paths():
     assert bench.to_markdown(result).startswith("AMD EPYC, 2 cores")
 
 
+def test_an_error_row_stays_one_row_of_the_table():
+    result = {"machine": {"cpu": "CPU", "cores": 2, "torch": "2.6.0", "device": "cpu",
+                          "weights": "tiny"},
+              "settings": {"tokens": 8, "repeats": 1},
+              "rows": [{"preset": "a|b", "voice": "calm-mid",
+                        "error": "RuntimeError: shapes [2|3]\nand more"}]}
+    row = bench.to_markdown(result).splitlines()[-1]
+    assert row == r"| a\|b | calm-mid | error: RuntimeError: shapes [2\|3] and more |"
+
+
 def test_bench_records_the_cpu_family_and_model(tmp_path):
     """Zen 4 and Zen 5 EPYCs share a name and most flags; family and model tell them
     apart. Only the first processor's lines count (Linux repeats them per core)."""
