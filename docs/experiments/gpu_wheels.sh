@@ -19,7 +19,7 @@ dest=${2:-.whl}
 wheels=(
   chatterbox-tts==0.1.7 transformers==5.2.0 tokenizers==0.22.2 diffusers==0.29.0
   importlib-metadata==10.2.0 librosa==0.11.0 audioread==3.1.0 soxr==1.1.0
-  soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 decorator==5.3.1 pooch==1.9.0
+  soundfile==0.14.0 cffi==2.1.1 pycparser==3.12 decorator==5.3.2 pooch==1.9.0
   platformdirs==4.14.9 s3tokenizer==0.3.0 conformer==0.3.2 resemble-perth==1.0.1
   omegaconf==2.4.0
 )
