@@ -22,6 +22,10 @@ from .files import write_atomically
 MIN_SECONDS = 1.0
 MAX_SECONDS = 300.0  # 5 minutes; only the first 10 s are used, the rest is wasted upload
 MAX_BYTES = 100 * 1024 * 1024
+# Telephone quality. Below it a clip holds none of the 4-8 kHz band that tells voices apart
+# (the S3 tokenizer and voice encoder work at 16 kHz, S3Gen's reference at 24 kHz), so the
+# "clone" would only be the model's guess.
+MIN_SAMPLE_RATE = 8000
 SILENCE_PEAK = 1e-3  # below -60 dBFS everywhere counts as silence
 # Float audio is nominally within +-1 (integer formats are read scaled into it). A little
 # over is ordinary float headroom; a peak of 1000 (+60 dBFS) is no recording level but a
@@ -75,6 +79,11 @@ def load_reference(path: str | os.PathLike | None) -> ReferenceClip:
     seconds = frames / sample_rate if sample_rate else 0.0
     if frames == 0:
         raise AudioError(f"{path.name!r} contains no audio samples.")
+    if sample_rate < MIN_SAMPLE_RATE:
+        raise AudioError(
+            f"{path.name!r} is sampled at {sample_rate} Hz; a reference needs at least "
+            f"{MIN_SAMPLE_RATE} Hz (16 kHz or more works best): record or export it again."
+        )
     if not np.isfinite(samples).all():
         raise AudioError(f"{path.name!r} contains invalid (NaN or infinite) samples.")
     if seconds < MIN_SECONDS:

@@ -186,6 +186,12 @@ def test_refuses_under_one_second(make_wav):
     assert "5-10 s" in message  # tells the user what works
 
 
+@pytest.mark.parametrize("sample_rate", [100, 7999])
+def test_refuses_sample_rates_below_telephone_quality(make_wav, sample_rate):
+    path = make_wav(f"sr{sample_rate}.wav", seconds=2.0, sample_rate=sample_rate, kind="sine")
+    _refused(path, f"sr{sample_rate}.wav", f"{sample_rate} Hz", "at least 8000 Hz")
+
+
 def test_refuses_over_five_minutes(make_wav):
     path = make_wav("long.wav", seconds=301, sample_rate=8000, kind="sine")
     _refused(path, "long.wav", "5.0 minutes long", "limit is 5 minutes")
