@@ -21,6 +21,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
     place, so a crash between the two leaves both, never half of either."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _remove_abandoned(path)
     try:
         write(tmp)
         _flush(tmp)
@@ -39,6 +40,43 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
         raise
     _flush_folder(path.parent)  # the rename itself
     return path
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Remove the ``.NAME.tmp<pid>`` left by a writer that was killed (SIGKILL, power cut)
+    before it could clean up: hidden, it would otherwise hold its disk space for ever, and a
+    full fine-tune's folder is gigabytes. A live writer's temporary is never touched. When a
+    ``.NAME.old<pid>`` is there too, a folder swap died between its renames and the
+    temporary may be the only whole copy, so both are left for a person to look at."""
+    siblings = list(path.parent.glob(f".{path.name}.*"))
+    if any(_pid_suffix(p, ".old") is not None for p in siblings):
+        return
+    for sibling in siblings:
+        pid = _pid_suffix(sibling, ".tmp")
+        if pid is None or pid == os.getpid() or _is_running(pid):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            try:
+                sibling.unlink()
+            except OSError:
+                pass
+
+
+def _pid_suffix(sibling: Path, kind: str) -> int | None:
+    head, _, pid = sibling.name.rpartition(kind)
+    return int(pid) if head and pid.isdigit() else None
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
 
 
 def _swap_folder(new: Path, path: Path) -> None:

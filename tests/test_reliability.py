@@ -161,6 +161,45 @@ def test_an_atomic_write_reaches_the_disk_before_the_rename(tmp_path, monkeypatc
     assert events[-1] == ("fsync", str(tmp_path))  # and the rename itself
 
 
+def _dead_pid():
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    return int(child.stdout)
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    """A SIGKILL leaves a hidden .NAME.tmp<pid>; a live writer's one is never touched."""
+    import os
+
+    from chatterbox_demo.files import write_atomically
+
+    killed = tmp_path / f".adapter.tmp{_dead_pid()}"
+    killed.mkdir()
+    (killed / "checkpoint.pt").write_text("gigabytes")
+    other = tmp_path / f".voices.json.tmp{_dead_pid()}"  # another file's: not ours to judge
+    other.write_text("half")
+    live = tmp_path / f".adapter.tmp{os.getppid()}"
+    live.mkdir()
+    write_atomically(tmp_path / "adapter", _folder({"card.json": "new"}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["adapter", live.name, other.name])
+
+
+def test_a_temporary_beside_a_swapped_out_folder_is_kept(tmp_path):
+    """A swap killed between its renames: the temporary may be the only whole copy."""
+    from chatterbox_demo.files import write_atomically
+
+    old = tmp_path / f".adapter.old{_dead_pid()}"
+    old.mkdir()
+    new = tmp_path / f".adapter.tmp{_dead_pid()}"
+    new.mkdir()
+    write_atomically(tmp_path / "adapter", _folder({"card.json": "new"}))
+    assert old.is_dir() and new.is_dir()
+
+
 def _folder(files):
     def write(tmp):
         tmp.mkdir()
