@@ -210,7 +210,14 @@ def seeded_apart(seed: int, device):
     S3Gen call starts from the generation's seed instead, and T3's state is left as it was
     (a stream goes on decoding after each block it renders)."""
     device = torch.device(device)
-    with torch.random.fork_rng([device.index or 0] if device.type == "cuda" else []):
+    # torch.manual_seed reseeds every device's generator, so an accelerator's state must be
+    # saved and restored too: on MPS, forking only the CPU's left a stream's next tokens
+    # drawn from a reseeded generator, unlike run() with the same seed.
+    if device.type in ("cuda", "mps"):
+        fork = torch.random.fork_rng([device.index or 0], device_type=device.type)
+    else:
+        fork = torch.random.fork_rng([])
+    with fork:
         torch.manual_seed(seed)
         yield
 

@@ -41,6 +41,25 @@ def test_a_stream_samples_the_same_tokens_as_one_generation(tiny_manager, preset
     assert np.array_equal(again.wav, streamed.wav)  # same seed, same stream
 
 
+def test_s3gen_seeding_puts_back_the_accelerators_generator_too(monkeypatch):
+    """torch.manual_seed reseeds every device: on MPS, saving only the CPU's state left a
+    stream's later tokens drawn from a reseeded generator, unlike run() with that seed.
+    (No accelerator here, so the forks are recorded rather than run.)"""
+    forked = []
+    real_fork = torch.random.fork_rng
+
+    def record(devices=None, enabled=True, device_type="cuda", **kwargs):
+        forked.append((list(devices), device_type))
+        return real_fork([], enabled)
+
+    monkeypatch.setattr(torch.random, "fork_rng", record)
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: None)
+    for device in ("cpu", "cuda:1", "mps"):
+        with pipeline.seeded_apart(3, device):
+            pass
+    assert forked == [([], "cuda"), ([1], "cuda"), ([0], "mps")]
+
+
 def test_the_fast_decoder_hands_over_audio_before_it_has_finished(tiny_manager):
     config = get_preset("cpu-fast")
     t3, s3gen = tiny_manager.variant(config)
