@@ -317,7 +317,11 @@ class FastT3Decoder:
 
     def generate(self, **sampling) -> torch.Tensor:
         """Same arguments and result as ``T3.inference``: (1, n) sampled tokens, ending
-        with the stop token when one was drawn. ``text_tokens`` is the (2, L) CFG batch."""
+        with the stop token when one was drawn. ``text_tokens`` is the (2, L) CFG batch.
+        Two differences for direct callers (the pipeline passes every setting and never
+        ``stop_on_eos``): the defaults are ``ChatterboxTTS.generate``'s (``top_p`` 1.0,
+        where ``T3.inference`` has 0.95), and ``stop_on_eos=False`` does decode past the
+        stop token, where ``T3.inference`` ignores it and always stops."""
         return torch.cat(list(self.token_blocks(**sampling)), dim=1)
 
     @torch.inference_mode()
