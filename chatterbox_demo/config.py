@@ -219,11 +219,6 @@ class OptimizationConfig:
         when none is kept yet): the warm-up is reported apart."""
         return self.compile_mode != "off" or self.s3gen_quant == "int8-static"
 
-    def variant_key(self) -> tuple:
-        """The fields that need their own copy of the weights."""
-        return (self.t3_dtype, self.t3_quant, self.t3_onednn, self.s3gen_dtype,
-                self.s3gen_quant, self.compile_mode)
-
 
 BASELINE = OptimizationConfig()
 _CACHED = OptimizationConfig(cached_conditionals=True)

@@ -102,6 +102,24 @@ def unavailable_reason(config: OptimizationConfig, device: str) -> str | None:
 DEFAULT_THREADS = torch.get_num_threads()
 
 
+def thread_count(config: OptimizationConfig) -> int:
+    """The CPU threads ``config`` runs with."""
+    return config.cpu_threads or DEFAULT_THREADS
+
+
+@contextmanager
+def threads_while_building(config: OptimizationConfig):
+    """Run with ``config``'s thread count, and put the previous one back after. Inductor
+    writes the thread count it compiles at into its code (``omp parallel num_threads``),
+    so a compile under the previous configuration's count ran at that count for good."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(thread_count(config))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def apply_runtime_settings(config: OptimizationConfig, device: str) -> None:
     """Process-wide torch settings a configuration asks for (threads; TF32 and cuDNN
     autotuning on CUDA). Mutates global torch state, as these settings are global.
@@ -111,7 +129,7 @@ def apply_runtime_settings(config: OptimizationConfig, device: str) -> None:
     one each token. On an H100 with torch 2.11 the fast decoder's eager bf16 step ran at
     14.4 tokens/s with it and 48.2 without (docs/benchmarks.md). Flash and memory-
     efficient attention serve the same shapes without a plan."""
-    torch.set_num_threads(config.cpu_threads or DEFAULT_THREADS)
+    torch.set_num_threads(thread_count(config))
     if device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.matmul.allow_tf32 = config.tf32
@@ -553,15 +571,19 @@ def apply_compile(module: nn.Module, mode: str, method: str = "forward") -> nn.M
 def t3_variant_key(config: OptimizationConfig) -> tuple:
     """What :func:`build_t3` reads from ``config``: configurations with equal keys share one
     built T3. Projections are joined for the fast decoder only (the stock decoder calls the
-    separate ones, which would then each compute the joined output)."""
-    key = (config.t3_dtype, config.t3_quant, config.compile_mode)
+    separate ones, which would then each compute the joined output). The compile mode as
+    T3 is compiled in it (two modes can give one), and compiled code's thread count."""
+    key = (config.t3_dtype, config.t3_quant, t3_compile_mode(config.compile_mode))
     key = (*key, "onednn") if config.t3_onednn else key
-    return (*key, "joined") if joins_projections(config) else key
+    key = (*key, "joined") if joins_projections(config) else key
+    return (*key, f"threads={thread_count(config)}") if config.compile_mode != "off" else key
 
 
 def s3gen_variant_key(config: OptimizationConfig) -> tuple:
     """What :func:`build_s3gen` reads from ``config``, like :func:`t3_variant_key`."""
-    return (config.s3gen_dtype, config.s3gen_quant, config.compile_mode)
+    key = (config.s3gen_dtype, config.s3gen_quant, config.compile_mode)
+    compiled = config.compile_mode != "off" or config.s3gen_quant == "int8-static"
+    return (*key, f"threads={thread_count(config)}") if compiled else key
 
 
 def joins_projections(config: OptimizationConfig) -> bool:
@@ -621,7 +643,8 @@ def build_s3gen(pristine: S3Gen, config: OptimizationConfig,
     elif config.s3gen_quant == "int8-static":
         if calibration is None:
             raise ValueError("S3Gen int8-static needs calibration calls")
-        apply_s3gen_int8_static(s3gen, calibration(), package_dir)  # compiles its estimator
+        with threads_while_building(config):  # compiles its estimator, at these threads
+            apply_s3gen_int8_static(s3gen, calibration(), package_dir)
     if config.compile_mode != "off":
         if config.s3gen_quant != "int8-static":
             use_mask_without_sync(s3gen.flow.decoder.estimator)

@@ -457,6 +457,39 @@ def test_a_compiled_configuration_is_warmed_up_per_decoder_too(own_variants, mon
     assert warmed == [stock, fast]
 
 
+def test_compiled_variants_are_built_at_and_kept_per_their_own_thread_count(own_variants,
+                                                                           monkeypatch):
+    """Inductor writes the thread count into its code: int8-static compiled under the last
+    configuration's count ran at it for good, and a compiled variant was reused whatever
+    cpu_threads a later configuration asked for."""
+    from chatterbox_demo import optimizations
+
+    compiled_at = []
+
+    def static_int8(s3gen, calibration, package_dir):
+        compiled_at.append(torch.get_num_threads())
+        return s3gen
+
+    monkeypatch.setattr(optimizations, "apply_s3gen_int8_static", static_int8)
+    static = dataclasses.replace(PRESETS["cached"], s3gen_quant="int8-static")
+    before = torch.get_num_threads()
+    try:
+        own_variants.apply(dataclasses.replace(PRESETS["cached"], cpu_threads=1))
+        own_variants.variant(dataclasses.replace(static, cpu_threads=2))
+        assert compiled_at == [2]
+        own_variants.variant(dataclasses.replace(static, cpu_threads=1))
+        assert compiled_at == [2, 1]  # not the two-thread one again
+    finally:
+        torch.set_num_threads(before)
+    compiled = dataclasses.replace(PRESETS["cached"], compile_mode="default")
+    assert (optimizations.t3_variant_key(dataclasses.replace(compiled, cpu_threads=1))
+            != optimizations.t3_variant_key(dataclasses.replace(compiled, cpu_threads=2)))
+    # What T3 is compiled in decides its variant, not the mode's name (CUDA's
+    # reduce-overhead compiles T3's layers as default: one copy, not two).
+    overhead = dataclasses.replace(compiled, compile_mode="reduce-overhead")
+    assert optimizations.t3_variant_key(overhead) == optimizations.t3_variant_key(compiled)
+
+
 def test_a_bad_shipped_clip_is_skipped_and_named_in_the_log(make_manager, tmp_path, caplog):
     """One unreadable file among the shipped voices costs that voice, not the app."""
     voices = tmp_path / "voices"
