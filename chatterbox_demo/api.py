@@ -105,10 +105,11 @@ def parse_speech_request(body) -> dict:
     stream_format = _field(body, "stream_format", str, "audio")
     if stream_format not in ("audio", "sse"):
         raise ApiError(400, "stream_format must be 'audio' or 'sse'.", param="stream_format")
-    speed = float(_field(body, "speed", (int, float), 1.0))
-    if not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:
+    speed = _field(body, "speed", (int, float), 1.0)
+    if not SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]:  # before float(): 10**400 overflows
         raise ApiError(400, f"speed must be between {SPEED_RANGE[0]} and {SPEED_RANGE[1]}.",
                        param="speed")
+    speed = float(speed)
     settings = {}
     for name in ("exaggeration", "cfg_weight", "temperature", "seed", "max_new_tokens"):
         value = _field(body, name, (int, float))

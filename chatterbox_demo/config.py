@@ -70,7 +70,9 @@ def check_number(name: str, value, low: float, high: float, integer: bool = Fals
     kind = "a whole number" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be {kind} between {low} and {high} (got {value!r})")
-    if math.isnan(value) or not low <= value <= high:
+    # isnan only for floats: math.isnan(10**400) raises OverflowError, which the API
+    # answered with a 500; comparing a whole number with the bounds never overflows.
+    if (isinstance(value, float) and math.isnan(value)) or not low <= value <= high:
         raise ValueError(f"{name} must be between {low} and {high} (got {value!r})")
     if integer and value != int(value):
         raise ValueError(f"{name} must be {kind} (got {value!r})")
@@ -173,6 +175,11 @@ class OptimizationConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)} "
                                  f"(got {getattr(self, name)!r})")
+        for f in fields(self):
+            # A JSON "false" or null kept CFG on while the label said off.
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name} must be true or false "
+                                 f"(got {getattr(self, f.name)!r})")
         check_number("cfm_steps", self.cfm_steps, 1, 50, integer=True)
         if self.prompt_seconds is not None:
             check_number("prompt_seconds", self.prompt_seconds, 0.5, 10.0)

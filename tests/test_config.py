@@ -237,6 +237,17 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert hardware.cpu_flags(tmp_path / "missing") == set()
 
 
+@pytest.mark.parametrize("value", ["false", None, 0, 1.0])
+def test_switches_must_be_true_or_false(value):
+    """The A/B tab builds configurations from JSON: the string "false" kept CFG on while
+    the run was labelled cfm_cfg=false."""
+    with pytest.raises(ValueError, match=f"^cfm_cfg must be true or false \\(got {value!r}\\)"):
+        OptimizationConfig(cfm_cfg=value)
+    for name in ("cached_conditionals", "t3_onednn", "cuda_graphs", "tf32"):
+        with pytest.raises(ValueError, match=f"^{name} must be true or false"):
+            OptimizationConfig(**{name: value})
+
+
 def test_whole_numbers_are_stored_as_ints_and_read_back():
     import numpy as np
 

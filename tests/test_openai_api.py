@@ -146,6 +146,9 @@ def test_pcm_streams_as_it_is_made(http, tiny_manager):
     ({"speed": 9}, 400, "speed must be between 0.25 and 4.0"),
     ({"temperature": 99}, 400, "temperature must be between"),
     ({"seed": "x"}, 400, "'seed' must be a int or float"),
+    # Whole numbers too big for a float: math.isnan and float() overflowed into a 500.
+    ({"seed": 10**400}, 400, "seed must be between"),
+    ({"speed": 10**400}, 400, "speed must be between 0.25 and 4.0"),
 ])
 def test_bad_requests_get_openai_errors(http, fields, status, words):
     response = speak(http, **fields)
