@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,8 +45,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
 
 def _remove_abandoned(path: Path) -> None:
     """Remove the ``.NAME.tmp<pid>`` left by a writer that was killed (SIGKILL, power cut)
-    before it could clean up: hidden, it would otherwise hold its disk space for ever, and a
-    full fine-tune's folder is gigabytes. A live writer's temporary is never touched. When a
+    before it could clean up (:func:`is_abandoned`): hidden, it would otherwise hold its
+    disk space for ever, and a full fine-tune's folder is gigabytes. When a
     ``.NAME.old<pid>`` is there too, a folder swap died between its renames and the
     temporary may be the only whole copy, so both are left for a person to look at."""
     siblings = list(path.parent.glob(f".{path.name}.*"))
@@ -53,7 +54,7 @@ def _remove_abandoned(path: Path) -> None:
         return
     for sibling in siblings:
         pid = _pid_suffix(sibling, ".tmp")
-        if pid is None or pid == os.getpid() or _is_running(pid):
+        if pid is None or not is_abandoned(sibling, pid):
             continue
         if sibling.is_dir() and not sibling.is_symlink():
             shutil.rmtree(sibling, ignore_errors=True)
@@ -69,14 +70,28 @@ def _pid_suffix(sibling: Path, kind: str) -> int | None:
     return int(pid) if head and pid.isdigit() else None
 
 
-def _is_running(pid: int) -> bool:
+# A writer in another container on a shared cache has its own process numbers, so its pid
+# may look dead from here: only what has not changed for this long is taken for abandoned
+# (the longest write, a static int8 compile, takes about ten minutes).
+ABANDONED_AFTER_S = 3600.0
+
+
+def is_abandoned(path: Path, pid: int) -> bool:
+    """Whether ``path``, a temporary that process ``pid`` was writing, was left behind: that
+    process is gone and the file has not changed for :data:`ABANDONED_AFTER_S`."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
         return False
+    except ProcessLookupError:
+        pass
     except OSError:
-        return True  # it exists, owned by someone else
-    return True
+        return False  # it exists, owned by someone else
+    try:
+        return time.time() - path.lstat().st_mtime > ABANDONED_AFTER_S
+    except OSError:
+        return False  # gone already
 
 
 def _swap_folder(new: Path, path: Path) -> None:

@@ -29,6 +29,7 @@ from torch import nn
 from . import hardware
 from .compiling import compile_hot
 from .config import OptimizationConfig
+from .files import is_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -476,11 +477,16 @@ def package_name(key: str) -> str:
 
 def _remove_older_formats(package_dir: Path) -> None:
     """Delete the packages of earlier formats, which no build will load again (about
-    100 MB each at full size). Packages of this format stay, whatever their key: another
-    model, voice or thread count may still ask for them."""
+    100 MB each at full size), and the partial ones of compiles that were killed. Packages
+    of this format stay, whatever their key: another model, voice or thread count may
+    still ask for them; so do partial ones of compiles still running."""
     for stale in package_dir.glob(f"{PACKAGE_PREFIX}*.pt2"):
-        if (not stale.name.startswith(f"{PACKAGE_PREFIX}v{PACKAGE_FORMAT}-")
-                and ".partial-" not in stale.name):  # another process's compile in flight
+        _, partial, pid = stale.stem.rpartition(".partial-")
+        if partial and pid.isdigit():
+            if is_abandoned(stale, int(pid)):
+                log.info("removing %s, left by a compile that was killed", stale.name)
+                stale.unlink(missing_ok=True)
+        elif not stale.name.startswith(f"{PACKAGE_PREFIX}v{PACKAGE_FORMAT}-"):
             log.info("removing %s, a compiled package of an earlier format", stale.name)
             stale.unlink(missing_ok=True)
 

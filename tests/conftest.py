@@ -204,3 +204,13 @@ def make_wav(tmp_path):
         return write_audio(tmp_path / name, **kwargs)
 
     return factory
+
+
+def dead_pid() -> int:
+    """The process number of a process that has ended."""
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    return int(child.stdout)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_agrees_with_fp32, presets_keeping_semantics
+from conftest import assert_agrees_with_fp32, dead_pid, presets_keeping_semantics
 from torch import nn
 
 from chatterbox_demo import fidelity, optimizations
@@ -448,14 +448,25 @@ def test_a_kept_static_int8_package_is_loaded_without_recording_a_calibration(
 def test_compiling_removes_only_packages_of_earlier_formats(tmp_path):
     """No build loads an earlier format's package again, so it goes (about 100 MB at full
     size); this format's packages stay whatever their key, and so does another process's
-    compile in flight."""
+    compile in flight. A partial package of a compile that was killed goes too (no
+    ``finally`` runs after SIGKILL, and it stayed for good)."""
+    import os
+
+    from chatterbox_demo.files import ABANDONED_AFTER_S
     from chatterbox_demo.optimizations import _remove_older_formats, package_name
 
+    gone = dead_pid()
     kept = [package_name("0" * 16), package_name("1" * 16),
-            "cfm-estimator-int8-static-2222222222222222.partial-7.pt2", "notes.txt"]
-    for name in [*kept, "cfm-estimator-int8-static-04de001e36767193.pt2",
+            f"cfm-estimator-int8-static-2222222222222222.partial-{os.getppid()}.pt2",
+            f"cfm-estimator-int8-static-4444444444444444.partial-{gone}.pt2",  # just now
+            "notes.txt"]
+    killed = f"cfm-estimator-int8-static-5555555555555555.partial-{gone}.pt2"
+    for name in [*kept, killed, "cfm-estimator-int8-static-04de001e36767193.pt2",
                  "cfm-estimator-int8-static-v1-3333333333333333.pt2"]:
         (tmp_path / name).write_bytes(b"x")
+    long_ago = os.path.getmtime(tmp_path / killed) - ABANDONED_AFTER_S - 60
+    for name in (kept[2], killed):
+        os.utime(tmp_path / name, (long_ago, long_ago))
     _remove_older_formats(tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(kept)
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import dead_pid
 
 from chatterbox_demo import manager as manager_module
 from chatterbox_demo.config import GenerationParams
@@ -161,40 +162,38 @@ def test_an_atomic_write_reaches_the_disk_before_the_rename(tmp_path, monkeypatc
     assert events[-1] == ("fsync", str(tmp_path))  # and the rename itself
 
 
-def _dead_pid():
-    import subprocess
-    import sys
-
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                           capture_output=True, text=True, check=True)
-    return int(child.stdout)
-
-
 def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
     """A SIGKILL leaves a hidden .NAME.tmp<pid>; a live writer's one is never touched."""
     import os
 
-    from chatterbox_demo.files import write_atomically
+    from chatterbox_demo.files import ABANDONED_AFTER_S, write_atomically
 
-    killed = tmp_path / f".adapter.tmp{_dead_pid()}"
+    killed = tmp_path / f".adapter.tmp{dead_pid()}"
     killed.mkdir()
     (killed / "checkpoint.pt").write_text("gigabytes")
-    other = tmp_path / f".voices.json.tmp{_dead_pid()}"  # another file's: not ours to judge
+    other = tmp_path / f".voices.json.tmp{dead_pid()}"  # another file's: not ours to judge
     other.write_text("half")
     live = tmp_path / f".adapter.tmp{os.getppid()}"
     live.mkdir()
+    long_ago = os.path.getmtime(killed) - ABANDONED_AFTER_S - 60
+    for path in (killed, other, live):
+        os.utime(path, (long_ago, long_ago))
+    # A writer in another container on a shared cache may look dead from here: what
+    # changed within the hour is left.
+    recent = tmp_path / f".adapter.tmp{dead_pid()}"
+    recent.mkdir()
     write_atomically(tmp_path / "adapter", _folder({"card.json": "new"}))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["adapter", live.name, other.name])
+        ["adapter", live.name, other.name, recent.name])
 
 
 def test_a_temporary_beside_a_swapped_out_folder_is_kept(tmp_path):
     """A swap killed between its renames: the temporary may be the only whole copy."""
     from chatterbox_demo.files import write_atomically
 
-    old = tmp_path / f".adapter.old{_dead_pid()}"
+    old = tmp_path / f".adapter.old{dead_pid()}"
     old.mkdir()
-    new = tmp_path / f".adapter.tmp{_dead_pid()}"
+    new = tmp_path / f".adapter.tmp{dead_pid()}"
     new.mkdir()
     write_atomically(tmp_path / "adapter", _folder({"card.json": "new"}))
     assert old.is_dir() and new.is_dir()
