@@ -32,7 +32,9 @@ def cpuinfo_fields(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     empty where there is no such file."""
     fields: dict[str, str] = {}
     try:
-        for line in cpuinfo.read_text().splitlines():
+        # errors="replace": a hypervisor may put any bytes in the model name, and this runs
+        # at import.
+        for line in cpuinfo.read_text(errors="replace").splitlines():
             key, _, value = line.partition(":")
             fields.setdefault(key.strip(), value.strip())
     except OSError:

@@ -235,6 +235,9 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert not hardware.int8_dot_product(hardware.cpu_flags(cpuinfo))
     assert hardware.path_flags(hardware.cpu_flags(cpuinfo)) == ["avx2"]
     assert hardware.cpu_flags(tmp_path / "missing") == set()
+    # Read at import: a model name in another encoding must not stop the app starting.
+    cpuinfo.write_bytes("model name\t: Prozessor \u00e9\nflags\t\t: avx2\n".encode("latin-1"))
+    assert hardware.cpu_flags(cpuinfo) == {"avx2"}
 
 
 @pytest.mark.parametrize("value", ["false", None, 0, 1.0])
