@@ -314,7 +314,7 @@ class ModelManager:
             t3 = self._t3_variants.get(t3_key)
             if t3 is None:
                 t3 = self._build("T3", t3_key,
-                                 lambda: build_t3(self._t3_base(adapter), config))
+                                 lambda: build_t3(self.t3_base(adapter), config))
             s3gen = self._s3gen_variants.get(s3gen_key)
             if s3gen is None:
                 s3gen = self._build(
@@ -358,19 +358,19 @@ class ModelManager:
     def variants_fit(self, runs: list[tuple[OptimizationConfig, str | None]]) -> bool:
         """Whether the variants these (configuration, voice) pairs run on can all stay
         built at once, so that taking turns between them never rebuilds one."""
-        keys = [self._variant_keys(config, self._adapter_of(voice)) for config, voice in runs]
+        keys = [self._variant_keys(config, self.adapter_of(voice)) for config, voice in runs]
         pristine = self._variant_keys(BASELINE, None)  # kept apart from the bound
         return all(len({pair[part] for pair in keys} - {pristine[part]}) <= MAX_VARIANTS
                    for part in (0, 1))
 
-    def _t3_base(self, adapter: str | None) -> torch.nn.Module:
+    def t3_base(self, adapter: str | None) -> torch.nn.Module:
         """The fp32 T3 variants are derived from: the pristine one, or a fine-tuned copy."""
         tts = self.loaded.tts
         if adapter is None:
             return tts.t3
         return finetune.adapted_t3(tts.t3, Path(adapter), self.loaded.identity) or tts.t3
 
-    def _adapter_of(self, voice: str | None) -> str | None:
+    def adapter_of(self, voice: str | None) -> str | None:
         """The adapter directory of a fine-tuned voice whose weights differ from the base
         (LoRA, full); None for every other voice."""
         chosen = self._library.get(voice if voice else self._default_voice())
@@ -451,7 +451,7 @@ class ModelManager:
             loaded = self.load()
             config = config or self.config
             build_started = time.perf_counter()
-            adapter = None if voice_file is not None else self._adapter_of(voice)
+            adapter = None if voice_file is not None else self.adapter_of(voice)
             t3, s3gen = self.variant(config, adapter)  # built outside the timed region
             build_s = time.perf_counter() - build_started
             started = time.perf_counter()
@@ -599,7 +599,7 @@ class ModelManager:
             tts = loaded.tts
             config = config or self.config
             build_started = time.perf_counter()
-            t3, s3gen = self.variant(config, self._adapter_of(voice))
+            t3, s3gen = self.variant(config, self.adapter_of(voice))
             build_s = time.perf_counter() - build_started
             stitcher = longform.Stitcher(int(longform.CROSSFADE_S * tts.sr))
             started = time.perf_counter()

@@ -64,6 +64,64 @@ def test_rows_run_one_after_another_when_their_variants_do_not_fit(tiny_manager,
     assert all("total_s" in row for row in result["rows"])
 
 
+def test_each_row_is_warmed_up_by_the_very_generation_it_measures(tiny_manager, monkeypatch):
+    """A layer's first call at each new length costs extra once: warmed up at 8 tokens,
+    the first row (the speedups' reference) paid it in its first timed run."""
+    calls = []
+    generate = tiny_manager.generate
+
+    def record(text, voice, params, config=None, **kwargs):
+        calls.append((text, voice, params, kwargs.get("ignore_stop")))
+        return generate(text, voice, params, config, **kwargs)
+
+    monkeypatch.setattr(tiny_manager, "generate", record)
+    try:
+        bench.run(tiny_manager, ["cached", "t3-int8"], voice="calm-mid", tokens=10,
+                  repeats=1, with_fidelity=False, log=lambda line: None)
+    finally:
+        tiny_manager.apply_preset("cached")
+    # Two rows, each an untimed warm-up and a timed repeat, all the same generation.
+    assert len(calls) == 4 and len(set(calls)) == 1
+    assert calls[0][2].max_new_tokens == 10 and calls[0][3] is True
+
+
+def test_no_speedup_against_a_failed_first_row_and_per_voice_references(tiny_manager):
+    """The speedups' reference is the first preset, per voice; when it failed, no row has a
+    speedup (the next row that ran used to become the reference, unseen). Fidelity is held
+    against each voice's own fp32 output: the second voice's baseline agreed with the first
+    voice's reference at -0.03 dB."""
+    try:
+        failed = bench.run(tiny_manager, ["gpu-fast", "cached", "baseline"], voice="calm-mid",
+                           tokens=6, with_fidelity=False, log=lambda line: None)
+        voices = bench.run(tiny_manager, ["baseline", "cached"], tokens=6,
+                           voices=["calm-mid", "narrator-low"], log=lambda line: None)
+    finally:
+        tiny_manager.apply_preset("cached")
+    assert "error" in failed["rows"][0]
+    assert all(row.get("speedup") is None for row in failed["rows"])
+    for row in voices["rows"]:
+        if row["preset"] == "baseline":
+            assert row["speedup"] == 1.0, row["voice"]
+            assert row["mel_snr_db"] == float("inf") and row["logits_cosine"] == 1.0, row
+    # Rows are preset by preset, each for every voice: narrator-low's cached row is the
+    # fourth, measured against narrator-low's baseline, the second.
+    first, second = voices["rows"][1], voices["rows"][3]
+    assert (first["voice"], second["voice"], second["preset"]) == (
+        "narrator-low", "narrator-low", "cached")
+    assert second["speedup"] == round(first["total_s"] / second["total_s"], 2)
+
+
+def test_memory_is_the_process_peak_and_the_runs_own(tiny_manager):
+    try:
+        result = bench.run(tiny_manager, ["cached"], voice="calm-mid", tokens=6,
+                           with_fidelity=False, log=lambda line: None)
+    finally:
+        tiny_manager.apply_preset("cached")
+    (row,) = result["rows"]
+    # The process's peak holds every built variant; the run's own is what it added.
+    assert 0 <= row["run_mem_mb"] < row["peak_mem_mb"]
+
+
 def test_json_is_strict_with_null_for_figures_that_are_not_finite(tmp_path):
     def refuse(constant):
         raise ValueError(f"not JSON: {constant}")
