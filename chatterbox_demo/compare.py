@@ -11,14 +11,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import fidelity, plots
-from .bench import measure
+from .bench import Measurement
 from .config import GenerationParams, OptimizationConfig, default_max_new_tokens
 from .manager import ModelManager, Synthesis, check_text
 from .optimizations import unavailable_reason
 
 # (row key, label, higher is better) in display order; None: no ratio. A warm-up is a
 # one-off cost, often a cache lookup on one side and minutes of compiling on the other:
-# their ratio (0.0 when B compiles) is no speedup.
+# their ratio (0.0 when B compiles) is no speedup. Each row's ratio is taken so that above
+# 1 means B did better (faster, more tokens/s, less memory): one header then fits them all.
 FIGURES = (
     ("conditioning_s", "conditioning (s)", False),
     ("t3_s", "T3 (s)", False),
@@ -30,7 +31,13 @@ FIGURES = (
     ("warmup_s", "warm-up (s)", None),
     ("peak_mem_mb", "peak memory (MB)", False),
 )
+# The table's columns: figure, A, B, and each row's ratio (see FIGURES).
+TABLE_HEADERS = ["", "A", "B", "B's gain over A (x, >1: B better)"]
 SAME_AUDIO_DB = 25.0  # mel SNR above which two renderings of the same tokens sound alike
+# The log-mels compared are in dB below clip A's loudest mel bin, floored this far below
+# it: a floor fixed in absolute power (plots.log_mel's 1e-5) made quieter clips score
+# higher, since the "signal" was the distance from that fixed level.
+MEL_FLOOR_DB = 80.0
 # Under a millisecond a stage was skipped or served from memory (cached conditionals: about
 # 0.1 ms at full size), and the rows' rounding to 0.1 ms leaves at most one digit of it: a
 # ratio against it (22795x) would be mostly rounding.
@@ -47,7 +54,7 @@ class Fidelity:
 
     def reading(self) -> str:
         """One line on what the figure means for a listener."""
-        if math.isinf(self.mel_snr_db):
+        if self.mel_snr_db == math.inf:
             return "B's audio is identical to A's."
         snr = f"{self.mel_snr_db:.1f} dB mel SNR"
         if self.same_tokens and self.mel_snr_db >= SAME_AUDIO_DB:
@@ -62,10 +69,20 @@ class Fidelity:
                 f"different timing and prosody, and the {snr} says little about quality.")
 
 
+def relative_log_mels(a: Synthesis, b: Synthesis) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both clips' mels in dB relative to A's peak mel power, floored MEL_FLOOR_DB below
+    it: scaling both clips by one gain changes nothing."""
+    power_a = plots.mel_power(a.wav, a.sample_rate)
+    power_b = plots.mel_power(b.wav, b.sample_rate)
+    # A silent A has no peak: B's then; both silent compare equal at the floor.
+    peak = float(power_a.max()) or float(power_b.max()) or 1.0
+    floor = peak * 10 ** (-MEL_FLOOR_DB / 10)
+    return tuple(10 * torch.log10(p.double().clamp(min=floor) / peak)
+                 for p in (power_a, power_b))
+
+
 def audio_fidelity(a: Synthesis, b: Synthesis) -> Fidelity:
-    mel_a = plots.log_mel(a.wav, a.sample_rate)
-    mel_b = plots.log_mel(b.wav, b.sample_rate)
-    snr = fidelity.snr_db(torch.from_numpy(mel_a), torch.from_numpy(mel_b))
+    snr = fidelity.snr_db(*relative_log_mels(a, b))
     tokens_a, tokens_b = a.speech_tokens, b.speech_tokens
     pairs = enumerate(zip(tokens_a, tokens_b, strict=False))
     first = next((i for i, (x, y) in pairs if x != y), None)
@@ -98,7 +115,8 @@ class Comparison:
         return audio_fidelity(self.audio_a, self.audio_b) if self.b else None
 
     def rows(self) -> list[list]:
-        """Figure, A, B, B's speedup over A: the table the UI shows and the API returns."""
+        """Figure, A, B, B's gain over A (TABLE_HEADERS): the table the UI shows and the
+        API returns."""
         table = []
         for key, label, higher_better in FIGURES:
             a, b = self.a.get(key), (self.b or {}).get(key)
@@ -143,37 +161,48 @@ def compare_steps(manager: ModelManager, text: str, voice: str | None,
                   config_b: OptimizationConfig, repeats: int = 1,
                   progress: Progress | None = None,
                   cancelled: Callable[[], bool] = lambda: False) -> Iterator[Comparison]:
-    """Run A, yield the comparison with A only, run B, yield it whole; stop before B when
-    ``cancelled()`` says so. The token budget is fixed before either runs, so both sides
-    do the same amount of work even when ``params`` leaves it to be derived from the
-    text."""
+    """Warm A up and run it once, yield the comparison with A only; warm B up and run it
+    once, then the other repeats in turns, B first (A B B A A B ...), and yield it whole.
+    Stop before B when ``cancelled()`` says so. The token budget is fixed before either
+    runs, so both sides do the same amount of work even when ``params`` leaves it to be
+    derived from the text."""
     text = check_text(text)
     for side, config in (("A", config_a), ("B", config_b)):
         check_runnable(side, config, manager.device)
     if params.max_new_tokens is None:
         params = replace(params, max_new_tokens=default_max_new_tokens(text))
     report = progress or (lambda fraction, message: None)
-    a = _measure_side(manager, "A", 0.05, config_a, text, voice, params, repeats, report)
-    yield Comparison(a)
+    a = _first_run(manager, "A", 0.05, config_a, text, voice, params, report)
+    yield Comparison(a.row())
     if cancelled():
         return
-    b = _measure_side(manager, "B", 0.5, config_b, text, voice, params, repeats, report)
-    yield Comparison(a, b)
+    b = _first_run(manager, "B", 0.5, config_b, text, voice, params, report)
+    if repeats > 1:
+        report(0.75, f"A and B in turns: {repeats - 1} more run(s) each")
+    # Whichever side runs first in a pair can find the machine in another state (caches,
+    # clocks): alternating the order spreads that over both sides.
+    for turn in range(1, repeats):
+        for measurement in (b, a) if turn % 2 else (a, b):
+            measurement.repeat()
+    yield Comparison(a.row(), b.row())
 
 
-def _measure_side(manager, side, fraction, config, text, voice, params, repeats, report):
-    # A compiled variant compiles on its first call: warm it up first so that lands in
-    # the warm-up row, not in the timings.
-    compiled = config.compiles
-    steps = "building, compiling and warming up the variant" if compiled else \
-        "building the variant"
-    report(fraction, f"{side}: {steps}, then {repeats} run(s)")
-    return measure(manager, config, text, voice, params, repeats, warmup=compiled)
+def _first_run(manager, side, fraction, config, text, voice, params, report) -> Measurement:
+    # Both sides, compiled or not, are warmed up with one untimed run of this very
+    # generation (Measurement's warm-up): the first call at a new audio length costs extra
+    # (HiFT: 0.7 s against 0.02 s on the tiny model), and a side left cold paid it in its
+    # timings (cached against cached, A cold: B 1.37x "faster").
+    steps = "building, compiling and warming up the variant" if config.compiles else \
+        "building and warming up the variant"
+    report(fraction, f"{side}: {steps}, then a run")
+    measurement = Measurement(manager, config, text, voice, params, warmup=True)
+    measurement.repeat()
+    return measurement
 
 
 def compare(manager: ModelManager, text: str, voice: str | None, params: GenerationParams,
             config_a: OptimizationConfig, config_b: OptimizationConfig,
             repeats: int = 1) -> Comparison:
-    """Run A then B; the finished comparison."""
+    """Run A then B (see :func:`compare_steps`); the finished comparison."""
     *_, done = compare_steps(manager, text, voice, params, config_a, config_b, repeats)
     return done

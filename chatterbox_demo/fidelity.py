@@ -64,7 +64,13 @@ def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
     reference, other = reference[..., :frames], other[..., :frames]
     noise = (reference - other).pow(2).sum().item()
     signal = reference.pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+    if noise == 0:
+        return math.inf
+    # An all-zero reference against anything else: no signal at all, -inf dB (log10(0)
+    # raised a math domain error). Not finite, so strict JSON writes it as null like inf.
+    if signal == 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
 
 
 def compare_logits(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:

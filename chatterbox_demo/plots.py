@@ -39,15 +39,19 @@ def stage_bars(labels: list[str], rows: list[dict], title: str):
     return fig
 
 
-def log_mel(wav: np.ndarray, sample_rate: int, n_mels: int = 80) -> np.ndarray:
-    """(n_mels, frames) log-mel spectrogram of a mono clip."""
+def mel_power(wav: np.ndarray, sample_rate: int, n_mels: int = 80):
+    """(n_mels, frames) mel power spectrogram of a mono clip, as a torch tensor."""
     import torch
     import torchaudio
 
     transform = torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=1024,
                                                      hop_length=256, n_mels=n_mels)
-    spec = transform(torch.as_tensor(wav, dtype=torch.float32))
-    return spec.clamp(min=1e-5).log().numpy()
+    return transform(torch.as_tensor(wav, dtype=torch.float32))
+
+
+def log_mel(wav: np.ndarray, sample_rate: int, n_mels: int = 80) -> np.ndarray:
+    """(n_mels, frames) log-mel spectrogram of a mono clip."""
+    return mel_power(wav, sample_rate, n_mels).clamp(min=1e-5).log().numpy()
 
 
 def mel_figure(clips: list[tuple[str, np.ndarray, int]]):

@@ -26,7 +26,7 @@ import numpy as np
 
 from .audio import MAX_BYTES as MAX_UPLOAD_BYTES
 from .audio import to_pcm16
-from .compare import Comparison, check_runnable, compare_steps
+from .compare import TABLE_HEADERS, Comparison, check_runnable, compare_steps
 from .config import (
     BASELINE,
     COMPILE_MODES,
@@ -872,7 +872,7 @@ def build_demo() -> gr.Blocks:
                 ab_btn = gr.Button("Run A then B", variant="primary", scale=3)
                 cancel_btn = gr.Button("Cancel", variant="stop", scale=1)
             ab_summary = gr.Markdown(elem_id="ab-summary", label="Summary")
-            ab_table = gr.Dataframe(headers=["", "A", "B", "speedup (A/B)"],
+            ab_table = gr.Dataframe(headers=TABLE_HEADERS,
                                     interactive=False, label="Latency", elem_id="ab-table")
             with gr.Row():
                 ab_chart = gr.Plot(label="Seconds per stage", elem_id="ab-chart")

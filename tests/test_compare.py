@@ -13,8 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chatterbox_demo import ui
-from chatterbox_demo.compare import Fidelity, audio_fidelity, compare, compare_steps
+from chatterbox_demo import fidelity, ui
+from chatterbox_demo.compare import (
+    TABLE_HEADERS,
+    Comparison,
+    Fidelity,
+    audio_fidelity,
+    compare,
+    compare_steps,
+)
 from chatterbox_demo.config import PRESETS, GenerationParams, get_preset
 from chatterbox_demo.manager import Synthesis
 
@@ -39,8 +46,6 @@ def test_same_numerics_give_identical_audio_and_say_so(tiny_manager):
 def test_a_stage_served_from_a_cache_gets_no_ratio():
     """At full size a cached voice's conditioning takes about 0.1 ms, not 0: the table
     showed 2.28 s against 0.0001 s as a 22795x speedup. Under a millisecond it is a dash."""
-    from chatterbox_demo.compare import Comparison
-
     a = {"conditioning_s": 2.2795, "t3_s": 3.0, "total_s": 9.0}
     b = {"conditioning_s": 0.0001, "t3_s": 1.5, "total_s": 4.5}
     rows = {row[0]: row[3] for row in Comparison(a, b).rows()}
@@ -51,13 +56,94 @@ def test_a_stage_served_from_a_cache_gets_no_ratio():
 def test_warm_up_times_get_no_ratio():
     """A built variant's warm-up is a cache lookup (a few ms); a compiled one's, minutes.
     The table showed their ratio, 0.0, as B's speedup."""
-    from chatterbox_demo.compare import Comparison
-
     a = {"warmup_s": 0.004, "total_s": 9.0}
     b = {"warmup_s": 75.8, "total_s": 4.5}
     rows = {row[0]: row for row in Comparison(a, b).rows()}
     assert rows["warm-up (s)"] == ["warm-up (s)", 0.004, 75.8, "–"]
     assert rows["total (s)"][3] == 2.0
+
+
+def record_generations(manager, monkeypatch) -> list[tuple]:
+    """Every generate call's (configuration, text, voice, params, ignore_stop), in order."""
+    calls = []
+    real = manager.generate
+
+    def generate(text, voice, params, config=None, **kwargs):
+        calls.append((config, text, voice, params, kwargs.get("ignore_stop", False)))
+        return real(text, voice, params, config, **kwargs)
+
+    monkeypatch.setattr(manager, "generate", generate)
+    return calls
+
+
+def test_both_sides_are_warmed_up_with_the_generation_they_are_timed_on(tiny_manager,
+                                                                         monkeypatch):
+    """A side's first call at a new audio length costs extra once (HiFT: 0.7 s against
+    0.02 s on the tiny model); only a compiled side was warmed up, so A=cached against
+    B=cached in a fresh process put B 1.37x "faster". Each side now runs the measured
+    generation once, untimed, before its timed run."""
+    calls = record_generations(tiny_manager, monkeypatch)
+    cached = get_preset("cached")
+    result = compare(tiny_manager, "Warm me.", "calm-mid", PARAMS, cached, cached)
+    assert len(calls) == 4  # A's warm-up and run, then B's
+    assert calls[0] == calls[1] == calls[2] == calls[3]
+    assert result.a["warmup_s"] > 0 and result.b["warmup_s"] > 0
+
+
+def test_repeats_alternate_which_side_runs_first(tiny_manager, monkeypatch):
+    """A always ran before B; now the order goes A B B A A B, so neither side is always
+    the first of a pair."""
+    calls = record_generations(tiny_manager, monkeypatch)
+    a, b = get_preset("cached"), dataclasses.replace(get_preset("cached"), cfm_steps=2)
+    compare(tiny_manager, "Turns.", "calm-mid", PARAMS, a, b, repeats=3)
+    side = {a: "A", b: "B"}
+    # A's warm-up and first run, B's warm-up and first run, then the timed pairs B A, A B.
+    assert "".join(side[call[0]] for call in calls) == "AABBBAAB"
+
+
+def test_the_table_header_says_what_every_row_holds():
+    """The header said "speedup (A/B)" while T3 tokens/s was B/A and peak memory no speed
+    at all: every ratio is now above 1 where B did better, and the header says so."""
+    a = {"conditioning_s": 0.5, "t3_s": 2.0, "s3gen_s": 3.0, "watermark_s": 0.2,
+         "total_s": 5.7, "t3_tokens_per_s": 50.0, "rtf": 1.2, "warmup_s": 4.0,
+         "peak_mem_mb": 900.0}
+    b = {key: value * 2 if key == "t3_tokens_per_s" else value / 2
+         for key, value in a.items()}  # B better on every figure, by 2x
+    ratios = {row[0]: row[3] for row in Comparison(a, b).rows()}
+    assert ratios.pop("warm-up (s)") == "–"
+    assert set(ratios.values()) == {2.0}, ratios
+    assert TABLE_HEADERS == ["", "A", "B", "B's gain over A (x, >1: B better)"]
+    config = ui.build_demo().get_config_file()
+    [table] = [c["props"] for c in config["components"]
+               if c["props"].get("elem_id") == "ab-table"]
+    assert table["headers"] == TABLE_HEADERS
+
+
+def test_the_same_audio_verdict_does_not_depend_on_loudness():
+    """Over log-mels taken from a fixed power (log of 1), quieter audio scored higher: one
+    pair read 11.9, 19.6 and 26.0 dB at gains 1, 0.1 and 0.01, the last "no audible
+    difference". Relative to A's peak, a gain both share changes nothing."""
+    rng = np.random.default_rng(0)
+    t = np.arange(48000) / 24000
+    envelope = np.clip(np.sin(2 * np.pi * 1.5 * t), 0, None)  # speech-like pauses
+    clean = envelope * (0.4 * np.sin(2 * np.pi * 220 * t) + 0.2 * np.sin(2 * np.pi * 660 * t))
+    noisy = clean + 0.1 * envelope * rng.standard_normal(t.size)
+    snrs = []
+    for gain in (1, 0.1, 0.01):
+        a, b = ((clip * gain).astype(np.float32) for clip in (clean, noisy))
+        snrs.append(audio_fidelity(Synthesis(a, 24000, speech_tokens=[1]),
+                                   Synthesis(b, 24000, speech_tokens=[1])).mel_snr_db)
+    assert math.isfinite(snrs[0]) and max(snrs) - min(snrs) < 0.1, snrs
+
+
+def test_snr_against_a_silent_reference_is_minus_infinity_not_an_error():
+    """log10(0) raised a math domain error; strict JSON writes -inf as null, like inf."""
+    import torch
+
+    zeros = torch.zeros(80, 10)
+    assert fidelity.snr_db(zeros, torch.ones(80, 10)) == -math.inf
+    assert fidelity.snr_db(zeros, zeros) == math.inf
+    assert "identical" not in Fidelity(-math.inf, True, None).reading()
 
 
 def test_fewer_cfm_steps_keep_the_tokens_and_change_the_sound(tiny_manager):
