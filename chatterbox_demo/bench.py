@@ -73,24 +73,12 @@ def reset_peak_memory(device: str) -> None:
             pass
 
 
-def current_memory_mb(device: str) -> float | None:
-    """Memory in use now: allocated on CUDA, the resident set (VmRSS) on a CPU."""
-    if device == "cuda":
-        return torch.cuda.memory_allocated() / 2**20
-    return _status_mb("VmRSS:")
-
-
 def peak_memory_mb(device: str) -> float | None:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return _status_mb("VmHWM:")  # the peak resident set since reset_peak_memory
-
-
-def _status_mb(field: str) -> float | None:
-    """A field of Linux's /proc/self/status in MB; None elsewhere."""
-    try:
+    try:  # the peak resident set since reset_peak_memory
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -121,18 +109,13 @@ class Measurement:
         self.warmup_s = time.perf_counter() - started
         self.runs: list[Synthesis] = []
         self.peak_mb = 0.0
-        self.run_mb = 0.0
 
     def repeat(self) -> None:
         device = self.manager.device
         reset_peak_memory(device)
-        before = current_memory_mb(device)
         self.runs.append(self.manager.generate(self.text, self.voice, self.params, self.config,
                                                ignore_stop=self.ignore_stop))
-        peak = peak_memory_mb(device)
-        self.peak_mb = max(self.peak_mb, peak or 0)
-        if peak is not None and before is not None:
-            self.run_mb = max(self.run_mb, peak - before)
+        self.peak_mb = max(self.peak_mb, peak_memory_mb(device) or 0)
 
     def row(self, stream: bool = False) -> dict:
         """The figures over the repeats taken (medians and minima), plus the last
@@ -161,11 +144,11 @@ class Measurement:
         row["audio_seconds"] = last["audio_seconds"]
         row["rtf"] = round(row["total_s"] / last["audio_seconds"], 3) \
             if last["audio_seconds"] else None
-        # The process's peak holds every variant the manager keeps built (the pristine
-        # fp32 weights among them), so rows of one run read alike; the run's own figure
-        # is what the generation added over what was resident when it started.
+        # The process's peak: it holds every variant the manager keeps built (the pristine
+        # fp32 weights among them), so the rows of one run read alike; t3_weights_mb is
+        # what differs. (What the generation adds over the resident set is no figure on a
+        # CPU either: the allocator keeps freed memory, so after the warm-up it is ~0.)
         row["peak_mem_mb"] = round(self.peak_mb, 1)
-        row["run_mem_mb"] = round(self.run_mb, 1)
         row["voice_source"] = last["voice"]["source"]
         if stream:
             *_, end = self.manager.stream(self.text, self.voice, self.params, config,
@@ -303,7 +286,7 @@ MARKDOWN_COLUMNS = (
     ("conditioning_s", "cond. s"),
     ("t3_s", "T3 s"), ("t3_tokens_per_s", "T3 tok/s"), ("t3_gb_per_s", "T3 GB/s"),
     ("s3gen_s", "S3Gen s"), ("watermark_s", "wm s"), ("total_s", "total s"), ("rtf", "RTF"),
-    ("peak_mem_mb", "peak MB"), ("run_mem_mb", "run MB"), ("t3_weights_mb", "T3 weights MB"),
+    ("peak_mem_mb", "peak MB"), ("t3_weights_mb", "T3 weights MB"),
     ("logits_cosine", "logits cos"), ("top1_agreement", "top-1"),
     ("mel_snr_db", "mel SNR dB"), ("speedup", "speedup"),
     ("first_audio_s", "first audio s"), ("first_audio_share", "first audio / total"),
