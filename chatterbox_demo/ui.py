@@ -933,11 +933,13 @@ def build_demo() -> gr.Blocks:
             for field in fields:
                 field.change(availability_markdown, fields, avail, api_visibility="private",
                              queue=False)
-        # The panels are checked (and turned into configurations) before the run is
-        # queued; API callers skip that step and name presets instead.
+        # The panels are checked (and turned into configurations) before the run, in a
+        # step of their own; API callers skip it and name presets instead. Queued: the
+        # error of an unqueued step reached the browser as a bare 500, and the page showed
+        # nothing at all.
         ab_btn.click(
             collect_configs, [*fields_a, *fields_b], [config_a_state, config_b_state],
-            api_visibility="private", queue=False,
+            api_visibility="private",
         ).success(
             run_compare,
             [ab_text, ab_voice, ab_seed, ab_tokens, preset_a, preset_b, ab_repeats,

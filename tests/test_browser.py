@@ -239,6 +239,18 @@ def test_html_in_an_error_is_shown_as_typed_and_stays_until_closed(page):
     expect(message).to_have_count(0)
 
 
+def test_a_comparison_this_device_cannot_run_says_why(page):
+    """The panels are checked in a step before the run; unqueued, its error reached the
+    browser as a bare 500 and the page showed nothing, the last run's results still up."""
+    page.get_by_role("tab", name="A/B Compare").click()
+    page.get_by_label("B: preset").click()
+    page.get_by_role("option", name="gpu-fast", exact=True).click()
+    page.get_by_role("button", name="Run A then B").click()
+    message = page.get_by_test_id("toast-text")
+    expect(message).to_contain_text("Configuration B cannot run on cpu", timeout=30_000)
+    shoot(page, "7-ab-unavailable")
+
+
 def test_cancel_stops_a_comparison_before_b(page):
     page.get_by_role("tab", name="A/B Compare").click()
     page.get_by_label("max_new_tokens (0 = from text length)").fill("200")
