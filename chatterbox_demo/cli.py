@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from . import bench, speaker_data
-from .audio import write_wav
+from .audio import EXTENSIONS, write_wav
 from .config import (
     MAX_LONG_TEXT_CHARS,
     PRESETS,
@@ -247,15 +247,20 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
         seed=args.seed, max_new_tokens=args.max_tokens, exaggeration=args.exaggeration,
         cfg_weight=args.cfg_weight, temperature=args.temperature,
     )
+    voice_file = None
+    voice = args.voice
+    library_names = {name_key(name) for name in manager.library.names()}
+    if voice and name_key(voice) not in library_names:
+        if Path(voice).is_file():
+            voice_file, voice = Path(voice), None
+        elif Path(voice).suffix.lower() in EXTENSIONS or os.sep in voice:
+            # Meant as a clip: "Unknown voice 'my-clip.wav'" sent people to the voice list.
+            raise ValueError(f"Audio file {voice!r} does not exist; --voice takes a voice's "
+                             "name (see `voices list`) or the path of a reference clip.")
     apply_s = 0.0  # building the preset's variant (and compiling a compiled one)
     if config:
         manager.apply(config, args.preset)
         apply_s = manager.last_apply_s
-    voice_file = None
-    voice = args.voice
-    library_names = {name_key(name) for name in manager.library.names()}
-    if voice and name_key(voice) not in library_names and Path(voice).is_file():
-        voice_file, voice = Path(voice), None
     result = manager.generate_long(text, voice, params, voice_file=voice_file,
                                    progress=lambda fraction, message:
                                    print(f"[synth] {message}", file=sys.stderr, flush=True))

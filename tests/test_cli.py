@@ -131,6 +131,16 @@ def test_unknown_voice_is_one_error_line(added, cli_cache, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("voice", ["my-clip.wav", "clips/speaker"])
+def test_a_missing_clip_is_named_as_a_file(cli_cache, tmp_path, voice):
+    """It said "Unknown voice 'my-clip.wav'" and listed the voices."""
+    out = tmp_path / "never.wav"
+    proc = run_cli(cli_cache, "synth", "--text", "Hello.", "--voice", voice, "--out",
+                   str(out), "--weights", "tiny")
+    assert_user_error(proc, f"Audio file '{voice}' does not exist", "voices list")
+    assert not out.exists()
+
+
 # --- in-process -----------------------------------------------------------------------------
 
 
