@@ -235,7 +235,14 @@ def import_adapter(adapter_zip: str | None, name: str) -> tuple[str, list[list]]
         raise ValueError("Upload a zip of the adapter directory first.")
     with tempfile.TemporaryDirectory(prefix="chatterbox-adapter-") as work:
         folder = extract_zip(Path(adapter_zip), Path(work))
-        voice = m.add_finetuned_voice(name, folder)
+        try:
+            voice = m.add_finetuned_voice(name, folder)
+        except USER_ERRORS as exc:
+            # The message names the folder it was unpacked to, a server path that means
+            # nothing to the user: name their upload instead.
+            upload = f"the uploaded {Path(adapter_zip).name}"
+            raise type(exc)(str(exc).replace(str(folder), upload)
+                            .replace(str(work), upload)) from None
     return f"Added fine-tuned voice **{html.escape(voice.name)}**.", voice_table()
 
 

@@ -268,9 +268,12 @@ class VoiceLibrary:
     def _new_name(self, name, exaggeration) -> str:
         """A free, valid name for a new voice, with its exaggeration checked too."""
         name = check_name(name)
-        if name_key(name) in self._voices:
-            raise VoiceError(f"A voice named {self._voices[name_key(name)].name!r} exists; "
-                             "choose another name or remove that one first.")
+        clash = self._voices.get(name_key(name))
+        if clash is not None:
+            # A shipped voice cannot be removed: do not suggest it.
+            remedy = ("choose another name or remove that one first" if clash.kind in USER_KINDS
+                      else "it ships with the app; choose another name")
+            raise VoiceError(f"A voice named {clash.name!r} exists; {remedy}.")
         low, high = RANGES["exaggeration"]
         check_number("exaggeration", exaggeration, low, high)
         return name

@@ -409,6 +409,11 @@ def test_the_voices_tab_fine_tunes_from_a_zip_and_imports_an_adapter(make_manage
     not_zip.write_bytes(b"plain text")
     with pytest.raises(gr.Error, match="not a zip file"):
         ui.import_adapter(str(not_zip), "y")
+    # A dataset zip is no adapter: the message names the upload, not the server's temp path.
+    with pytest.raises(gr.Error) as info:
+        ui.import_adapter(zipped(dataset, tmp_path, "mixed-up"), "w")
+    assert "the uploaded mixed-up.zip is not an adapter directory" in str(info.value)
+    assert "/tmp" not in str(info.value) and "chatterbox-adapter-" not in str(info.value)
     import zipfile
 
     with zipfile.ZipFile(tmp_path / "evil.zip", "w") as evil:
