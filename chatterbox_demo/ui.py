@@ -281,6 +281,8 @@ def _check_number_input(component, payload) -> None:
     """An API caller can send anything: name the setting in the message, where Gradio's own
     check would say "Value 99.0 is greater than maximum value 5.0." or fail on a string."""
     name = component.label.split(" (")[0]
+    if payload is None:  # a cleared box: "(got None)" meant nothing to a user
+        raise page_error(f"{name} is empty: enter a number.")
     if isinstance(payload, bool) or not isinstance(payload, (int, float)) or \
             payload != payload:  # NaN
         raise page_error(f"{name} must be a number (got {payload!r})")

@@ -155,7 +155,7 @@ BAD_SYNTHESIS = [
                  id="tokens"),
     pytest.param(with_setting(5, "hot"), "temperature must be a number (got 'hot')",
                  id="wrong-type"),
-    pytest.param(with_setting(9, None), "seed must be a number (got None)", id="missing"),
+    pytest.param(with_setting(9, None), "seed is empty: enter a number.", id="missing"),
     # (NaN cannot travel in JSON: gradio_client refuses to send it. GenerationParams and
     # the CLI refuse it: test_config.py, test_cli.py.)
     pytest.param(with_setting(2, "warp-speed"), "warp-speed", id="unknown-preset"),
