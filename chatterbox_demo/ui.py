@@ -763,10 +763,14 @@ def preset_markdown(name: str) -> str:
 def presets_markdown() -> str:
     """Every preset, what it does, and whether it can run on this device (and why not)."""
     reasons = manager().unavailable_presets()
+    emulated = manager().device == "cpu" and not CPU_BF16
     lines = ["| preset | what it does | here |", "|---|---|---|"]
     for name in PRESETS:
         reason = reasons.get(name)
         here = f"unavailable: {html.escape(reason)}" if reason else "available"
+        if not reason and emulated and "bf16" in (PRESETS[name].t3_dtype,
+                                                  PRESETS[name].s3gen_dtype):
+            here = "available, but bf16 is emulated on this CPU: slower than fp32"
         lines.append(f"| `{name}` | {html.escape(PRESET_DESCRIPTIONS[name])} | {here} |")
     return "\n".join(lines)
 

@@ -283,3 +283,16 @@ def test_gpu_work_runs_inside_spaces_gpu_when_the_package_is_there(monkeypatch):
     assert calls == [("test_history_csv_has_a_header_and_a_row_per_run", ui.GPU_SECONDS)]
     monkeypatch.setitem(sys.modules, "spaces", None)  # not installed: unchanged
     assert ui.gpu_task(len) is len
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_presets_table_says_where_bf16_is_only_emulated(ui_manager, monkeypatch, native):
+    """bf16 presets read "available" on a CPU without bf16 instructions, where they run
+    slower than fp32; the advanced panel's options already said so."""
+    monkeypatch.setattr(ui, "CPU_BF16", native)
+    rows = {line.split(" | ")[0].strip("| `"): line for line in
+            ui.presets_markdown().splitlines()[2:]}
+    assert ("emulated" in rows["t3-bf16"]) is not native
+    assert ("emulated" in rows["s3gen-bf16"]) is not native
+    assert "emulated" not in rows["cached"] and rows["cached"].endswith("| available |")
+
