@@ -247,6 +247,12 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
         seed=args.seed, max_new_tokens=args.max_tokens, exaggeration=args.exaggeration,
         cfg_weight=args.cfg_weight, temperature=args.temperature,
     )
+    # Applied first: a preset this device cannot run is refused before the model loads
+    # (the voice library below loads it).
+    apply_s = 0.0  # building the preset's variant (and compiling a compiled one)
+    if config:
+        manager.apply(config, args.preset)
+        apply_s = manager.last_apply_s
     voice_file = None
     voice = args.voice
     library_names = {name_key(name) for name in manager.library.names()}
@@ -257,10 +263,6 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
             # Meant as a clip: "Unknown voice 'my-clip.wav'" sent people to the voice list.
             raise ValueError(f"Audio file {voice!r} does not exist; --voice takes a voice's "
                              "name (see `voices list`) or the path of a reference clip.")
-    apply_s = 0.0  # building the preset's variant (and compiling a compiled one)
-    if config:
-        manager.apply(config, args.preset)
-        apply_s = manager.last_apply_s
     result = manager.generate_long(text, voice, params, voice_file=voice_file,
                                    progress=lambda fraction, message:
                                    print(f"[synth] {message}", file=sys.stderr, flush=True))
