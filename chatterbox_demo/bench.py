@@ -2,9 +2,9 @@
 
 Every row uses the same text, voice, seed and number of speech tokens (the stop token is
 masked, so T3 always decodes exactly ``tokens``). Warm-up (building the variant, compiling,
-one short generation) is timed apart from the steady-state repeats, whose median and
-minimum are reported; the repeats are taken in turns across the rows. The A/B tab calls
-:func:`measure` too.
+one untimed run of the measured generation) is timed apart from the steady-state repeats,
+whose median and minimum are reported; the repeats are taken in turns across the rows. The
+A/B tab measures with :class:`Measurement` too.
 """
 
 from __future__ import annotations
@@ -162,17 +162,6 @@ class Measurement:
         return row
 
 
-def measure(manager: ModelManager, config, text: str, voice: str | None,
-            params: GenerationParams, repeats: int = 1, ignore_stop: bool = False,
-            warmup: bool = True, stream: bool = False) -> dict:
-    """One configuration measured on its own: built, warmed up, run ``repeats`` times;
-    one flat row of figures (see :meth:`Measurement.row`)."""
-    measurement = Measurement(manager, config, text, voice, params, ignore_stop, warmup)
-    for _ in range(repeats):
-        measurement.repeat()
-    return measurement.row(stream)
-
-
 def fidelity_row(manager: ModelManager, config, text: str, voice: str,
                  speech_tokens: torch.Tensor, references: dict | None = None) -> dict:
     """T3 logits and S3Gen mel agreement of ``config`` with fp32 stock, same inputs.
@@ -202,7 +191,7 @@ def run(manager: ModelManager, presets: list[str], text: str = DEFAULT_TEXT,
         stream: bool = False, voices: list[str] | None = None) -> dict:
     """Measure each preset; a preset that fails becomes a row with its error.
     ``configs`` maps extra names (the sweep's points) to configurations; ``stream`` adds
-    the streamed columns (see :func:`measure`). With ``voices``, every preset runs once per
+    the streamed columns (see :meth:`Measurement.row`). With ``voices``, every preset runs once per
     voice (a fine-tuned voice against the same speaker as a reference clip, say)."""
     manager.load()
     voices = voices or [voice or manager.library.names()[0]]

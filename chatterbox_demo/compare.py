@@ -96,7 +96,7 @@ def audio_fidelity(a: Synthesis, b: Synthesis) -> Fidelity:
 
 @dataclass
 class Comparison:
-    a: dict  # bench.measure rows
+    a: dict  # bench.Measurement rows
     b: dict | None = None  # None while B has not run yet
 
     @property
