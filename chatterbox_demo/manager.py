@@ -426,6 +426,11 @@ class ModelManager:
         with self.lock:
             return self.library.add(name, audio, exaggeration)
 
+    def user_voice(self, name: str, verb: str) -> Voice:
+        """The voice ``name`` if a user may change it (not a shipped one); else VoiceError."""
+        with self.lock:
+            return self.library.user_voice(name, verb)
+
     def remove_voice(self, name: str) -> Voice:
         with self.lock:
             return self.library.remove(name)

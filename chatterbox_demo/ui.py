@@ -198,6 +198,20 @@ def remove_voice(name: str) -> tuple[str, list[list]]:
 
 
 @user_errors
+def ask_to_remove(name: str):
+    """The page's Remove button asks first, naming the voice, so that one stray click
+    loses nothing; the answer's button does the removing."""
+    voice = ensure_loaded().user_voice(name, "removed")
+    question = (f"Remove **{html.escape(voice.name)}** from the library? Only adding the "
+                "same clip again brings it back.")
+    return gr.update(visible=True), question, voice.name
+
+
+def hide_removal_question():
+    return gr.update(visible=False)
+
+
+@user_errors
 def rename_voice(name: str, new_name: str) -> tuple[str, list[list]]:
     voice = ensure_loaded().rename_voice(name, new_name)
     return f"Renamed to **{html.escape(voice.name)}**.", voice_table()
@@ -792,13 +806,21 @@ def build_demo() -> gr.Blocks:
                     voice_status = gr.Markdown()
                 with gr.Column():
                     table = gr.Dataframe(headers=VOICE_HEADERS, interactive=False,
-                                         label="Voice library")
+                                         label="Voice library", elem_id="voice-table")
                     mine = gr.Dropdown([], label="Your voices (shipped ones are read-only)",
                                        allow_custom_value=True)
                     with gr.Row():
                         new_name = gr.Textbox(label="New name", max_lines=1, scale=2)
                         rename_btn = gr.Button("Rename", scale=1)
                         remove_btn = gr.Button("Remove", variant="stop", scale=1)
+                    # Shown by Remove; its "Yes" removes the voice the question names,
+                    # even if the picker has changed since.
+                    with gr.Row(visible=False, elem_id="confirm-removal") as removal_row:
+                        removal_question = gr.Markdown()
+                        removal_name = gr.Textbox(visible=False, label="name")
+                        yes_remove_btn = gr.Button("Yes, remove it", variant="stop",
+                                                   scale=0)
+                        keep_btn = gr.Button("Keep it", scale=0)
             with gr.Accordion("Fine-tune a voice (docs/finetuning.md)", open=False):
                 gr.Markdown("A zip of one speaker's clips with transcripts (`metadata.csv` + "
                             "`wavs/`, or `NAME.wav` + `NAME.txt`). Real use wants 30-60 "
@@ -908,8 +930,16 @@ def build_demo() -> gr.Blocks:
         add_btn.click(add_voice, [audio_in, name_in, voice_exag], [voice_status, table],
                       api_name="add_voice", concurrency_id=MODEL_SLOT).success(
                       follow_voice, [name_in, voice, ab_voice], **follow).then(**refresh)
-        remove_btn.click(remove_voice, [mine], [voice_status, table],
-                         api_name="remove_voice", concurrency_id=MODEL_SLOT).then(**refresh)
+        # The page asks before removing (removal_row); API callers name the voice in one
+        # call to the same endpoint.
+        remove_btn.click(ask_to_remove, [mine], [removal_row, removal_question, removal_name],
+                         api_visibility="private")
+        hide_removal = dict(fn=hide_removal_question, outputs=removal_row,
+                            api_visibility="private", queue=False)
+        keep_btn.click(**hide_removal)
+        yes_remove_btn.click(remove_voice, [removal_name], [voice_status, table],
+                             api_name="remove_voice", concurrency_id=MODEL_SLOT,
+                             ).then(**hide_removal).then(**refresh)
         rename_btn.click(rename_voice, [mine, new_name], [voice_status, table],
                          api_name="rename_voice", concurrency_id=MODEL_SLOT).success(
                          follow_voice, [new_name, voice, ab_voice, mine], **follow,

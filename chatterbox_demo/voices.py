@@ -280,7 +280,7 @@ class VoiceLibrary:
 
     def remove(self, name: str) -> Voice:
         with self._changing():
-            voice = self._user_voice(name, "removed")
+            voice = self.user_voice(name, "removed")
             self._commit({k: v for k, v in self._voices.items() if v is not voice})
         # The audio and conditionals files stay: another voice may share the content,
         # and re-adding the same clip later is then instant.
@@ -288,7 +288,7 @@ class VoiceLibrary:
 
     def rename(self, old: str, new: str) -> Voice:
         with self._changing():
-            voice = self._user_voice(old, "renamed")
+            voice = self.user_voice(old, "renamed")
             new = check_name(new)
             clash = self._voices.get(name_key(new))
             if clash is not None and clash is not voice:
@@ -298,7 +298,9 @@ class VoiceLibrary:
             self._commit({**voices, name_key(new): renamed})
         return renamed
 
-    def _user_voice(self, name: str, verb: str) -> Voice:
+    def user_voice(self, name: str, verb: str) -> Voice:
+        """The voice called ``name`` if a user may change it; else a VoiceError that says
+        why, ``verb`` ("removed", "renamed") completing its sentence."""
         voice = self.get(name)
         if voice.kind not in USER_KINDS:
             where = "the weights" if voice.kind == "builtin" else "the app"

@@ -126,6 +126,32 @@ def test_renaming_the_picked_voice_keeps_it_picked(page):
     expect(page.get_by_label("Voice", exact=True).last).to_have_value("renamed")
 
 
+def test_remove_asks_first_and_keep_keeps_the_voice(page):
+    """Remove deleted a voice at one click; now it asks, naming the voice."""
+    page.get_by_role("tab", name="Voices").click()
+    page.locator("input[type=file]").first.set_input_files(str(CLIP))
+    page.get_by_label("Name", exact=True).fill("to remove")
+    page.get_by_role("button", name="Add voice").click()
+    expect(page.get_by_text("Added voice")).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
+    mine = page.get_by_label("Your voices", exact=False)
+    mine.click()
+    mine.fill("to remove")
+    page.keyboard.press("Enter")
+    question = page.locator("#confirm-removal")
+    library = page.locator("#voice-table")
+    page.get_by_role("button", name="Remove", exact=True).click()
+    expect(question).to_contain_text("Remove to remove from the library?")
+    page.get_by_role("button", name="Keep it").click()
+    expect(question).to_be_hidden()
+    expect(library).to_contain_text("to remove")
+
+    page.get_by_role("button", name="Remove", exact=True).click()
+    page.get_by_role("button", name="Yes, remove it").click()
+    expect(page.get_by_text("Removed voice")).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
+    expect(question).to_be_hidden()
+    expect(library).not_to_contain_text("to remove")
+
+
 def test_synthesize_without_streaming_shows_the_result(page):
     """With Stream unticked (always so without ffmpeg), the result reaches the Result
     player: the page loads its audio file and shows its length."""
