@@ -52,6 +52,11 @@ REQUEST_ERRORS = (ValueError, GenerationError)
 _waiting = threading.BoundedSemaphore(QUEUE_MAX + 1)
 
 
+class StreamBroken(RuntimeError):
+    """A streamed reply failed after its 200 went out: the SSE stream sends it as an
+    ``error`` event; a raw pcm body is cut off by it (an incomplete chunked transfer)."""
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, kind: str = "invalid_request_error"):
@@ -59,10 +64,12 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.kind = (
             status, message, param, code, kind)
 
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param,
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 def _check_key(request: Request) -> None:
@@ -150,12 +157,7 @@ def _admit(manager: ModelManager, voice: str) -> None:
         raise ApiError(503, "The server is busy: too many requests are waiting. Retry later.",
                        code="queue_full", kind="server_error")
     try:
-        try:
-            manager.load()
-        except Exception as exc:  # the server's fault, not the request's: not a 4xx
-            log.exception("Loading the model failed")
-            raise ApiError(500, f"The model could not be loaded ({exc}); see the server's "
-                                "log.", kind="server_error") from None
+        _load(manager)
         try:
             manager.library.get(voice)
         except VoiceError as exc:
@@ -163,6 +165,15 @@ def _admit(manager: ModelManager, voice: str) -> None:
     except BaseException:
         _waiting.release()
         raise
+
+
+def _load(manager: ModelManager) -> None:
+    try:
+        manager.load()
+    except Exception as exc:  # the server's fault, not the request's: not a 4xx
+        log.exception("Loading the model failed")
+        raise ApiError(500, f"The model could not be loaded ({exc}); see the server's log.",
+                       kind="server_error") from None
 
 
 def synthesize(manager: ModelManager, args: dict) -> tuple[np.ndarray, int]:
@@ -207,6 +218,9 @@ def open_stream(manager: ModelManager, args: dict):
             for chunk in itertools.chain([first], chunks):
                 if len(chunk.wav):
                     yield encode(chunk.wav, chunk.sample_rate, "pcm")
+        except REQUEST_ERRORS as exc:  # a later chunk: the 200 is already sent
+            log.warning("A streamed reply ended early: %s", exc)
+            raise StreamBroken(str(exc)) from None
         finally:
             finish()
 
@@ -230,7 +244,7 @@ def build_router(manager_factory=ModelManager.instance) -> APIRouter:
         try:
             _check_key(request)
             manager = manager_factory()
-            manager.load()
+            _load(manager)
         except ApiError as exc:
             return exc.response()
         return {"voices": [{"name": v.name, "kind": v.kind, "exaggeration": v.exaggeration,
@@ -297,8 +311,13 @@ SSE_BLOCK = 32 * 1024  # bytes of a whole encoded file per SSE event
 
 def _sse_events(blocks):
     """OpenAI's speech SSE: ``speech.audio.delta`` events with base64 audio, then
-    ``speech.audio.done``."""
-    for block in blocks:
-        delta = base64.b64encode(block).decode()
-        yield f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': delta})}\n\n"
+    ``speech.audio.done``; or, when a streamed generation fails part-way, an ``error``
+    event (OpenAI's error body) in its place."""
+    try:
+        for block in blocks:
+            delta = base64.b64encode(block).decode()
+            yield f"data: {json.dumps({'type': 'speech.audio.delta', 'audio': delta})}\n\n"
+    except StreamBroken as exc:
+        yield f"data: {json.dumps({'type': 'error', **ApiError(400, str(exc)).body()})}\n\n"
+        return
     yield f"data: {json.dumps({'type': 'speech.audio.done'})}\n\n"

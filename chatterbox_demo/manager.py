@@ -197,6 +197,10 @@ class ModelManager:
 
     def load(self, progress: Progress | None = None) -> weights.LoadedWeights:
         """Load the weights and the voice library once; later calls return at once."""
+        loaded = self.loaded
+        if loaded is not None and self._library is not None:
+            # Loaded: no need to wait for the lock, which a generation holds throughout.
+            return loaded
         progress = progress or (lambda fraction, message: None)
         with self.lock:
             if self.loaded is not None:
@@ -419,8 +423,9 @@ class ModelManager:
     # --- voices ---------------------------------------------------------------------------
 
     def list_voices(self) -> list[Voice]:
-        with self.lock:
-            return self.library.list()
+        # Without the model's lock: the library keeps itself consistent, and a list should
+        # not wait for a running generation.
+        return self.library.list()
 
     def add_voice(self, name: str, audio, exaggeration: float = 0.5) -> Voice:
         with self.lock:

@@ -282,3 +282,83 @@ def test_a_client_gone_before_the_first_audio_gives_its_place_back(tiny_manager,
             data=json.dumps({**json.loads(body), "response_format": "wav"}).encode())
         with urllib.request.urlopen(request, timeout=120) as response:
             assert response.status == 200 and response.read()[:4] == b"RIFF"
+
+
+def _second_chunk_fails(tiny_manager, monkeypatch):
+    """The streamed generation speaks its first chunk, then a later one makes no speech."""
+    from chatterbox_demo.pipeline import GenerationError
+
+    stream = tiny_manager.stream
+
+    def first_chunk_then_failure(*args, **kwargs):
+        chunks = stream(*args, **kwargs)
+        yield next(chunks)
+        chunks.close()
+        raise GenerationError("The model stopped before producing any speech for chunk 2.")
+
+    monkeypatch.setattr(tiny_manager, "stream", first_chunk_then_failure)
+
+
+def test_a_failure_after_the_first_audio_is_an_sse_error_event(http, tiny_manager,
+                                                               monkeypatch):
+    """The status was already sent as 200: the stream ended with no word of why, and the
+    server logged an ASGI traceback."""
+    _second_chunk_fails(tiny_manager, monkeypatch)
+    response = speak(http, response_format="pcm", stream_format="sse")
+    events = [json.loads(line[6:]) for line in response.text.splitlines()
+              if line.startswith("data: ")]
+    assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["message"].startswith("The model stopped before producing")
+    assert api._waiting._value == api.QUEUE_MAX + 1
+
+
+def test_a_failure_after_the_first_audio_cuts_a_raw_pcm_stream_short(http, tiny_manager,
+                                                                     monkeypatch):
+    """Raw pcm has no place for a message once its 200 is sent: the body is cut off (an
+    incomplete chunked transfer), so a client cannot take half a reply for a whole one."""
+    _second_chunk_fails(tiny_manager, monkeypatch)
+    with pytest.raises(api.StreamBroken, match="stopped before producing"):
+        speak(http, response_format="pcm")
+    assert api._waiting._value == api.QUEUE_MAX + 1
+
+
+def test_voices_of_a_model_that_fails_to_load_is_a_json_server_error(http, tiny_manager,
+                                                                     monkeypatch):
+    def broken():
+        raise ValueError("weights spec 'nowhere' is not understood")
+
+    monkeypatch.setattr(tiny_manager, "load", broken)
+    response = http.get("/v1/audio/voices")
+    assert response.status_code == 500
+    assert "could not be loaded" in response.json()["error"]["message"]
+
+
+def test_voices_and_an_unknown_voice_answer_while_a_generation_runs(http, tiny_manager):
+    """Both waited on the model's lock, which a generation holds throughout: a 404 came
+    after 10 s, and forty such requests used up the server's threads."""
+    holding, done = threading.Event(), threading.Event()
+
+    def generation():
+        with tiny_manager.lock:
+            holding.set()
+            done.wait(60)
+
+    generating = threading.Thread(target=generation)
+    generating.start()
+    answers = {}
+    try:
+        assert holding.wait(10)
+
+        def ask():
+            answers["voices"] = http.get("/v1/audio/voices").status_code
+            answers["unknown"] = speak(http, voice="nobody").status_code
+
+        asking = threading.Thread(target=ask)
+        asking.start()
+        asking.join(30)
+    finally:
+        done.set()
+        generating.join()
+        asking.join()
+    assert answers == {"voices": 200, "unknown": 404}
