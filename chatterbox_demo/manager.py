@@ -631,7 +631,9 @@ class ModelManager:
                     for key in ("t3_s", "s3gen_s", "watermark_s"):
                         timings[key] += getattr(piece, key)
                     tokens += piece.speech_tokens
-                    chunk_samples += len(piece.wav)
+                    # A continuing piece starts by re-rendering the overlap already counted.
+                    chunk_samples += len(piece.wav) - (stitcher.overlap if piece.continues
+                                                       else 0)
                     now = time.perf_counter() - started
                     if first_audio_s is None and len(ready):
                         first_audio_s = now

@@ -113,6 +113,18 @@ def test_long_text_streams_chunk_by_chunk(tiny_manager):
     assert np.array_equal(again.wav, streamed.wav)
 
 
+def test_a_streamed_chunk_reports_its_own_samples_as_one_generation_does(tiny_manager):
+    """Each piece after a chunk's first re-renders the end of the one before, and those
+    samples were counted twice in the chunk's report."""
+    text = " ".join(f"This is sentence number {i}, which says a little more." for i in range(8))
+    params = GenerationParams(seed=11, max_new_tokens=60)
+    streamed = collect(tiny_manager, text, params, "cached")[1]
+    whole = tiny_manager.generate_long(text, "calm-mid", params, get_preset("cached"))
+    assert len(streamed.report["pieces"]) > len(streamed.report["chunks"])  # blocks, joined
+    assert ([c["samples"] for c in streamed.report["chunks"]]
+            == [c["samples"] for c in whole.report["chunks"]])
+
+
 START = 6561  # the start-of-speech token, which random weights may sample
 
 
