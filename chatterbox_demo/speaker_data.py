@@ -144,7 +144,11 @@ def check_clip(clip: Clip) -> tuple[np.ndarray | None, str | None]:
     if not MIN_SECONDS <= info.duration <= MAX_SECONDS:
         return None, (f"{clip.id}: {info.duration:.1f} s long; clips must be "
                       f"{MIN_SECONDS}-{MAX_SECONDS:.0f} s")
-    wav, _ = librosa.load(str(clip.audio), sr=S3_SR, mono=True)
+    try:
+        wav, _ = librosa.load(str(clip.audio), sr=S3_SR, mono=True)
+    except librosa.util.exceptions.ParameterError:
+        # Resampling refuses a NaN or Inf sample, before the check below can see it.
+        return None, f"{clip.id}: audio is silent or damaged"
     # The voice library's thresholds, so that a clip refused as a voice is not taken for
     # training either.
     if not np.isfinite(wav).all() or not SILENCE_PEAK <= np.abs(wav).max() <= MAX_PEAK:
