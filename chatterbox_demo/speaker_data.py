@@ -6,6 +6,9 @@ Two layouts are understood:
   used when present) and the audio in ``wavs/ID.wav``;
 - pairs: ``NAME.wav`` next to ``NAME.txt`` holding its transcript.
 
+Extensions match in any case (``NAME.WAV``), and text files may start with the byte-order
+mark that Windows tools write.
+
 Clips that are missing, unreadable, too short or long, or without a transcript are
 reported one line each and left out; the rest go on. Speech is tokenized with the model's
 own S3 tokenizer and text with its text tokenizer; the tokens are cached in
@@ -87,24 +90,35 @@ def find_clips(folder: Path) -> tuple[list[Clip], list[str]]:
     if metadata.exists():
         return _ljspeech(folder, metadata)
     clips, problems = [], []
-    for audio in sorted(folder.glob("*.wav")):
-        transcript = audio.with_suffix(".txt")
-        if not transcript.exists():
-            problems.append(f"{audio.name}: no transcript ({transcript.name} is missing)")
+    audios, transcripts = _by_stem(folder, ".wav"), _by_stem(folder, ".txt")
+    for stem, audio in audios.items():
+        if stem not in transcripts:
+            problems.append(f"{audio.name}: no transcript ({stem}.txt is missing)")
             continue
-        clips.append(Clip(audio.stem, audio, _read_text(transcript)))
-    for transcript in sorted(folder.glob("*.txt")):
-        if not transcript.with_suffix(".wav").exists():
-            problems.append(f"{transcript.name}: no audio ({transcript.stem}.wav is missing)")
+        clips.append(Clip(stem, audio, _read_text(transcripts[stem])))
+    for stem, transcript in transcripts.items():
+        if stem not in audios:
+            problems.append(f"{transcript.name}: no audio ({stem}.wav is missing)")
     if not clips and not problems:
         raise DatasetError(f"{folder} has no clips: expected metadata.csv with wavs/, or "
                            "NAME.wav + NAME.txt pairs")
     return clips, problems
 
 
+def _by_stem(folder: Path, suffix: str) -> dict[str, Path]:
+    """The folder's files with this extension in any case (Windows and some recorders
+    write ``.WAV``), by name without it, in name order."""
+    if not folder.is_dir():
+        return {}
+    return {path.stem: path for path in sorted(folder.iterdir())
+            if path.suffix.lower() == suffix}
+
+
+# "utf-8-sig" drops the byte-order mark that Notepad and Excel's "CSV UTF-8" write first:
+# read as plain UTF-8 it would stick to the first clip's id, or become a token of its text.
 def _read_text(path: Path) -> str:
     try:
-        return " ".join(path.read_text(encoding="utf-8").split())
+        return " ".join(path.read_text(encoding="utf-8-sig").split())
     except (OSError, UnicodeDecodeError):
         return ""
 
@@ -112,22 +126,28 @@ def _read_text(path: Path) -> str:
 def _ljspeech(folder: Path, metadata: Path) -> tuple[list[Clip], list[str]]:
     clips, problems = [], []
     try:
-        rows = list(csv.reader(metadata.read_text(encoding="utf-8").splitlines(),
+        rows = list(csv.reader(metadata.read_text(encoding="utf-8-sig").splitlines(),
                                delimiter="|", quoting=csv.QUOTE_NONE))
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{metadata} is unreadable ({exc})") from None
+    audios = _by_stem(folder / "wavs", ".wav")
+    named = set()  # every id a line gives, so that audio is reported only when none does
     for number, row in enumerate(rows, 1):
         if not row or not row[0].strip():
             continue
+        clip_id = row[0].strip()
+        named.add(clip_id)
         if len(row) < 2:
             problems.append(f"metadata.csv line {number}: expected 'id|text'")
             continue
-        clip_id = row[0].strip()
         text = " ".join((row[2] if len(row) > 2 and row[2].strip() else row[1]).split())
         if "/" in clip_id or "\\" in clip_id or clip_id.startswith("."):
             problems.append(f"metadata.csv line {number}: id {clip_id!r} is not a file name")
             continue
-        clips.append(Clip(clip_id, folder / "wavs" / f"{clip_id}.wav", text))
+        clips.append(Clip(clip_id, audios.get(clip_id, folder / "wavs" / f"{clip_id}.wav"),
+                          text))
+    problems += [f"wavs/{audio.name}: no transcript (no metadata.csv line for {stem})"
+                 for stem, audio in audios.items() if stem not in named]
     return clips, problems
 
 

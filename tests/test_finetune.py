@@ -164,6 +164,41 @@ def test_a_clip_with_a_nan_or_inf_sample_is_left_out_not_the_dataset(tmp_path):
         assert wav is None and problem == f"{name}: audio is silent or damaged"
 
 
+def test_windows_transcripts_and_upper_case_extensions_are_read(tmp_path):
+    bom = "\ufeff"  # what Notepad and Excel's "CSV UTF-8" put first
+    pairs = tmp_path / "pairs"
+    write_audio(pairs / "X.WAV")
+    (pairs / "X.TXT").write_text(bom + "Hello there.", encoding="utf-8")
+    write_audio(pairs / "y.wav")
+    (pairs / "y.Txt").write_text("General text.", encoding="utf-8")
+    clips, problems = speaker_data.find_clips(pairs)
+    assert not problems
+    assert [(c.id, c.audio.name, c.text) for c in clips] == [
+        ("X", "X.WAV", "Hello there."), ("y", "y.wav", "General text.")]
+    lj = tmp_path / "lj"
+    write_audio(lj / "wavs" / "a1.wav")
+    write_audio(lj / "wavs" / "A2.WAV")
+    (lj / "metadata.csv").write_text(bom + "a1|Hello there.\nA2|General text.\n",
+                                     encoding="utf-8")
+    clips, problems = speaker_data.find_clips(lj)
+    assert not problems
+    assert [(c.id, c.audio.name, c.text) for c in clips] == [
+        ("a1", "a1.wav", "Hello there."), ("A2", "A2.WAV", "General text.")]
+    assert all(speaker_data.check_clip(c)[1] is None for c in clips)
+
+
+def test_ljspeech_audio_without_a_metadata_line_is_reported(tmp_path):
+    folder = tmp_path / "lj"
+    for name in ("a1.wav", "orphan.wav", "nocolumn.wav"):
+        write_audio(folder / "wavs" / name)
+    (folder / "metadata.csv").write_text("a1|Hello there.\nnocolumn\n")
+    clips, problems = speaker_data.find_clips(folder)
+    assert [c.id for c in clips] == ["a1"]
+    # One line per file: the row without text is reported as such, not twice.
+    assert problems == ["metadata.csv line 2: expected 'id|text'",
+                        "wavs/orphan.wav: no transcript (no metadata.csv line for orphan)"]
+
+
 @pytest.mark.parametrize("values, message", [
     ({"method": "qlora"}, "method must be one of"),
     ({"target": ("q_proj", "wq")}, "target must name some of"),
