@@ -307,26 +307,40 @@ def extract_zip(archive: Path, dest: Path) -> Path:
     content: ``dest`` itself, or the one folder everything was zipped in."""
     import stat
     import zipfile
+    import zlib
 
     try:
-        with zipfile.ZipFile(archive) as zipped:
-            entries = zipped.infolist()
-            if len(entries) > MAX_ZIP_FILES:
-                raise DatasetError(f"The zip has {len(entries)} entries; the limit is "
-                                   f"{MAX_ZIP_FILES}.")
-            if sum(e.file_size for e in entries) > MAX_ZIP_BYTES:
-                raise DatasetError(f"The zip unpacks to more than {MAX_ZIP_BYTES // 2**30} GB.")
-            for entry in entries:
-                parts = Path(entry.filename).parts
-                if entry.filename.startswith(("/", "\\")) or ".." in parts or \
-                        (parts and ":" in parts[0]):
-                    raise DatasetError(f"The zip entry {entry.filename!r} points outside "
-                                       "the archive; zip the folder itself.")
-                if stat.S_ISLNK(entry.external_attr >> 16):
-                    raise DatasetError(f"The zip entry {entry.filename!r} is a link; zip "
-                                       "plain files.")
-            zipped.extractall(dest)
+        zipped = zipfile.ZipFile(archive)
     except zipfile.BadZipFile:
         raise DatasetError("The upload is not a zip file.") from None
+    with zipped:
+        entries = zipped.infolist()
+        # Without a file, nothing is unpacked: not even ``dest`` would be made.
+        if all(entry.is_dir() for entry in entries):
+            raise DatasetError("The zip is empty: zip the folder that holds the files.")
+        if len(entries) > MAX_ZIP_FILES:
+            raise DatasetError(f"The zip has {len(entries)} entries; the limit is "
+                               f"{MAX_ZIP_FILES}.")
+        if sum(e.file_size for e in entries) > MAX_ZIP_BYTES:
+            raise DatasetError(f"The zip unpacks to more than {MAX_ZIP_BYTES // 2**30} GB.")
+        for entry in entries:
+            parts = Path(entry.filename).parts
+            if entry.filename.startswith(("/", "\\")) or ".." in parts or \
+                    (parts and ":" in parts[0]):
+                raise DatasetError(f"The zip entry {entry.filename!r} points outside "
+                                   "the archive; zip the folder itself.")
+            if stat.S_ISLNK(entry.external_attr >> 16):
+                raise DatasetError(f"The zip entry {entry.filename!r} is a link; zip "
+                                   "plain files.")
+            if entry.flag_bits & 0x1:  # the zip format's "encrypted" flag
+                raise DatasetError("The zip is password-protected: zip it again without a "
+                                   "password.")
+        try:
+            zipped.extractall(dest)
+        except (zipfile.BadZipFile, zlib.error, EOFError):  # bad CRC, garbled or cut short
+            raise DatasetError("The zip is damaged: zip the folder again.") from None
+        except NotImplementedError:  # Deflate64 (Windows' zip for large files), for one
+            raise DatasetError("The zip uses a compression this app cannot unpack: zip it "
+                               "again with ordinary (Deflate) compression.") from None
     inside = [p for p in Path(dest).iterdir() if p.name != "__MACOSX"]
     return inside[0] if len(inside) == 1 and inside[0].is_dir() else Path(dest)

@@ -199,6 +199,48 @@ def test_ljspeech_audio_without_a_metadata_line_is_reported(tmp_path):
                         "wavs/orphan.wav: no transcript (no metadata.csv line for orphan)"]
 
 
+def _zip_with(tmp_path, name, patch=None, **kwargs):
+    import zipfile
+
+    path = tmp_path / f"{name}.zip"
+    with zipfile.ZipFile(path, "w", **kwargs) as archive:
+        if patch is not None:
+            archive.writestr("metadata.csv", b"a1|Hello there.\n" * 2000)
+    if patch is not None:
+        body = bytearray(path.read_bytes())
+        patch(body)
+        path.write_bytes(bytes(body))
+    return path
+
+
+def _encrypted(body):  # general-purpose flag bit 0, in the local and the central header
+    body[6] |= 1
+    body[body.find(b"PK\x01\x02") + 8] |= 1
+
+
+def _deflate64(body):  # compression method 9, which Python's zipfile cannot unpack
+    body[8] = 9
+    body[body.find(b"PK\x01\x02") + 10] = 9
+
+
+def _corrupt(body):
+    body[60:90] = bytes(b ^ 0xFF for b in body[60:90])
+
+
+@pytest.mark.parametrize("name, patch, kwargs, message", [
+    ("empty", None, {}, "The zip is empty"),
+    ("locked", _encrypted, {}, "password-protected: zip it again without a password"),
+    ("deflate64", _deflate64, {}, "compression this app cannot unpack"),
+    ("damaged", _corrupt, {"compression": 8}, "The zip is damaged"),
+])
+def test_a_zip_that_cannot_be_unpacked_says_why(tmp_path, name, patch, kwargs, message):
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(DatasetError, match=message) as info:
+        speaker_data.extract_zip(_zip_with(tmp_path, name, patch, **kwargs), work / "data")
+    assert str(work) not in str(info.value)  # no server path in the message
+
+
 @pytest.mark.parametrize("values, message", [
     ({"method": "qlora"}, "method must be one of"),
     ({"target": ("q_proj", "wq")}, "target must name some of"),
