@@ -336,8 +336,9 @@ def run_finetune(manager: ModelManager, args: argparse.Namespace) -> str:
         "seed": args.seed, "val_fraction": args.val_fraction,
         "text_loss_weight": args.text_loss,
         "gradient_checkpointing": args.gradient_checkpointing})
-    if args.name:
-        check_name(args.name)  # a bad name must not cost a training run first
+    if args.name:  # a bad or taken name must not cost a training run first
+        check_name(args.name)  # before the model loads
+        manager.library.check_new_name(args.name)
     from tqdm import tqdm
 
     with tqdm(total=settings.steps, desc="fine-tuning", file=sys.stderr) as bar:

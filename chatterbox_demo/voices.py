@@ -265,6 +265,13 @@ class VoiceLibrary:
         self._memory[voice.sha256] = conds
         return conds, "disk"
 
+    def check_new_name(self, name, exaggeration: float = 0.5) -> str:
+        """The name a voice added now would get, or the VoiceError adding it would raise:
+        for a long job (fine-tuning) that ends in adding a voice, to fail before it starts
+        rather than after."""
+        self._catch_up()  # a name another process took meanwhile is taken here too
+        return self._new_name(name, exaggeration)
+
     def _new_name(self, name, exaggeration) -> str:
         """A free, valid name for a new voice, with its exaggeration checked too."""
         name = check_name(name)

@@ -392,3 +392,13 @@ def test_a_bad_text_file_is_one_error_line(capsys, tmp_path, no_instance, conten
     code, out, err = main(capsys, "synth", "--text-file", str(path), "--out",
                           str(tmp_path / "x.wav"), "--weights", "tiny")
     assert code == 2 and out == "" and words in err and len(err.splitlines()) == 1
+
+
+def test_in_process_finetune_refuses_a_taken_name_before_training(shared_cli, capsys,
+                                                                   tmp_path, monkeypatch):
+    monkeypatch.setattr(shared_cli, "finetune", lambda *args, **kwargs: pytest.fail("trained"))
+    code, out, err = main(capsys, "finetune", "train", str(tmp_path), "--out",
+                          str(tmp_path / "adapter"), "--name", "calm-mid")
+    assert (code, out) == (2, "")
+    assert err.strip() == ("error: A voice named 'calm-mid' exists; it ships with the app; "
+                           "choose another name.")

@@ -548,3 +548,30 @@ def test_cache_files_are_never_unpickled_with_code(make_library, clip, compute, 
     assert source == "computed" and len(compute.calls) == 2
     assert cache_file.with_name(cache_file.name + ".corrupt").exists()
     assert isinstance(conds, Conditionals)
+
+
+# --- fine-tuned voices ----------------------------------------------------------------------
+
+
+def test_the_voices_tab_refuses_a_taken_name_before_fine_tuning(make_manager, make_wav,
+                                                                tmp_path, monkeypatch):
+    import zipfile
+
+    import gradio as gr
+
+    from chatterbox_demo import ui
+
+    manager = make_manager()
+    manager.add_voice("Ann", make_wav("ann.wav", seed=1))
+    monkeypatch.setattr(ui, "manager", lambda: manager)
+    monkeypatch.setattr(manager, "finetune", lambda *args, **kwargs: pytest.fail("trained"))
+    upload = tmp_path / "data.zip"
+    with zipfile.ZipFile(upload, "w") as archive:
+        archive.writestr("data/metadata.csv", "a|Hello there.\n")
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    with pytest.raises(gr.Error, match="A voice named 'calm-mid' exists; it ships with the "
+                                       "app; choose another name"):
+        ui.finetune_voice(str(upload), "Calm-Mid", "lora", 4, progress=quiet)
+    with pytest.raises(gr.Error, match="A voice named 'Ann' exists; choose another name or "
+                                       "remove that one first"):
+        ui.finetune_voice(str(upload), "ann", "lora", 4, progress=quiet)
