@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from chatterbox.models.t3.modules.cond_enc import T3Cond
 from chatterbox.tts import Conditionals
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import RANGES, check_number
@@ -51,6 +52,7 @@ FILES = {"lora": "adapter.safetensors", "speaker-adapter": "speaker_offset.safet
          "full": "t3_cfg.safetensors"}
 OUTPUTS = ("card.json", "conds.pt", "checkpoint.pt", *FILES.values())
 START_OVER = "train again without --resume, which starts over and replaces the checkpoint"
+WHOLE_COPY = "import a whole copy of the adapter directory that `finetune train` wrote"
 
 
 class FinetuneError(ValueError):
@@ -167,6 +169,10 @@ def merge_lora(t3, state: dict[str, torch.Tensor], rank: int, alpha: float) -> N
             raise FinetuneError(f"The adapter names {path}, which this T3 does not have as a "
                                 "Linear layer: it was trained on other base weights.")
         delta = state[f"{path}.lora_B"] @ state[key] * scale
+        if delta.shape != layer.weight.shape:
+            raise FinetuneError(f"The adapter's {path} is {tuple(delta.shape)}, but this T3's "
+                                f"layer is {tuple(layer.weight.shape)}: it was trained on "
+                                "other base weights.")
         with torch.no_grad():
             layer.weight += delta.to(device=layer.weight.device, dtype=layer.weight.dtype)
 
@@ -393,7 +399,13 @@ def _write_outputs(out_dir: Path, t3, conds: Conditionals, settings: TrainSettin
 
 def load_upstream_state(t3, state: dict[str, torch.Tensor]) -> None:
     """Load a full checkpoint, strictly but for the derived wrapper."""
-    missing, unexpected = t3.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = t3.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # torch's "size mismatch for ...", one line per tensor
+        first = next((line.strip() for line in str(exc).splitlines() if "mismatch" in line),
+                     str(exc))
+        raise FinetuneError(f"The checkpoint does not fit this T3 ({first}): it was trained "
+                            "on other weights.") from None
     missing = [k for k in missing if not k.startswith(DERIVED_PREFIX)]
     if missing or unexpected:
         raise FinetuneError(f"The checkpoint does not fit this T3 (missing {missing[:3]}, "
@@ -404,8 +416,8 @@ def load_upstream_state(t3, state: dict[str, torch.Tensor]) -> None:
 
 
 def read_card(adapter_dir: Path, base_identity: str) -> dict:
-    """The adapter's card, checked: trained on the ``base_identity`` weights, and every
-    file the method needs is there."""
+    """The adapter's card, checked: trained on the ``base_identity`` weights, every file
+    the method needs is there, and its weights file is whole (:func:`_check_weights`)."""
     adapter_dir = Path(adapter_dir)
     try:
         card = json.loads((adapter_dir / "card.json").read_text())
@@ -422,7 +434,63 @@ def read_card(adapter_dir: Path, base_identity: str) -> dict:
         if not (adapter_dir / name).exists():
             raise FinetuneError(f"{adapter_dir} has no {name}: copy the whole adapter "
                                 "directory that `finetune train` wrote")
+    _check_weights(adapter_dir / FILES[method], card)
     return card
+
+
+def _check_weights(path: Path, card: dict) -> None:
+    """Refuse a weights file cut short (a copy or download that stopped) or holding other
+    tensors than the card's method writes: when the adapter is imported, not at every
+    generation after it. Only the header is read, and safetensors checks that the file is
+    as long as the header says, so this costs little even for a full T3; whether the
+    tensors fit this T3's layers is checked as they are loaded into it."""
+    try:
+        with safe_open(path, "pt") as file:
+            shapes = {key: list(file.get_slice(key).get_shape()) for key in file.keys()}
+    except SafetensorError as exc:
+        raise _damaged(path, exc) from None
+    problem = _weights_problem(card, shapes)
+    if problem:
+        raise FinetuneError(f"{path} does not hold a {card['method']} adapter's weights "
+                            f"({problem}); {WHOLE_COPY}.")
+
+
+def _weights_problem(card: dict, shapes: dict[str, list[int]]) -> str | None:
+    """What is wrong with the tensors ``shapes`` for the card's method, or None."""
+    if not shapes:
+        return "it holds no tensors"
+    if card["method"] == "full":
+        return None  # which tensors a T3 has is known only to the T3 it is loaded into
+    if card["method"] == "speaker-adapter":
+        offset = shapes.get("speaker_emb_offset")
+        if len(shapes) != 1 or offset is None or len(offset) != 2 or offset[0] != 1:
+            return "it should hold one 1 x N tensor, speaker_emb_offset"
+        return None
+    settings = card.get("settings") if isinstance(card.get("settings"), dict) else {}
+    rank, alpha = settings.get("rank"), settings.get("alpha")
+    # Merging scales by alpha / rank.
+    if type(rank) is not int or rank < 1 or type(alpha) not in (int, float):
+        return "its card.json lacks the LoRA rank and alpha"
+    for key, shape in shapes.items():
+        layer, _, part = key.rpartition(".")
+        other = {"lora_A": "lora_B", "lora_B": "lora_A"}.get(part)
+        if other is None or f"{layer}.{other}" not in shapes:
+            return f"{key} is not one of a pair of LoRA matrices"
+        # A is rank x inputs, B is outputs x rank.
+        if len(shape) != 2 or shape[0 if part == "lora_A" else 1] != rank:
+            return f"{key} is {' x '.join(map(str, shape))}, not of rank {rank}"
+    return None
+
+
+def _damaged(path: Path, exc: Exception) -> FinetuneError:
+    return FinetuneError(f"{path} is damaged or incomplete ({exc}); {WHOLE_COPY}.")
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except SafetensorError as exc:  # damaged on disk since read_card looked at it
+        raise _damaged(path, exc) from None
 
 
 def adapted_t3(t3_base, adapter_dir: Path, base_identity: str):
@@ -435,10 +503,10 @@ def adapted_t3(t3_base, adapter_dir: Path, base_identity: str):
     t3 = copy.deepcopy(t3_base)
     if card["method"] == "lora":
         settings = card["settings"]
-        merge_lora(t3, load_file(Path(adapter_dir) / FILES["lora"]), settings["rank"],
+        merge_lora(t3, _load_weights(Path(adapter_dir) / FILES["lora"]), settings["rank"],
                    settings["alpha"])
     else:
-        load_upstream_state(t3, load_file(Path(adapter_dir) / FILES["full"]))
+        load_upstream_state(t3, _load_weights(Path(adapter_dir) / FILES["full"]))
     return t3.eval()
 
 

@@ -231,12 +231,11 @@ class VoiceLibrary:
         adapter_dir = Path(adapter_dir)
         card = read_card(adapter_dir, base_identity)
         files = ["card.json", "conds.pt", FILES[card["method"]]]
-        digest = hashlib.sha256()
-        for file in files:
-            digest.update(hashlib.sha256((adapter_dir / file).read_bytes()).digest())
-        sha256 = digest.hexdigest()
+        sha256 = _files_digest(adapter_dir, files)
         stored = self.cache_dir / "adapters" / sha256
-        if not stored.exists():
+        # A stored copy damaged since (a full disk, a bad copy of the cache) is replaced:
+        # importing the adapter again is what the error for a damaged one asks for.
+        if not _holds(stored, files, sha256):
             stored.parent.mkdir(parents=True, exist_ok=True)
 
             def copy(tmp: Path) -> None:
@@ -432,6 +431,23 @@ class VoiceLibrary:
             raise _not_saved(exc) from None
         self._voices = voices
         self._seen = self._index_stamp()
+
+
+def _files_digest(folder: Path, files: list[str]) -> str:
+    """One hash of the named files' contents, read in pieces (a full T3 is gigabytes)."""
+    digest = hashlib.sha256()
+    for file in files:
+        with open(folder / file, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
+def _holds(folder: Path, files: list[str], sha256: str) -> bool:
+    """Whether ``folder`` holds ``files`` whole: their digest is its name."""
+    try:
+        return _files_digest(folder, files) == sha256
+    except OSError:  # missing, or a file gone from it
+        return False
 
 
 def _not_saved(exc: OSError) -> VoiceError:

@@ -402,3 +402,26 @@ def test_in_process_finetune_refuses_a_taken_name_before_training(shared_cli, ca
     assert (code, out) == (2, "")
     assert err.strip() == ("error: A voice named 'calm-mid' exists; it ships with the app; "
                            "choose another name.")
+
+
+def test_in_process_a_damaged_adapter_is_not_imported(shared_cli, capsys, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    card = {"version": 1, "method": "lora", "base_weights": shared_cli.loaded.identity,
+            "settings": {"rank": 2, "alpha": 4.0}}
+    (adapter / "card.json").write_text(json.dumps(card))
+    shared_cli.library.conditionals(shared_cli.library.get("calm-mid"))[0].save(
+        adapter / "conds.pt")
+    weights = adapter / "adapter.safetensors"
+    save_file({"layers.0.self_attn.q_proj.lora_A": torch.zeros(2, 1024),
+               "layers.0.self_attn.q_proj.lora_B": torch.zeros(1024, 2)}, weights)
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])  # a copy that stopped half-way
+    code, out, err = main(capsys, "finetune", "import", str(adapter), "--name", "broken")
+    assert (code, out) == (2, "")
+    assert err.startswith("error: ") and "adapter.safetensors is damaged" in err
+    assert len(err.splitlines()) == 1
+    assert "broken" not in shared_cli.library.names()

@@ -553,6 +553,64 @@ def test_cache_files_are_never_unpickled_with_code(make_library, clip, compute, 
 # --- fine-tuned voices ----------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def adapters(tiny_manager, tmp_path_factory):
+    """A LoRA and a speaker-adapter directory, each trained for one step on the tiny model."""
+    from chatterbox_demo.finetune import TrainSettings
+    from chatterbox_demo.speaker_data import make_espeak_dataset
+
+    root = tmp_path_factory.mktemp("adapters")
+    data = make_espeak_dataset(root / "data", 2)
+    made = {}
+    for method in ("lora", "speaker-adapter"):
+        made[method] = root / method
+        tiny_manager.finetune(data, made[method], TrainSettings(method=method, steps=1,
+                                                                batch=1, val_fraction=0.0))
+    return made
+
+
+def cut_short(path: Path) -> bytes:
+    """Cut ``path`` to half its length, as a failed copy or download would; returns the
+    whole content."""
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    return whole
+
+
+def test_a_damaged_adapter_is_refused_at_import_and_named_when_used(make_manager, adapters,
+                                                                     tmp_path):
+    from chatterbox_demo.config import GenerationParams
+    from chatterbox_demo.finetune import FinetuneError
+
+    manager = make_manager(shipped_voices=None)
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters["lora"], broken)
+    cut_short(broken / "adapter.safetensors")
+    with pytest.raises(FinetuneError, match=r"broken/adapter.safetensors is damaged .*"
+                                            r"MetadataIncompleteBuffer.*import a whole copy"):
+        manager.add_finetuned_voice("broken", broken)
+    # Whole, but another method's file under this method's name.
+    shutil.copy(adapters["speaker-adapter"] / "speaker_offset.safetensors",
+                broken / "adapter.safetensors")
+    with pytest.raises(FinetuneError, match="does not hold a lora adapter's weights "
+                                            r"\(speaker_emb_offset is not"):
+        manager.add_finetuned_voice("broken", broken)
+    assert "broken" not in manager.library.names()
+
+    # Damaged in the cache after the import: a new process says so, not a traceback...
+    voice = manager.add_finetuned_voice("tuned", adapters["lora"])
+    stored = Path(voice.adapter) / "adapter.safetensors"
+    whole = cut_short(stored)
+    params = GenerationParams(max_new_tokens=4, seed=0)
+    fresh = make_manager(cache_dir=manager.cache_dir, shipped_voices=None)
+    with pytest.raises(FinetuneError, match="adapter.safetensors is damaged"):
+        fresh.generate("Hello there.", "tuned", params)
+    # ... and importing the adapter again mends the stored copy.
+    fresh.add_finetuned_voice("tuned again", adapters["lora"])
+    assert stored.read_bytes() == whole
+    assert len(fresh.generate("Hello there.", "tuned", params).wav) > 0
+
+
 def test_the_voices_tab_refuses_a_taken_name_before_fine_tuning(make_manager, make_wav,
                                                                 tmp_path, monkeypatch):
     import zipfile
@@ -575,3 +633,31 @@ def test_the_voices_tab_refuses_a_taken_name_before_fine_tuning(make_manager, ma
     with pytest.raises(gr.Error, match="A voice named 'Ann' exists; choose another name or "
                                        "remove that one first"):
         ui.finetune_voice(str(upload), "ann", "lora", 4, progress=quiet)
+
+
+def test_adapter_weights_that_do_not_fit_this_t3_are_refused_when_loaded(make_manager,
+                                                                         adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from chatterbox_demo import finetune
+    from chatterbox_demo.config import GenerationParams
+    from chatterbox_demo.finetune import FinetuneError
+
+    # Whole pairs of the card's rank, but for a wider layer than this T3 has: only merging
+    # into the T3 can tell.
+    manager = make_manager(shipped_voices=None)
+    wide = tmp_path / "wide"
+    shutil.copytree(adapters["lora"], wide)
+    state = load_file(wide / "adapter.safetensors")
+    key = next(k for k in state if k.endswith(".lora_B"))
+    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    save_file(state, wide / "adapter.safetensors")
+    manager.add_finetuned_voice("wide", wide)
+    with pytest.raises(FinetuneError, match=r"is \(1025, 1024\), but this T3's layer is "
+                                            r"\(1024, 1024\): it was trained on other"):
+        manager.generate("Hello there.", "wide", GenerationParams(max_new_tokens=4))
+    # A full checkpoint's tensor of another shape.
+    with pytest.raises(FinetuneError, match=r"does not fit this T3 \(size mismatch for "
+                                            "weight.*trained on other weights"):
+        finetune.load_upstream_state(torch.nn.Linear(2, 2), {"weight": torch.zeros(3, 2),
+                                                             "bias": torch.zeros(2)})
