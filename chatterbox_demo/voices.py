@@ -104,6 +104,7 @@ class VoiceLibrary:
         self.cache_dir = Path(cache_dir)
         self.compute = compute
         self.device = device
+        self.weights_identity = weights_identity
         weights_key = hashlib.sha256(weights_identity.encode()).hexdigest()[:16]
         self.conds_dir = self.cache_dir / "conds" / weights_key
         self.audio_dir = self.cache_dir / "audio"
@@ -253,8 +254,14 @@ class VoiceLibrary:
         return voice
 
     def _adapter_conds(self, voice: Voice) -> tuple[Conditionals, str]:
+        from .finetune import read_card
+
         if voice.sha256 in self._memory:
             return self._memory[voice.sha256], "memory"
+        # Checked for every method, a speaker-adapter too: its offset is baked into these
+        # conditionals, which fit only the weights it was trained on (the index lists the
+        # voice whatever weights are loaded). Also refuses weights damaged since import.
+        read_card(Path(voice.adapter), self.weights_identity)
         path = Path(voice.adapter) / "conds.pt"
         try:
             conds = Conditionals.load(path, map_location="cpu").to(self.device)

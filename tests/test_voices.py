@@ -611,6 +611,26 @@ def test_a_damaged_adapter_is_refused_at_import_and_named_when_used(make_manager
     assert len(fresh.generate("Hello there.", "tuned", params).wav) > 0
 
 
+def test_a_speaker_adapter_voice_is_refused_on_other_weights(make_manager, adapters,
+                                                             tiny_manager, monkeypatch):
+    import dataclasses
+
+    from chatterbox_demo import weights
+    from chatterbox_demo.config import GenerationParams
+    from chatterbox_demo.finetune import FinetuneError
+
+    manager = make_manager(shipped_voices=None)
+    manager.add_finetuned_voice("tuned", adapters["speaker-adapter"])
+    other = dataclasses.replace(tiny_manager.loaded, identity="tiny:other weights")
+    monkeypatch.setattr(weights, "load", lambda spec, device, seed=0: other)
+    reopened = make_manager(cache_dir=manager.cache_dir, shipped_voices=None)
+    assert reopened.library.get("tuned").method == "speaker-adapter"
+    # Its offset is baked into its conditionals, which only fit the weights it was trained on.
+    with pytest.raises(FinetuneError, match="trained on weights tiny:seed=0.*not the loaded "
+                                            "tiny:other weights; train it again"):
+        reopened.generate("Hello there.", "tuned", GenerationParams(max_new_tokens=4))
+
+
 def test_the_voices_tab_refuses_a_taken_name_before_fine_tuning(make_manager, make_wav,
                                                                 tmp_path, monkeypatch):
     import zipfile
