@@ -45,8 +45,9 @@ INDEX_VERSION = 1
 # removable; the others ship with the weights or the app.
 USER_KINDS = ("user", "finetuned")
 # flock() keeps other processes out; this keeps out other threads and other libraries on
-# the same cache in this process as well, whatever the file system makes of flock().
-_INDEX_LOCK = threading.Lock()
+# the same cache in this process as well, whatever the file system makes of flock(). Reads
+# that catch up with the index take it too (a change looks voices up, so it is reentrant).
+_INDEX_LOCK = threading.RLock()
 
 
 class VoiceError(ValueError):
@@ -378,6 +379,9 @@ class VoiceLibrary:
         """Bring the user voices in memory up to date with the index on disk, where another
         process may have added, renamed or removed some. A user voice from an index older
         than the reserved name gets a free one; returns (old name, new name) then."""
+        # The stamp first: if another process replaces the index while it is read, the
+        # next look sees a newer stamp and reads again.
+        stamp = self._index_stamp()
         users = {name_key(voice.name): voice for voice in self._read_index()}
         renamed = None
         clash = users.pop(name_key(BUILTIN_NAME), None)
@@ -390,7 +394,7 @@ class VoiceLibrary:
             renamed = (clash.name, new.name)
         others = {k: v for k, v in self._voices.items() if v.kind not in USER_KINDS}
         self._voices = {**others, **users}  # a user voice hides a shipped one, as at start-up
-        self._seen = self._index_stamp()
+        self._seen = stamp
         return renamed
 
     def _index_stamp(self) -> tuple | None:
@@ -403,8 +407,9 @@ class VoiceLibrary:
     def _catch_up(self) -> None:
         """Show what another process (``voices add`` in a shell) changed since the index was
         last read: every change replaces the file, so a new stamp means a new list."""
-        if self._index_stamp() != self._seen:
-            self._reload()
+        with _INDEX_LOCK:  # not between a change's reading and writing of the index
+            if self._index_stamp() != self._seen:
+                self._reload()
 
     @contextmanager
     def _changing(self):

@@ -2,6 +2,7 @@ import hashlib
 import json
 import pathlib
 import shutil
+import threading
 import unicodedata
 from pathlib import Path
 
@@ -246,6 +247,36 @@ def test_a_library_lists_what_another_process_added_without_a_change_of_its_own(
     assert app.names() == ["Bob"] and app.get("bob").name == "Bob"
     cli.remove("Bob")
     assert app.names() == []
+
+
+def test_a_list_read_while_this_library_removes_a_voice_does_not_bring_it_back(
+        make_library, clip, make_wav, monkeypatch):
+    """Lists no longer wait for the model's lock (a generation holds it throughout). A
+    list that had read the index just before a removal here put the old list back after
+    it, with the new index's stamp: the removed voice was listed until the next change."""
+    app, cli = make_library(), make_library()
+    app.add("Alice", clip)
+    cli.add("Bob", make_wav("bob.wav", seed=2))  # app's memory is behind its index now
+    read, go, real_read = threading.Event(), threading.Event(), VoiceLibrary._read_index
+    listing = threading.Thread(target=app.list)
+
+    def slow_read(library):  # the list pauses between reading the index and using it
+        voices = real_read(library)
+        if threading.current_thread() is listing:
+            read.set()
+            go.wait(10)
+        return voices
+
+    monkeypatch.setattr(VoiceLibrary, "_read_index", slow_read)
+    listing.start()
+    assert read.wait(10)
+    removing = threading.Thread(target=app.remove, args=("Alice",))
+    removing.start()
+    removing.join(0.5)  # done by now, unless it waits for the list
+    go.set()
+    listing.join(10)
+    removing.join(10)
+    assert app.names() == ["Bob"] and make_library().names() == ["Bob"]
 
 
 # --- refused names --------------------------------------------------------------------------
