@@ -7,6 +7,7 @@ runs on the model at a time and the rest wait in the queue with their position s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -15,6 +16,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -229,13 +231,15 @@ def finetune_voice(dataset_zip: str | None, name: str, method: str, steps,
         m.library.check_new_name(name)
     settings = settings_from({"method": method, "steps": _whole(steps, "steps")})
     with tempfile.TemporaryDirectory(prefix="chatterbox-finetune-") as work:
-        folder = extract_zip(Path(dataset_zip), Path(work) / "data")
-        progress(0.0, desc="Checking and tokenizing the clips")
+        with naming_the_upload(dataset_zip, work):
+            folder = extract_zip(Path(dataset_zip), Path(work) / "data")
+            progress(0.0, desc="Checking and tokenizing the clips")
 
-        def step_done(step, steps, loss):
-            progress(step / steps, desc=f"Training: step {step} of {steps}, loss {loss:.3f}")
+            def step_done(step, steps, loss):
+                progress(step / steps,
+                         desc=f"Training: step {step} of {steps}, loss {loss:.3f}")
 
-        card = m.finetune(folder, Path(work) / "adapter", settings, step_done)
+            card = m.finetune(folder, Path(work) / "adapter", settings, step_done)
         voice = m.add_finetuned_voice(name, Path(work) / "adapter")
     return (f"Fine-tuned **{html.escape(voice.name)}** ({card['method']}, {card['steps']} "
             f"steps on {card['train_clips']} clips): loss {card['train_loss_first']} → "
@@ -249,16 +253,22 @@ def import_adapter(adapter_zip: str | None, name: str) -> tuple[str, list[list]]
     if not adapter_zip:
         raise ValueError("Upload a zip of the adapter directory first.")
     with tempfile.TemporaryDirectory(prefix="chatterbox-adapter-") as work:
-        folder = extract_zip(Path(adapter_zip), Path(work))
-        try:
+        with naming_the_upload(adapter_zip, work):
+            folder = extract_zip(Path(adapter_zip), Path(work))
             voice = m.add_finetuned_voice(name, folder)
-        except USER_ERRORS as exc:
-            # The message names the folder it was unpacked to, a server path that means
-            # nothing to the user: name their upload instead.
-            upload = f"the uploaded {Path(adapter_zip).name}"
-            raise type(exc)(str(exc).replace(str(folder), upload)
-                            .replace(str(work), upload)) from None
     return f"Added fine-tuned voice **{html.escape(voice.name)}**.", voice_table()
+
+
+@contextlib.contextmanager
+def naming_the_upload(upload: str, work: str):
+    """A user error's message may name a path under ``work``, where an upload was
+    unpacked: a server path that means nothing to the user. Name their upload instead."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        under_work = re.escape(str(work)) + r"[^\s'\",;:]*"
+        raise type(exc)(re.sub(under_work, f"the uploaded {Path(upload).name}",
+                               str(exc))) from None
 
 
 def refresh_voice_pickers(current_synth: str | None, current_ab: str | None):

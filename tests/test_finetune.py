@@ -511,6 +511,14 @@ def test_the_voices_tab_fine_tunes_from_a_zip_and_imports_an_adapter(make_manage
     with pytest.raises(gr.Error, match="points outside the archive"):
         ui.finetune_voice(str(tmp_path / "evil.zip"), "z", "lora", 4, progress=quiet)
     assert not (tmp_path / "outside.txt").exists()
+    # A zip without one usable clip: named as the upload, not as the server's temp folder.
+    no_clips = tmp_path / "notes"
+    no_clips.mkdir()
+    (no_clips / "readme.md").write_text("nothing to hear")
+    with pytest.raises(gr.Error) as info:
+        ui.finetune_voice(zipped(no_clips, tmp_path, "notes"), "v", "lora", 4, progress=quiet)
+    assert "the uploaded notes.zip" in str(info.value)
+    assert "chatterbox-finetune-" not in str(info.value)
 
 
 def test_the_cli_goes_from_clips_to_a_voice(dataset, tmp_path):
