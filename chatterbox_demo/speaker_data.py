@@ -128,7 +128,10 @@ def _ljspeech(folder: Path, metadata: Path) -> tuple[list[Clip], list[str]]:
     try:
         rows = list(csv.reader(metadata.read_text(encoding="utf-8-sig").splitlines(),
                                delimiter="|", quoting=csv.QUOTE_NONE))
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise DatasetError(f"{metadata} is not UTF-8 text: save it as UTF-8 (Excel: "
+                           "'CSV UTF-8')") from None
+    except OSError as exc:
         raise DatasetError(f"{metadata} is unreadable ({exc})") from None
     audios = _by_stem(folder / "wavs", ".wav")
     named = set()  # every id a line gives, so that audio is reported only when none does

@@ -187,6 +187,15 @@ def test_windows_transcripts_and_upper_case_extensions_are_read(tmp_path):
     assert all(speaker_data.check_clip(c)[1] is None for c in clips)
 
 
+def test_a_metadata_file_in_another_encoding_says_to_save_it_as_utf8(tmp_path):
+    folder = tmp_path / "lj"
+    write_audio(folder / "wavs" / "a1.wav")
+    (folder / "metadata.csv").write_bytes("a1|Café au lait.\n".encode("latin-1"))
+    with pytest.raises(speaker_data.DatasetError,
+                       match=r"metadata.csv is not UTF-8 text: save it as UTF-8"):
+        speaker_data.find_clips(folder)
+
+
 def test_ljspeech_audio_without_a_metadata_line_is_reported(tmp_path):
     folder = tmp_path / "lj"
     for name in ("a1.wav", "orphan.wav", "nocolumn.wav"):
