@@ -227,8 +227,7 @@ def finetune_voice(dataset_zip: str | None, name: str, method: str, steps,
     if not dataset_zip:
         raise ValueError("Upload a zip of the speaker's clips first (metadata.csv + wavs/, "
                          "or NAME.wav + NAME.txt pairs).")
-    with m.lock:  # a taken name must not cost a training run first
-        m.library.check_new_name(name)
+    m.library.check_new_name(name)  # a taken name must not cost a training run first
     settings = settings_from({"method": method, "steps": _whole(steps, "steps")})
     with tempfile.TemporaryDirectory(prefix="chatterbox-finetune-") as work:
         with naming_the_upload(dataset_zip, work):
