@@ -98,6 +98,7 @@ def audio_fidelity(a: Synthesis, b: Synthesis) -> Fidelity:
 class Comparison:
     a: dict  # bench.Measurement rows
     b: dict | None = None  # None while B has not run yet
+    runs: int = 1  # timed runs per side: fewer than asked when cancelled between turns
 
     @property
     def audio_a(self) -> Synthesis:
@@ -166,9 +167,9 @@ def compare_steps(manager: ModelManager, text: str, voice: str | None,
                   cancelled: Callable[[], bool] = lambda: False) -> Iterator[Comparison]:
     """Warm A up and run it once, yield the comparison with A only; warm B up and run it
     once, then the other repeats in turns, B first (A B B A A B ...), and yield it whole.
-    Stop before B when ``cancelled()`` says so. The token budget is fixed before either
-    runs, so both sides do the same amount of work even when ``params`` leaves it to be
-    derived from the text."""
+    Stop before B, or before the next turn, when ``cancelled()`` says so. The token budget
+    is fixed before either runs, so both sides do the same amount of work even when
+    ``params`` leaves it to be derived from the text."""
     text = check_text(text)
     for side, config in (("A", config_a), ("B", config_b)):
         check_runnable(side, config, manager.device)
@@ -185,9 +186,11 @@ def compare_steps(manager: ModelManager, text: str, voice: str | None,
     # Whichever side runs first in a pair can find the machine in another state (caches,
     # clocks): alternating the order spreads that over both sides.
     for turn in range(1, repeats):
+        if cancelled():
+            break
         for measurement in (b, a) if turn % 2 else (a, b):
             measurement.repeat()
-    yield Comparison(a.row(), b.row())
+    yield Comparison(a.row(), b.row(), runs=len(b.runs))
 
 
 def _first_run(manager, side, fraction, config, text, voice, params, report) -> Measurement:

@@ -346,7 +346,9 @@ def make_params(exaggeration, cfg_weight, temperature, top_p, min_p, repetition_
 
 def _whole(value, name):
     """Gradio number boxes send floats; accept 3.0 but not 3.5."""
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{name} must be a whole number (got {value})")
         return int(value)
     if value is None:
         raise ValueError(f"{name} is required")
@@ -550,8 +552,11 @@ class CancelRequests:
 
     def start(self, session: str) -> None:
         with self._lock:
-            self._active.add(session)
-            self._cancelled.discard(session)
+            # A click on Run while the session's comparison still runs (Gradio drops
+            # that run) must not undo a cancel asked of the running one.
+            if session not in self._active:
+                self._active.add(session)
+                self._cancelled.discard(session)
 
     def cancel(self, session: str) -> bool:
         with self._lock:
@@ -573,10 +578,10 @@ class CancelRequests:
 CANCELS = CancelRequests()
 
 
-def cancel_compare(request: gr.Request) -> str:
+def cancel_compare(request: gr.Request):
     if CANCELS.cancel(request.session_hash):
-        return "Cancelling: the side that is generating finishes, the next one will not run."
-    return "Nothing to cancel."
+        return "Cancelling: the run that is generating finishes, the next one will not start."
+    return gr.skip()  # nothing running: the last comparison's verdict stays
 
 
 @user_errors
@@ -606,28 +611,44 @@ def comparison_table(result: Comparison, b_missing: str = "running…") -> list[
     return [[label, value_a, b_missing, ratio] for label, value_a, _, ratio in result.rows()]
 
 
-def comparison_outputs(result: Comparison, label_a: str, label_b: str) -> tuple:
+def summary_markdown(result: Comparison, label_a: str, label_b: str, repeats: int) -> str:
+    """The verdict in words (Markdown): the page shows it, API callers read it."""
+    def bold(label):  # Markdown needs no quotes escaped: API callers read &#x27; otherwise
+        return f"**{html.escape(label, quote=False)}**"
+
+    if result.b is None:
+        return f"A ({bold(label_a)}) done; running B ({bold(label_b)})…"
+    speedup = result.speedup
+    if not speedup:
+        summary = "No timing to compare."
+    elif speedup >= 1:
+        summary = f"B ({bold(label_b)}) ran **{speedup:.2f}x** faster than A ({bold(label_a)})"
+    else:  # "0.58x slower" says nothing: B took 1.73x as long
+        summary = f"B ({bold(label_b)}) ran **{1 / speedup:.2f}x** slower than A " \
+                  f"({bold(label_a)})"
+    if speedup:
+        summary += " end to end."
+    if result.runs < repeats:
+        summary += (f" Cancelled after {result.runs} of {repeats} runs per side: the "
+                    "figures are over those.")
+    reading = html.escape(result.fidelity.reading(), quote=False)
+    return f"{summary}\n\n**Fidelity of B against A:** {reading}"
+
+
+def comparison_outputs(result: Comparison, label_a: str, label_b: str,
+                       repeats: int = 1) -> tuple:
     """Audio A, audio B, table, summary, chart, spectrograms for a (partial) comparison."""
-    a = result.audio_a
     b = result.audio_b
-    if b is None:
-        summary = f"A (**{html.escape(label_a)}**) done; running B (**{html.escape(label_b)}**)…"
-    else:
-        speedup = result.speedup
-        summary = (f"B (**{html.escape(label_b)}**) ran **{speedup:.2f}x** "
-                   f"{'faster' if speedup >= 1 else 'slower'} than A "
-                   f"(**{html.escape(label_a)}**) end to end."
-                   if speedup else "No timing to compare.")
-        summary += f"\n\n**Fidelity of B against A:** {html.escape(result.fidelity.reading())}"
-    return (playable(a), playable(b) if b else None, comparison_table(result),
-            summary, result.chart(), result.spectrograms())
+    return (playable(result.audio_a), playable(b) if b else None, comparison_table(result),
+            summary_markdown(result, label_a, label_b, repeats), result.chart(),
+            result.spectrograms())
 
 
-def history_row(text: str, voice: str, label_a: str, label_b: str, repeats: int,
+def history_row(text: str, voice: str, label_a: str, label_b: str,
                 result: Comparison) -> list:
     fidelity = result.fidelity
     snr = fidelity.mel_snr_db
-    return [time.strftime("%H:%M:%S"), text[:40], voice, label_a, label_b, repeats,
+    return [time.strftime("%H:%M:%S"), text[:40], voice, label_a, label_b, result.runs,
             result.a["total_s"], result.b["total_s"], result.speedup,
             result.b.get("t3_tokens_per_s"), "inf" if math.isinf(snr) else round(snr, 1),
             fidelity.same_tokens]
@@ -686,9 +707,9 @@ def _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b, repeats,
     a_done = False
     try:
         for result in steps:
-            outputs = comparison_outputs(result, label_a, label_b)
+            outputs = comparison_outputs(result, label_a, label_b, repeats)
             if result.b is not None:
-                history.append(history_row(text, voice, label_a, label_b, repeats, result))
+                history.append(history_row(text, voice, label_a, label_b, result))
                 csv_file = history_csv(history)
             yield (*outputs, history, history, csv_file)
             a_done = True
@@ -699,9 +720,10 @@ def _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b, repeats,
             stopped = (f"A (**{html.escape(label_a)}**) done; B (**{html.escape(label_b)}**) "
                        "failed: see the message.")
             table = comparison_table(result, "failed")
-        else:
-            stopped, table = "The comparison stopped: see the message.", gr.skip()
-        yield (*[gr.skip()] * 2, table, stopped, *[gr.skip()] * 5)
+            yield (*[gr.skip()] * 2, table, stopped, *[gr.skip()] * 5)
+        else:  # nothing of this comparison to show, and an earlier one's would mislead
+            yield (None, None, [], "The comparison stopped: see the message.", None, None,
+                   *[gr.skip()] * 3)
         raise
     if result.b is None:
         audio_a, _, _, _, chart, mels = outputs
@@ -770,6 +792,11 @@ def _config_panel(side: str, preset: str):
                 field = gr.Slider(0, 10, value=value, step=0.5, label=label)
             else:
                 field = gr.Number(value=value, precision=0, minimum=0, label=label)
+            if isinstance(field, (gr.Slider, gr.Number)):
+                # OptimizationConfig checks these, and the messages name the side and the
+                # field; Gradio's own bound check named neither ("Value -1 is less than
+                # minimum value 0.") and stopped the line under the panel from saying so.
+                field.preprocess = lambda payload: payload
             fields.append(field)
     availability = gr.Markdown(availability_markdown(*_field_values(get_preset(preset))))
     return dropdown, fields, availability

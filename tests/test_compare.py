@@ -179,6 +179,18 @@ def test_a_cancel_between_sides_skips_b(tiny_manager):
     assert [row[2] for row in table] == ["not run"] * len(table)
 
 
+def test_a_cancel_between_turns_ends_the_repeats_with_what_ran(tiny_manager):
+    """Cancel was checked only between A and B: with 5 repeats it ran every turn."""
+    asked = iter([False, False, True])  # after A; after B; after the first turn
+    steps = list(compare_steps(tiny_manager, "Compare me.", "calm-mid", PARAMS,
+                               get_preset("cached"), get_preset("cached"), repeats=4,
+                               cancelled=lambda: next(asked)))
+    done = steps[-1]
+    assert done.b is not None and done.runs == 2
+    summary = ui.comparison_outputs(done, "cached", "cached", repeats=4)[3]
+    assert "Cancelled after 2 of 4 runs per side" in summary
+
+
 def test_a_configuration_this_device_cannot_run_is_refused_before_anything_runs(
         tiny_manager):
     with pytest.raises(ValueError, match="Configuration B cannot run on cpu: .*CUDA"):
@@ -242,6 +254,63 @@ def test_collect_configs_names_the_side_at_fault(ui_manager):
     assert a == b == dataclasses.asdict(PRESETS["cached"])
     with pytest.raises(ui.gr.Error, match="Configuration B cannot run on cpu: .*CUDA"):
         ui.collect_configs(request, *good, *ui.preset_fields("gpu-fast"))
+
+
+def test_a_new_run_does_not_undo_the_cancel_of_the_one_still_running():
+    """Run, Cancel, Run again: the second click's check reset the flag, so the first
+    comparison ran to its end."""
+    cancels = ui.CancelRequests()
+    cancels.start("alice")
+    assert cancels.cancel("alice")
+    cancels.start("alice")  # the second click, while the first still runs
+    assert cancels.is_cancelled("alice")
+    cancels.finish("alice")
+    cancels.start("alice")
+    assert not cancels.is_cancelled("alice")
+
+
+def test_cancel_with_nothing_running_leaves_the_last_verdict():
+    request = types.SimpleNamespace(session_hash="nobody-running")
+    assert ui.cancel_compare(request) == ui.gr.skip()
+
+
+@pytest.mark.parametrize("ratio, words", [(2.0, "**2.00x** faster"),
+                                          (0.5, "**2.00x** slower")])
+def test_a_slower_b_is_said_as_how_many_times_slower(ratio, words, monkeypatch):
+    result = Comparison({"total_s": 1.0}, {"total_s": 1.0 / ratio})
+    monkeypatch.setattr(Comparison, "fidelity", Fidelity(30.0, True, None))
+    assert words in ui.summary_markdown(result, "a", "b", repeats=1)
+
+
+def test_the_summary_is_not_html_escaped_beyond_what_markdown_needs(monkeypatch):
+    """API callers read B&#x27;s for B's."""
+    result = Comparison({"total_s": 1.0}, {"total_s": 1.0})
+    monkeypatch.setattr(Comparison, "fidelity", Fidelity(math.inf, True, None))
+    assert "&#x27;" not in ui.summary_markdown(result, "a", "b", repeats=1)
+
+
+@pytest.mark.parametrize("repeats", [2.5, 1.5])
+def test_a_fractional_repeat_count_is_refused_before_anything_runs(repeats, ui_manager,
+                                                                   monkeypatch):
+    monkeypatch.setattr(ui_manager, "generate", None)  # nothing may run
+    with pytest.raises(ui.gr.Error, match="repeats must be a whole number"):
+        next(ui.run_compare("Compare me.", "calm-mid", 0, 8, "cached", "cached", repeats))
+
+
+def test_a_panel_number_out_of_range_is_named_with_its_side(ui_manager):
+    """Gradio's own bound check said "Value -1 is less than minimum value 0." without
+    naming which of the panels' fields, and the line under the panel still said ✓."""
+    values = ui.preset_fields("cached")
+    values[ui.CONFIG_FIELDS.index("cpu_threads")] = -1
+    request = types.SimpleNamespace(session_hash="s1")
+    with pytest.raises(ui.gr.Error, match="Configuration B: cpu_threads must be between"):
+        ui.collect_configs(request, *ui.preset_fields("cached"), *values)
+    assert ui.availability_markdown(*values).startswith("✗ not a valid configuration")
+    with ui.gr.Blocks():
+        _, fields, _ = ui._config_panel("A", "cached")
+    for name, field in zip(ui.CONFIG_FIELDS, fields, strict=True):
+        if name in ("cpu_threads", "cfm_steps", "prompt_seconds"):
+            assert field.preprocess(-1) == -1  # left to the configuration's own check
 
 
 def test_cancel_applies_to_the_asking_session_only():
