@@ -105,18 +105,23 @@ def test_upload_a_voice_synthesize_and_compare(page):
     shoot(page, "4-compare-phone")
 
 
-def test_renaming_the_picked_voice_keeps_it_picked(page):
-    """The pickers used to fall back to the first voice when the one they showed was
-    renamed: the next synthesis spoke in another voice without a word."""
+def add_voice_and_pick_it_as_mine(page, name: str) -> None:
+    """Add the clip as ``name`` on the Voices tab and pick it under "Your voices"."""
     page.get_by_role("tab", name="Voices").click()
     page.locator("input[type=file]").first.set_input_files(str(CLIP))
-    page.get_by_label("Name", exact=True).fill("to rename")
+    page.get_by_label("Name", exact=True).fill(name)
     page.get_by_role("button", name="Add voice").click()
     expect(page.get_by_text("Added voice")).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
     mine = page.get_by_label("Your voices", exact=False)
     mine.click()
-    mine.fill("to rename")
+    mine.fill(name)
     page.keyboard.press("Enter")
+
+
+def test_renaming_the_picked_voice_keeps_it_picked(page):
+    """The pickers used to fall back to the first voice when the one they showed was
+    renamed: the next synthesis spoke in another voice without a word."""
+    add_voice_and_pick_it_as_mine(page, "to rename")
     page.get_by_label("New name", exact=True).fill("renamed")
     page.get_by_role("button", name="Rename", exact=True).click()
     expect(page.get_by_text("Renamed to")).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
@@ -128,15 +133,7 @@ def test_renaming_the_picked_voice_keeps_it_picked(page):
 
 def test_remove_asks_first_and_keep_keeps_the_voice(page):
     """Remove deleted a voice at one click; now it asks, naming the voice."""
-    page.get_by_role("tab", name="Voices").click()
-    page.locator("input[type=file]").first.set_input_files(str(CLIP))
-    page.get_by_label("Name", exact=True).fill("to remove")
-    page.get_by_role("button", name="Add voice").click()
-    expect(page.get_by_text("Added voice")).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
-    mine = page.get_by_label("Your voices", exact=False)
-    mine.click()
-    mine.fill("to remove")
-    page.keyboard.press("Enter")
+    add_voice_and_pick_it_as_mine(page, "to remove")
     question = page.locator("#confirm-removal")
     library = page.locator("#voice-table")
     page.get_by_role("button", name="Remove", exact=True).click()
