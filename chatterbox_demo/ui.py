@@ -611,23 +611,22 @@ def comparison_table(result: Comparison, b_missing: str = "running…") -> list[
     return [[label, value_a, b_missing, ratio] for label, value_a, _, ratio in result.rows()]
 
 
+def _bold(label: str) -> str:
+    # Markdown needs no quotes escaped, and API callers would read &#x27; for them.
+    return f"**{html.escape(label, quote=False)}**"
+
+
 def summary_markdown(result: Comparison, label_a: str, label_b: str, repeats: int) -> str:
     """The verdict in words (Markdown): the page shows it, API callers read it."""
-    def bold(label):  # Markdown needs no quotes escaped: API callers read &#x27; otherwise
-        return f"**{html.escape(label, quote=False)}**"
-
     if result.b is None:
-        return f"A ({bold(label_a)}) done; running B ({bold(label_b)})…"
+        return f"A ({_bold(label_a)}) done; running B ({_bold(label_b)})…"
     speedup = result.speedup
     if not speedup:
         summary = "No timing to compare."
-    elif speedup >= 1:
-        summary = f"B ({bold(label_b)}) ran **{speedup:.2f}x** faster than A ({bold(label_a)})"
-    else:  # "0.58x slower" says nothing: B took 1.73x as long
-        summary = f"B ({bold(label_b)}) ran **{1 / speedup:.2f}x** slower than A " \
-                  f"({bold(label_a)})"
-    if speedup:
-        summary += " end to end."
+    else:  # "0.58x slower" said nothing: B took 1.73x as long
+        times, word = (speedup, "faster") if speedup >= 1 else (1 / speedup, "slower")
+        summary = (f"B ({_bold(label_b)}) ran **{times:.2f}x** {word} than A "
+                   f"({_bold(label_a)}) end to end.")
     if result.runs < repeats:
         summary += (f" Cancelled after {result.runs} of {repeats} runs per side: the "
                     "figures are over those.")
@@ -717,8 +716,7 @@ def _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b, repeats,
         # The error itself becomes the page's message; the summary and B's column must not
         # go on saying "running B…" (or show an earlier comparison's verdict) beside it.
         if a_done:
-            stopped = (f"A (**{html.escape(label_a)}**) done; B (**{html.escape(label_b)}**) "
-                       "failed: see the message.")
+            stopped = f"A ({_bold(label_a)}) done; B ({_bold(label_b)}) failed: see the message."
             table = comparison_table(result, "failed")
             yield (*[gr.skip()] * 2, table, stopped, *[gr.skip()] * 5)
         else:  # nothing of this comparison to show, and an earlier one's would mislead
@@ -727,7 +725,7 @@ def _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b, repeats,
         raise
     if result.b is None:
         audio_a, _, _, _, chart, mels = outputs
-        cancelled = f"Cancelled after A (**{html.escape(label_a)}**): B did not run."
+        cancelled = f"Cancelled after A ({_bold(label_a)}): B did not run."
         yield (audio_a, None, comparison_table(result, "not run"), cancelled, chart, mels,
                history, history, csv_file)
 
