@@ -9,6 +9,7 @@ A/B tab measures with :class:`Measurement` too.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
 
 from . import fidelity, hardware, plots
 from .config import PRESETS, GenerationParams, get_preset
+from .files import write_atomically
 from .manager import ModelManager, Synthesis
 from .optimizations import module_bytes, unavailable_reason
 from .pipeline import padded_text_tokens
@@ -329,8 +331,26 @@ def _finite(value):
     return value
 
 
+# The results are written whole or not at all (a full disk cut an earlier bench.json
+# short): into a temporary file beside the path, then renamed over it.
+
+
 def write_json(result: dict, path: Path) -> None:
-    Path(path).write_text(to_json(result) + "\n")
+    text = to_json(result) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    text = to_markdown(result)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def _save(fig, path: Path) -> None:
+    # Drawn in memory, by the path's suffix: the temporary file's own name ends in .tmpPID
+    # (and .svgz would record that name inside).
+    image = io.BytesIO()
+    fig.savefig(image, format=Path(path).suffix[1:].lower(), dpi=120)
+    write_atomically(path, lambda tmp: tmp.write_bytes(image.getvalue()))
 
 
 def plot_formats() -> list[str]:
@@ -353,7 +373,7 @@ def plot(result: dict, path: Path) -> None:
         label.set_rotation(30)
         label.set_horizontalalignment("right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
 
 
 def plot_tradeoff(result: dict, path: Path) -> None:
@@ -371,5 +391,5 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     ax.set_title(f"Speed and fidelity, {result['settings']['tokens']} speech tokens")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)

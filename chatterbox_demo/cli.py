@@ -309,14 +309,13 @@ def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
                        log=lambda line: print(line, file=sys.stderr, flush=True))
     if json_path:  # first: the whole result, should a later write fail after all
         bench.write_json(result, json_path)
-    markdown = bench.to_markdown(result)
     if args.markdown:
-        args.markdown.write_text(markdown)
+        bench.write_markdown(result, args.markdown)
     if args.plot:
         (bench.plot_tradeoff if args.sweep else bench.plot)(result, args.plot)
     if args.json == "-":
         return bench.to_json(result, indent=None)
-    return markdown
+    return bench.to_markdown(result)
 
 
 def run_finetune(manager: ModelManager, args: argparse.Namespace) -> str:

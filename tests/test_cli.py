@@ -425,3 +425,75 @@ def test_in_process_a_damaged_adapter_is_not_imported(shared_cli, capsys, tmp_pa
     assert err.startswith("error: ") and "adapter.safetensors is damaged" in err
     assert len(err.splitlines()) == 1
     assert "broken" not in shared_cli.library.names()
+
+
+def fake_bench(rows: list[dict], voices=("calm-mid",)) -> dict:
+    """A bench result as bench.run returns it, without measuring anything."""
+    return {"machine": {"cpu": "CPU", "cores": 2, "torch": "2.6.0", "device": "cpu",
+                        "weights": "tiny"},
+            "settings": {"text": "Hi.", "voices": list(voices), "tokens": 8, "repeats": 1,
+                         "seed": 0, "stream": False},
+            "rows": rows}
+
+
+MEASURED = {"preset": "cached", "voice": "calm-mid", "conditioning_s": 0.1, "t3_s": 0.5,
+            "s3gen_s": 0.3, "watermark_s": 0.05, "total_s": 0.95, "mel_snr_db": 20.0}
+
+
+@pytest.fixture
+def bench_without_model(monkeypatch, tmp_path, no_instance):
+    """`bench` in process with bench.run answering ``fake_bench([MEASURED])`` (replace
+    ``.result`` to change it), and the model never loaded."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    def run(manager, presets, **kwargs):
+        return state.result
+
+    state = run
+    state.result = fake_bench([MEASURED])
+    monkeypatch.setenv("CHATTERBOX_DEMO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli.ModelManager, "load", no_model)
+    monkeypatch.setattr(cli.bench, "run", run)
+    return state
+
+
+@pytest.mark.parametrize("flag, name", [("--json", "bench.json"), ("--markdown", "bench.md"),
+                                        ("--plot", "bench.png")])
+def test_a_failed_result_write_leaves_the_earlier_file_whole(capsys, tmp_path, monkeypatch,
+                                                             bench_without_model, flag, name):
+    """A full disk cut the earlier bench.json short: the results are written beside the
+    path and renamed over it only when whole."""
+    import errno
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_bytes(b"the earlier, whole result")
+
+    def fill_the_disk(path, data):
+        with open(path, "wb") as file:
+            file.write(data[:10] if isinstance(data, bytes) else data[:10].encode())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for method in ("write_text", "write_bytes"):  # savefig: to a file or through bytes
+        def write(self, data, *args, real=getattr(Path, method), **kwargs):
+            if name in self.name:  # bench.json or the .bench.json.tmpPID beside it
+                fill_the_disk(self, data)
+            return real(self, data, *args, **kwargs)
+
+        monkeypatch.setattr(Path, method, write)
+    from matplotlib.figure import Figure
+
+    def savefig(self, target, *args, real=Figure.savefig, **kwargs):
+        if isinstance(target, Path) and name in target.name:
+            fill_the_disk(target, b"\x89PNG\r\n\x1a\n")
+        return real(self, target, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    code, stdout, err = main(capsys, "bench", "--weights", "tiny", "--device", "cpu",
+                             flag, str(out / name))
+    assert (code, stdout) == (2, "")
+    assert err == "error: [Errno 28] No space left on device\n"
+    assert (out / name).read_bytes() == b"the earlier, whole result"
+    assert [path.name for path in out.iterdir()] == [name]  # no half-written leftovers
