@@ -353,13 +353,18 @@ def _save(fig, path: Path) -> None:
     write_atomically(path, lambda tmp: tmp.write_bytes(image.getvalue()))
 
 
+# matplotlib writes these only through a program the demo does not install: .pgf through
+# LaTeX (xelatex), which failed with a traceback after the whole benchmark had run.
+NEEDS_OTHER_PROGRAMS = {"pgf"}
+
+
 def plot_formats() -> list[str]:
-    """The suffixes (without the dot) :func:`plot` and :func:`plot_tradeoff` can write:
-    matplotlib picks the image type by the suffix."""
+    """The suffixes (without the dot) :func:`plot` and :func:`plot_tradeoff` can write
+    with matplotlib alone: it picks the image type by the suffix."""
     plots.pyplot()  # the Agg backend, before its canvas is imported
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    return sorted(FigureCanvasAgg.get_supported_filetypes())
+    return sorted(set(FigureCanvasAgg.get_supported_filetypes()) - NEEDS_OTHER_PROGRAMS)
 
 
 def plot(result: dict, path: Path) -> None:

@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also stream each preset's generation once: first-audio and "
                             "streamed-total columns")
     bench.add_argument("--markdown", type=Path, default=None, help="write a markdown table")
-    bench.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart")
+    bench.add_argument("--plot", type=Path, default=None,
+                       help="write a chart: seconds per stage (with --sweep: speed against "
+                            "fidelity), as PNG, SVG, PDF... by the file's suffix")
 
     voices = commands.add_parser("voices", help="list, add, rename or remove voices")
     actions = voices.add_subparsers(dest="action", required=True)

@@ -216,6 +216,8 @@ def test_user_errors_before_loading(capsys, tmp_path, no_instance, monkeypatch, 
     (["bench", "--json", "{folder}/missing/b.json"], "the folder '{folder}/missing' does not"),
     (["bench", "--markdown", "{file}/b.md"], "'{file}' is a file, not a folder"),
     (["bench", "--plot", "{folder}/chart.txt"], "end it in one of .eps, .jpeg"),
+    # matplotlib writes .pgf through LaTeX, which failed after the whole benchmark
+    (["bench", "--plot", "{folder}/chart.pgf"], ".pdf, .png, .ps, .raw"),
     (["bench", "--presets", " , "], "--presets names no preset"),
     (["bench", "--text", "?!"], "nothing to speak"),
     (["bench", "--text", "a" * 1001], "the limit is 1000"),  # a row is one generation
