@@ -16,6 +16,7 @@ import os
 import platform
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -367,11 +368,35 @@ def plot_formats() -> list[str]:
     return sorted(set(FigureCanvasAgg.get_supported_filetypes()) - NEEDS_OTHER_PROGRAMS)
 
 
+def row_labels(rows: list[dict], bars: bool = False) -> list[str]:
+    """A label per row that no other row shares: matplotlib draws the rows of one label
+    as one bar, stacked over each other. With several voices each label names its voice;
+    a preset listed twice for a voice is numbered (``cached #1``, ``cached #2``). For
+    ``bars``, narrow, a changed switch (``cached+cfm_steps=8``) and the voice take lines of
+    their own."""
+    several_voices = len({row.get("voice") for row in rows}) > 1
+    labels = []
+    for row in rows:
+        preset, voice = row["preset"], f"({row.get('voice')})"
+        if bars:
+            labels.append(preset.replace("+", "\n+") + (f"\n{voice}" if several_voices else ""))
+        else:
+            labels.append(preset + (f" {voice}" if several_voices else ""))
+    counts, seen = Counter(labels), Counter()
+    for index, label in enumerate(labels):
+        if counts[label] > 1:
+            seen[label] += 1
+            labels[index] = f"{label} #{seen[label]}"
+    return labels
+
+
 def plot(result: dict, path: Path) -> None:
-    """Stacked per-stage seconds per preset."""
-    rows = [r for r in result["rows"] if "total_s" in r]
-    # A preset with switches changed ("cached+cfm_steps=8") takes a line per change.
-    fig = plots.stage_bars([r["preset"].replace("+", "\n+") for r in rows], rows,
+    """Stacked per-stage seconds per row: a preset, and its voice when there are several."""
+    # Labelled over all the rows, failed ones too, so that "#2" is the table's second.
+    labelled = [(label, row) for label, row in zip(row_labels(result["rows"], bars=True),
+                                                    result["rows"], strict=True)
+                if "total_s" in row]
+    fig = plots.stage_bars([label for label, _ in labelled], [row for _, row in labelled],
                            f"{result['settings']['tokens']} speech tokens on "
                            f"{result['machine']['device']}")
     for label in fig.axes[0].get_xticklabels():
@@ -384,12 +409,14 @@ def plot(result: dict, path: Path) -> None:
 def plot_tradeoff(result: dict, path: Path) -> None:
     """S3Gen seconds against mel SNR per row: what each audio-changing knob buys."""
     plt = plots.pyplot()
-    rows = [r for r in result["rows"] if "s3gen_s" in r and "mel_snr_db" in r]
+    labelled = [(label, row) for label, row in zip(row_labels(result["rows"]), result["rows"],
+                                                    strict=True)
+                if "s3gen_s" in row and "mel_snr_db" in row]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
+    for label, row in labelled:
         snr = min(row["mel_snr_db"], 60.0)  # identical output plots at the top, not at inf
         ax.scatter(row["s3gen_s"], snr)
-        ax.annotate(row["preset"], (row["s3gen_s"], snr), textcoords="offset points",
+        ax.annotate(label, (row["s3gen_s"], snr), textcoords="offset points",
                     xytext=(5, 4), fontsize=9)
     ax.set_xlabel("S3Gen seconds (median)")
     ax.set_ylabel("mel SNR against fp32 upstream, dB (60 = identical)")

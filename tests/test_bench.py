@@ -249,3 +249,35 @@ def test_bench_records_the_cpu_family_and_model(tmp_path):
     cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # Arm names neither
     assert bench._cpu_family_model(cpuinfo) is None
     assert bench._cpu_family_model(tmp_path / "missing") is None
+
+
+def fake_result(rows: list[dict]) -> dict:
+    return {"machine": {"cpu": "CPU", "cores": 2, "torch": "2.6.0", "device": "cpu",
+                        "weights": "tiny"},
+            "settings": {"tokens": 8, "repeats": 1}, "rows": rows}
+
+
+@pytest.mark.parametrize("runs, labels", [
+    ([("baseline", "calm"), ("baseline", "low"), ("cached", "calm"), ("cached", "low")],
+     ["baseline\n(calm)", "baseline\n(low)", "cached\n(calm)", "cached\n(low)"]),
+    ([("cached", "calm"), ("cached", "calm"), ("cached+cfm_steps=4", "calm")],
+     ["cached #1", "cached #2", "cached\n+cfm_steps=4"]),
+])
+def test_every_row_has_a_bar_of_its_own(monkeypatch, tmp_path, runs, labels):
+    """matplotlib draws the rows that share a label as one bar: with --voices A,B each
+    preset's rows were stacked over each other, and --presets cached,cached drew one."""
+    figures = []
+    monkeypatch.setattr(bench, "_save", lambda fig, path: figures.append(fig))
+    rows = [{"preset": preset, "voice": voice, "t3_s": 1.0, "total_s": 1.0}
+            for preset, voice in runs]
+    bench.plot(fake_result(rows), tmp_path / "bench.png")
+    axes = figures[0].axes[0]
+    assert len({bar.get_x() for bar in axes.patches}) == len(rows)
+    assert [label.get_text() for label in axes.get_xticklabels()] == labels
+
+
+def test_the_sweep_chart_names_each_voice_and_a_repeat():
+    rows = [{"preset": "cfm-4-steps", "voice": "calm"}, {"preset": "cfm-4-steps", "voice": "low"},
+            {"preset": "prompt-3s", "voice": "calm"}, {"preset": "prompt-3s", "voice": "calm"}]
+    assert bench.row_labels(rows) == ["cfm-4-steps (calm)", "cfm-4-steps (low)",
+                                      "prompt-3s (calm) #1", "prompt-3s (calm) #2"]
