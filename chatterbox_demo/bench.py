@@ -288,10 +288,14 @@ MARKDOWN_COLUMNS = (
 
 def to_markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
-    # Columns no row fills (the streaming ones without --stream) are left out.
-    columns = [(key, label) for key, label in MARKDOWN_COLUMNS
-               if key in ("preset", "voice") or any(row.get(key) is not None
-                                                    for row in result["rows"])]
+    # Columns no row fills (the streaming ones without --stream) are left out. A failed
+    # row's message has a column of its own: put under whichever column came third, it
+    # was dropped when every row had failed (the header then had two, and GitHub's tables
+    # drop the cells a header lacks).
+    failed = any("error" in row for row in result["rows"])
+    columns = [*MARKDOWN_COLUMNS[:2], *([("error", "error")] if failed else []),
+               *[(key, label) for key, label in MARKDOWN_COLUMNS[2:]
+                 if any(row.get(key) is not None for row in result["rows"])]]
     flags = f" ({', '.join(m['cpu_flags'])})" if m.get("cpu_flags") else ""
     lines = [f"{m['cpu']}{flags}, {m['cores']} cores, torch {m['torch']}, device {m['device']}"
              + (f" ({m['gpu']})" if "gpu" in m else "")
@@ -300,10 +304,6 @@ def to_markdown(result: dict) -> str:
              "| " + " | ".join(label for _, label in columns) + " |",
              "|" + "---|" * len(columns)]
     for row in result["rows"]:
-        if "error" in row:
-            lines.append(f"| {_cell(row['preset'])} | {_cell(row['voice'])} | "
-                         f"error: {_cell(row['error'])} |")
-            continue
         lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 

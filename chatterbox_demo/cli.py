@@ -309,6 +309,13 @@ def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
                        voices=[v.strip() for v in args.voices.split(",") if v.strip()]
                        if args.voices else None,
                        log=lambda line: print(line, file=sys.stderr, flush=True))
+    errors = [row["error"] for row in result["rows"] if "error" in row]
+    if len(errors) == len(result["rows"]):
+        # A failed row is part of a result, but with every row failed there is none: exit 0
+        # told a script it had worked, and a table of errors replaced an earlier run's.
+        reason = errors[0] if len(set(errors)) == 1 else "the [bench] lines above say why"
+        raise ValueError(f"Nothing was measured: every row failed ({reason}); no file was "
+                         "written.")
     if json_path:  # first: the whole result, should a later write fail after all
         bench.write_json(result, json_path)
     if args.markdown:

@@ -42,7 +42,8 @@ def test_rows_compare_like_with_like_and_a_failure_is_a_row(tiny_manager):
     assert result["machine"]["cpu_flags"] == hardware.path_flags()
     markdown = bench.to_markdown(result)
     assert markdown.count("\n| ") == 4  # header and three rows
-    assert "| gpu-fast | calm-mid | error:" in markdown
+    assert "| gpu-fast | calm-mid | ValueError: unavailable on cpu" in markdown
+    assert markdown.splitlines()[2].startswith("| preset | voice | error | warm-up s |")
     assert "| total s |" in markdown and "first audio" not in markdown  # no --stream here
 
 
@@ -234,8 +235,11 @@ def test_an_error_row_stays_one_row_of_the_table():
               "settings": {"tokens": 8, "repeats": 1},
               "rows": [{"preset": "a|b", "voice": "calm-mid",
                         "error": "RuntimeError: shapes [2|3]\nand more"}]}
-    row = bench.to_markdown(result).splitlines()[-1]
-    assert row == r"| a\|b | calm-mid | error: RuntimeError: shapes [2\|3] and more |"
+    header, _, row = bench.to_markdown(result).splitlines()[-3:]
+    assert row == r"| a\|b | calm-mid | RuntimeError: shapes [2\|3] and more |"
+    # A cell the header lacks is dropped (GitHub's tables): with every row failed, the
+    # header kept only preset and voice, and the errors were not shown.
+    assert header == "| preset | voice | error |"
 
 
 def test_bench_records_the_cpu_family_and_model(tmp_path):

@@ -499,3 +499,26 @@ def test_a_failed_result_write_leaves_the_earlier_file_whole(capsys, tmp_path, m
     assert err == "error: [Errno 28] No space left on device\n"
     assert (out / name).read_bytes() == b"the earlier, whole result"
     assert [path.name for path in out.iterdir()] == [name]  # no half-written leftovers
+
+
+@pytest.mark.parametrize("errors, reason", [
+    (["GenerationError: too short", "GenerationError: too short"], "(GenerationError: too short)"),
+    (["ValueError: unavailable on cpu", "GenerationError: too short"], "the [bench] lines above"),
+])
+def test_a_bench_that_measured_nothing_fails_and_keeps_earlier_files(
+        capsys, tmp_path, bench_without_model, errors, reason):
+    """Exit 0 with nothing measured read as success to a script, and the table and chart
+    of errors replaced an earlier run's."""
+    bench_without_model.result = fake_bench(
+        [{"preset": preset, "voice": "calm-mid", "error": error}
+         for preset, error in zip(["cached", "cpu-fast"], errors, strict=True)])
+    paths = {flag: tmp_path / f"bench.{suffix}" for flag, suffix in
+             [("--json", "json"), ("--markdown", "md"), ("--plot", "png")]}
+    for path in paths.values():
+        path.write_text("earlier")
+    code, out, err = main(capsys, "bench", "--weights", "tiny", "--device", "cpu",
+                          *[str(part) for pair in paths.items() for part in pair])
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [err.strip()] and err.startswith("error: Nothing was measured")
+    assert reason in err
+    assert all(path.read_text() == "earlier" for path in paths.values())
