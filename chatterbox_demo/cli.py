@@ -238,6 +238,14 @@ def check_output(flag: str, path: Path, formats: list[str] | None = None,
         raise ValueError(f"{flag} {shown}: the file is read-only.")
 
 
+def same_file(one: Path, other: Path) -> bool:
+    """Whether two paths name one file: through ``..``, a link to a folder, or (both
+    existing) a hard link."""
+    if one.resolve() == other.resolve():
+        return True
+    return one.exists() and other.exists() and one.samefile(other)
+
+
 def synth(manager: ModelManager, args: argparse.Namespace) -> str:
     # What the user typed is checked before the model loads and before the preset is
     # built (minutes for a compiled one): a typo must not cost either.
@@ -302,6 +310,15 @@ def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
         check_output("--markdown", args.markdown)
     if args.plot:
         check_output("--plot", args.plot, bench.plot_formats())
+    # Two results sent to one file: the later write replaced the earlier, unsaid.
+    outputs = [(flag, path) for flag, path in (("--json", json_path),
+                                               ("--markdown", args.markdown),
+                                               ("--plot", args.plot)) if path]
+    for index, (flag, path) in enumerate(outputs):
+        for earlier_flag, earlier in outputs[:index]:
+            if same_file(earlier, path):
+                raise ValueError(f"{earlier_flag} and {flag} name the same file "
+                                 f"{str(path)!r}: give each its own path.")
     result = bench.run(manager, presets, text=text,
                        voice=args.voice, tokens=args.tokens, repeats=args.repeats,
                        seed=args.seed, with_fidelity=not args.no_fidelity, configs=configs,

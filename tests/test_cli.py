@@ -219,6 +219,13 @@ def test_user_errors_before_loading(capsys, tmp_path, no_instance, monkeypatch, 
     # matplotlib writes .pgf through LaTeX, which failed after the whole benchmark
     (["bench", "--plot", "{folder}/chart.pgf"], ".pdf, .png, .ps, .raw"),
     (["bench", "--presets", " , "], "--presets names no preset"),
+    # One file for two results: the later write replaced the earlier one.
+    (["bench", "--json", "{folder}/b.png", "--markdown", "{folder}/b.png"],
+     "--json and --markdown name the same file"),
+    (["bench", "--json", "{folder}/b.png", "--plot", "{folder}/../folder/./b.png"],
+     "--json and --plot name the same file"),
+    (["bench", "--markdown", "{folder}/b.png", "--plot", "{link}/b.png"],
+     "--markdown and --plot name the same file"),
     (["bench", "--text", "?!"], "nothing to speak"),
     (["bench", "--text", "a" * 1001], "the limit is 1000"),  # a row is one generation
 ])
@@ -230,10 +237,11 @@ def test_bad_outputs_and_bench_inputs_fail_before_loading(capsys, tmp_path, no_i
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(cli.ModelManager, "load", no_model)
-    folder, file = tmp_path / "folder", tmp_path / "file"
+    folder, file, link = tmp_path / "folder", tmp_path / "file", tmp_path / "link"
     folder.mkdir()
     file.write_text("x")
-    argv = [arg.format(folder=folder, file=file) for arg in argv]
+    link.symlink_to(folder)
+    argv = [arg.format(folder=folder, file=file, link=link) for arg in argv]
     rest = {"synth": ["--text", "Hello."], "bench": ["--tokens", "4"]}
     code, out, err = main(capsys, *argv, *rest[argv[0]], "--weights", "tiny",
                           "--device", "cpu")
