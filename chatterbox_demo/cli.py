@@ -310,6 +310,9 @@ def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
         check_output("--markdown", args.markdown)
     if args.plot:
         check_output("--plot", args.plot, bench.plot_formats())
+        if args.sweep and args.no_fidelity:  # no figure to place a point by: an empty chart
+            raise ValueError("--plot with --sweep draws speed against fidelity: leave out "
+                             "--no-fidelity, or --plot.")
     # Two results sent to one file: the later write replaced the earlier, unsaid.
     outputs = [(flag, path) for flag, path in (("--json", json_path),
                                                ("--markdown", args.markdown),

@@ -227,6 +227,9 @@ def test_user_errors_before_loading(capsys, tmp_path, no_instance, monkeypatch, 
     (["bench", "--markdown", "{folder}/b.png", "--plot", "{link}/b.png"],
      "--markdown and --plot name the same file"),
     (["bench", "--text", "?!"], "nothing to speak"),
+    # The sweep's chart is speed against fidelity: without fidelity it was empty.
+    (["bench", "--sweep", "--no-fidelity", "--plot", "{folder}/sweep.png"],
+     "--plot with --sweep draws speed against fidelity: leave out --no-fidelity"),
     (["bench", "--text", "a" * 1001], "the limit is 1000"),  # a row is one generation
 ])
 def test_bad_outputs_and_bench_inputs_fail_before_loading(capsys, tmp_path, no_instance,
