@@ -227,6 +227,8 @@ def test_user_errors_before_loading(capsys, tmp_path, no_instance, monkeypatch, 
     (["bench", "--markdown", "{folder}/b.png", "--plot", "{link}/b.png"],
      "--markdown and --plot name the same file"),
     (["bench", "--text", "?!"], "nothing to speak"),
+    # Every row failed at 2 or 3 ("stopped before producing any speech"), 4 ran.
+    (["bench", "--tokens", "3"], "--tokens must be between 4 and 1000 (got 3)"),
     # The sweep's chart is speed against fidelity: without fidelity it was empty.
     (["bench", "--sweep", "--no-fidelity", "--plot", "{folder}/sweep.png"],
      "--plot with --sweep draws speed against fidelity: leave out --no-fidelity"),
@@ -246,7 +248,7 @@ def test_bad_outputs_and_bench_inputs_fail_before_loading(capsys, tmp_path, no_i
     link.symlink_to(folder)
     argv = [arg.format(folder=folder, file=file, link=link) for arg in argv]
     rest = {"synth": ["--text", "Hello."], "bench": ["--tokens", "4"]}
-    code, out, err = main(capsys, *argv, *rest[argv[0]], "--weights", "tiny",
+    code, out, err = main(capsys, argv[0], *rest[argv[0]], *argv[1:], "--weights", "tiny",
                           "--device", "cpu")
     assert (code, out) == (2, "")
     assert err.splitlines() == [err.strip()] and err.startswith("error: ")
