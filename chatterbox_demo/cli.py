@@ -156,7 +156,7 @@ def _finetune_parser(commands, common) -> None:
     imported.add_argument("--name", required=True)
     imported.add_argument("--exaggeration", type=float, default=0.5)
     demo = steps.add_parser("demo-data", help="write a small espeak-ng dataset to try it with")
-    demo.add_argument("out", type=Path)
+    demo.add_argument("out", type=Path, help="a new or empty folder")
     demo.add_argument("--clips", type=int, default=12)
 
 

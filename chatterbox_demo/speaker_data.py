@@ -284,10 +284,23 @@ def make_espeak_dataset(folder: Path, clips: int = 12, voice: str = "en-us") -> 
     import shutil
     import subprocess
 
+    folder = Path(folder)
+    # Only into a new or empty folder: the clips' names are fixed, so they overwrote a
+    # user's own clipNNN.wav and .txt, and other clips would join the dataset unseen.
+    if folder.exists() and not folder.is_dir():
+        raise DatasetError(f"{folder} is a file; give the path of a new or empty folder "
+                           "for the demo clips.")
+    held = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+    if held:
+        raise DatasetError(f"{folder} already holds files ({', '.join(held[:3])}"
+                           f"{', ...' if len(held) > 3 else ''}); give a new or empty folder "
+                           "for the demo clips.")
     if shutil.which("espeak-ng") is None:
         raise DatasetError("espeak-ng is not installed (apt-get install espeak-ng)")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder of the path should be, or no permission
+        raise DatasetError(f"Cannot make the folder {folder}: {exc.strerror}.") from None
     for index in range(clips):
         sentence = DEMO_SENTENCES[index % len(DEMO_SENTENCES)]
         if index >= len(DEMO_SENTENCES):

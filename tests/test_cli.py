@@ -535,3 +535,33 @@ def test_a_bench_that_measured_nothing_fails_and_keeps_earlier_files(
     assert err.splitlines() == [err.strip()] and err.startswith("error: Nothing was measured")
     assert reason in err
     assert all(path.read_text() == "earlier" for path in paths.values())
+
+
+@pytest.mark.parametrize("what, words", [
+    ("folder", "already holds files (clip000.wav); give a new or empty folder"),
+    ("file", "is a file; give the path of a new or empty folder"),
+    ("under a file", "Cannot make the folder"),
+])
+def test_demo_data_never_writes_over_a_users_files(capsys, tmp_path, what, words):
+    """It wrote clipNNN.wav and .txt over a folder's own clips, and over a file said
+    '[Errno 17] File exists'."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "clip000.wav").write_bytes(b"my own recording")
+    (tmp_path / "notes.txt").write_text("my notes")
+    target = {"folder": mine, "file": tmp_path / "notes.txt",
+              "under a file": tmp_path / "notes.txt" / "data"}[what]
+    code, out, err = main(capsys, "finetune", "demo-data", str(target), "--clips", "2")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [err.strip()] and err.startswith("error: ")
+    assert words in err
+    assert (mine / "clip000.wav").read_bytes() == b"my own recording"
+    assert sorted(path.name for path in mine.iterdir()) == ["clip000.wav"]
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
+
+
+def test_demo_data_fills_an_empty_folder(capsys, tmp_path):
+    code, out, err = main(capsys, "finetune", "demo-data", str(tmp_path), "--clips", "2")
+    assert code == 0, err
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "clip000.txt", "clip000.wav", "clip001.txt", "clip001.wav"]

@@ -7,7 +7,8 @@ set -euo pipefail
 work=${1:-/tmp/finetune-cpu}
 export CHATTERBOX_DEMO_CACHE="$work/cache"
 py=.venv/bin/python
-$py -m chatterbox_demo finetune demo-data "$work/data" --clips 12
+# demo-data writes only into a new folder: a second run reuses the first one's clips.
+[ -d "$work/data" ] || $py -m chatterbox_demo finetune demo-data "$work/data" --clips 12
 for method in lora speaker-adapter full; do
   /usr/bin/time -f "$method peak RSS %M KB, wall %e s" \
     $py -m chatterbox_demo finetune train "$work/data" --weights random --out "$work/$method" \
