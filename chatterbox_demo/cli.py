@@ -17,6 +17,7 @@ from pathlib import Path
 from . import bench, speaker_data
 from .audio import EXTENSIONS, write_wav
 from .config import (
+    DEVICE_PRESETS,
     MAX_LONG_TEXT_CHARS,
     PRESETS,
     RANGES,
@@ -75,9 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--exaggeration", type=float, default=None)
     synth.add_argument("--cfg-weight", type=float, default=0.5)
     synth.add_argument("--temperature", type=float, default=0.8)
+    # None: the manager's preset for the device it runs on (DEVICE_PRESETS).
+    device_presets = ", ".join(f"{preset} on {device}" for device, preset in
+                               DEVICE_PRESETS.items())
     synth.add_argument("--preset", default=None,
-                       help="optimization preset (default: cached), optionally with fields "
-                            "changed as in bench --presets")
+                       help=f"optimization preset (default: the device's, {device_presets}), "
+                            "optionally with fields changed as in bench --presets")
 
     bench = commands.add_parser("bench", parents=[source],
                                 help="measure presets side by side in one process")

@@ -565,3 +565,12 @@ def test_demo_data_fills_an_empty_folder(capsys, tmp_path):
     assert code == 0, err
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         "clip000.txt", "clip000.wav", "clip001.txt", "clip001.wav"]
+
+
+def test_synth_help_names_the_presets_used_by_default(capsys):
+    """It said "default: cached", but the default is the device's preset."""
+    with pytest.raises(SystemExit):
+        cli.main(["synth", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: the device's, " + ", ".join(
+        f"{preset} on {device}" for device, preset in DEVICE_PRESETS.items()) in text
