@@ -226,11 +226,11 @@ def check_output(flag: str, path: Path, formats: list[str] | None = None,
     lose: a directory, a suffix not in ``formats``, or a folder that is missing (unless
     ``new_folders``: the writer makes them), not a folder, or not writable."""
     shown = repr(str(path))
+    if path.is_dir():  # first: "end it in .wav" would not say that a folder was given
+        raise ValueError(f"{flag} {shown} is a folder; give a file path.")
     if formats is not None and path.suffix[1:].lower() not in formats:
         raise ValueError(f"{flag} {shown}: end it in one of "
                          f"{', '.join('.' + name for name in formats)}.")
-    if path.is_dir():
-        raise ValueError(f"{flag} {shown} is a folder; give a file path.")
     folder = path.parent
     while new_folders and not folder.exists():
         folder = folder.parent
@@ -259,7 +259,8 @@ def same_file(one: Path, other: Path) -> bool:
 def synth(manager: ModelManager, args: argparse.Namespace) -> str:
     # What the user typed is checked before the model loads and before the preset is
     # built (minutes for a compiled one): a typo must not cost either.
-    check_output("--out", args.out, new_folders=True)  # write_wav makes missing folders
+    # write_wav writes WAV whatever the name says, and makes missing folders.
+    check_output("--out", args.out, ["wav"], new_folders=True)
     text = read_text_file(args.text_file) if args.text_file else args.text
     check_text(text, MAX_LONG_TEXT_CHARS)
     config = config_from_spec(args.preset) if args.preset else None

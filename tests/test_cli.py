@@ -210,6 +210,8 @@ def test_user_errors_before_loading(capsys, tmp_path, no_instance, monkeypatch, 
 @pytest.mark.parametrize("argv, words", [
     (["synth", "--out", "{folder}"], "--out '{folder}' is a folder"),
     (["synth", "--out", "{file}/x.wav"], "'{file}' is a file, not a folder"),
+    # WAV data under another type's name: players refused it or took it for noise.
+    (["synth", "--out", "{folder}/hi.mp3"], "--out '{folder}/hi.mp3': end it in one of .wav"),
     pytest.param(["synth", "--out", "/proc/x.wav"], "cannot write in '/proc'",  # even as root
                  marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="Linux")),
     (["bench", "--json", "{folder}"], "--json '{folder}' is a folder"),
