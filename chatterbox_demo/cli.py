@@ -376,6 +376,9 @@ def run_finetune(manager: ModelManager, args: argparse.Namespace) -> str:
         "seed": args.seed, "val_fraction": args.val_fraction,
         "text_loss_weight": args.text_loss,
         "gradient_checkpointing": args.gradient_checkpointing})
+    if args.out.exists() and not args.out.is_dir():  # else a raw error once the model loaded
+        raise ValueError(f"--out {str(args.out)!r} is a file; give a folder for the adapter "
+                         "(a new one, or one that holds an earlier adapter).")
     if args.name:  # a bad or taken name must not cost a training run first
         check_name(args.name)  # before the model loads
         manager.library.check_new_name(args.name)

@@ -576,3 +576,21 @@ def test_synth_help_names_the_presets_used_by_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "default: the device's, " + ", ".join(
         f"{preset} on {device}" for device, preset in DEVICE_PRESETS.items()) in text
+
+
+def test_finetune_train_refuses_a_file_as_out_before_loading(capsys, tmp_path, no_instance,
+                                                              monkeypatch):
+    """It said '[Errno 17] File exists' once the model had loaded."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli.ModelManager, "load", no_model)
+    monkeypatch.setenv("CHATTERBOX_DEMO_CACHE", str(tmp_path / "cache"))
+    taken = tmp_path / "adapter"
+    taken.write_text("not an adapter")
+    code, out, err = main(capsys, "finetune", "train", str(tmp_path), "--out", str(taken),
+                          "--weights", "tiny", "--device", "cpu")
+    assert (code, out) == (2, "")
+    assert err == (f"error: --out {str(taken)!r} is a file; give a folder for the adapter "
+                   "(a new one, or one that holds an earlier adapter).\n")
+    assert taken.read_text() == "not an adapter"
