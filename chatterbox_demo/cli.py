@@ -289,7 +289,7 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
                                    print(f"[synth] {message}", file=sys.stderr, flush=True))
     write_wav(args.out, result.wav, result.sample_rate)
     report = {**result.report, "out": str(args.out)}
-    report["timings"]["build_s"] += apply_s
+    report["timings"]["build_s"] = round(report["timings"]["build_s"] + apply_s, 4)
     if args.json:
         return _dump(report)
     t = report["timings"]
