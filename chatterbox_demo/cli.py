@@ -1,6 +1,7 @@
 """The command line: ``python -m chatterbox_demo synth|voices|bench|finetune ...``.
 
-Errors a user can cause end the program with exit status 2 and one line on stderr.
+Errors a user can cause end the program with exit status 2 and one line on stderr;
+Ctrl-C ends it with 130 and the line "interrupted".
 """
 
 from __future__ import annotations
@@ -174,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's choice, not a fault to trace. Files are written whole or
+        # not at all (files.write_atomically), so what was saved before stays as it was.
+        print("interrupted", file=sys.stderr)
+        return 130  # what a shell reports for a command ended by SIGINT
     print(result)
     return 0
 

@@ -596,3 +596,21 @@ def test_finetune_train_refuses_a_file_as_out_before_loading(capsys, tmp_path, n
     assert err == (f"error: --out {str(taken)!r} is a file; give a folder for the adapter "
                    "(a new one, or one that holds an earlier adapter).\n")
     assert taken.read_text() == "not an adapter"
+
+
+def test_ctrl_c_is_one_line_and_leaves_saved_files(capsys, tmp_path, monkeypatch):
+    """Ctrl-C printed a traceback; a result being written then is left as it was."""
+    from chatterbox_demo.files import write_atomically
+
+    saved = tmp_path / "bench.json"
+    saved.write_text("the earlier result")
+
+    def write_half(tmp):
+        tmp.write_text("half of a new")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", lambda args: write_atomically(saved, write_half))
+    code, out, err = main(capsys, "voices", "list")
+    assert (code, out, err) == (130, "", "interrupted\n")
+    assert saved.read_text() == "the earlier result"
+    assert [path.name for path in tmp_path.iterdir()] == ["bench.json"]
