@@ -297,4 +297,11 @@ def write_tokenizer_json(path: Path) -> None:
             merges.append((a, b))
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]"))
     tokenizer.add_special_tokens(list(special))
-    write_atomically(path, lambda tmp: tokenizer.save(str(tmp)))
+
+    def save(tmp: Path) -> None:
+        try:
+            tokenizer.save(str(tmp))
+        except Exception as exc:  # the library's I/O errors are bare Exceptions
+            raise OSError(f"Could not write the tokenizer to {path}: {exc}") from None
+
+    write_atomically(path, save)

@@ -70,6 +70,14 @@ def tokenizer_path(tmp_path_factory):
     return path
 
 
+def test_a_tokenizer_that_cannot_be_written_is_an_os_error(tmp_path):
+    """The tokenizers library raises a bare Exception ("File too large (os error 27)" on a
+    full disk): the CLI printed a traceback instead of its one line."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OSError, match="Could not write the tokenizer"):
+        weights.write_tokenizer_json(tmp_path / "a-file" / "tokenizer.json")
+
+
 def test_tokenizer_json_has_upstream_ids(tokenizer_path):
     tok = EnTokenizer(str(tokenizer_path))  # upstream asserts [START] and [STOP] exist
     vocab = tok.tokenizer.get_vocab()
