@@ -6,8 +6,8 @@ Two layouts are understood:
   used when present) and the audio in ``wavs/ID.wav``;
 - pairs: ``NAME.wav`` next to ``NAME.txt`` holding its transcript.
 
-Extensions match in any case (``NAME.WAV``), and text files may start with the byte-order
-mark that Windows tools write.
+Names match in any case (``NAME.WAV``, ``METADATA.CSV``, ``Wavs/``), and text files may
+start with the byte-order mark that Windows tools write.
 
 Clips that are missing, unreadable, too short or long, or without a transcript are
 reported one line each and left out; the rest go on. Speech is tokenized with the model's
@@ -86,7 +86,7 @@ def find_clips(folder: Path) -> tuple[list[Clip], list[str]]:
     if not folder.is_dir():
         raise DatasetError(f"{folder} is not a folder: give a folder of clips with "
                            "transcripts (metadata.csv + wavs/, or NAME.wav + NAME.txt)")
-    metadata = folder / "metadata.csv"
+    metadata = _entry(folder, "metadata.csv")
     if metadata.exists():
         return _ljspeech(folder, metadata)
     clips, problems = [], []
@@ -103,6 +103,16 @@ def find_clips(folder: Path) -> tuple[list[Clip], list[str]]:
         raise DatasetError(f"{folder} has no clips: expected metadata.csv with wavs/, or "
                            "NAME.wav + NAME.txt pairs")
     return clips, problems
+
+
+def _entry(folder: Path, name: str) -> Path:
+    """``folder / name``, or the entry that has that name in another case (METADATA.CSV,
+    Wavs/), as Windows, which ignores case, lets a user write it."""
+    if not (folder / name).exists() and folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.name.lower() == name:
+                return path
+    return folder / name
 
 
 def _by_stem(folder: Path, suffix: str) -> dict[str, Path]:
@@ -133,7 +143,8 @@ def _ljspeech(folder: Path, metadata: Path) -> tuple[list[Clip], list[str]]:
                            "'CSV UTF-8')") from None
     except OSError as exc:
         raise DatasetError(f"{metadata} is unreadable ({exc})") from None
-    audios = _by_stem(folder / "wavs", ".wav")
+    wavs = _entry(folder, "wavs")
+    audios = _by_stem(wavs, ".wav")
     named = set()  # every id a line gives, so that audio is reported only when none does
     for number, row in enumerate(rows, 1):
         if not row or not row[0].strip():
@@ -147,9 +158,8 @@ def _ljspeech(folder: Path, metadata: Path) -> tuple[list[Clip], list[str]]:
         if "/" in clip_id or "\\" in clip_id or clip_id.startswith("."):
             problems.append(f"metadata.csv line {number}: id {clip_id!r} is not a file name")
             continue
-        clips.append(Clip(clip_id, audios.get(clip_id, folder / "wavs" / f"{clip_id}.wav"),
-                          text))
-    problems += [f"wavs/{audio.name}: no transcript (no metadata.csv line for {stem})"
+        clips.append(Clip(clip_id, audios.get(clip_id, wavs / f"{clip_id}.wav"), text))
+    problems += [f"{wavs.name}/{audio.name}: no transcript (no {metadata.name} line for {stem})"
                  for stem, audio in audios.items() if stem not in named]
     return clips, problems
 

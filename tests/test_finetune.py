@@ -185,6 +185,11 @@ def test_windows_transcripts_and_upper_case_extensions_are_read(tmp_path):
     assert [(c.id, c.audio.name, c.text) for c in clips] == [
         ("a1", "a1.wav", "Hello there."), ("A2", "A2.WAV", "General text.")]
     assert all(speaker_data.check_clip(c)[1] is None for c in clips)
+    windows = tmp_path / "windows"
+    write_audio(windows / "Wavs" / "a1.wav")
+    (windows / "METADATA.CSV").write_text("a1|Hello there.\n", encoding="utf-8")
+    clips, problems = speaker_data.find_clips(windows)
+    assert not problems and [(c.id, c.audio.parent.name) for c in clips] == [("a1", "Wavs")]
 
 
 def test_a_metadata_file_in_another_encoding_says_to_save_it_as_utf8(tmp_path):
