@@ -270,22 +270,38 @@ def naming_the_upload(upload: str, work: str):
                                str(exc))) from None
 
 
-def refresh_voice_pickers(current_synth: str | None, current_ab: str | None):
+def refresh_voice_pickers(current_synth: str | None, current_ab: str | None,
+                          current_mine: str | None, status: str | None):
+    """The pickers after the library changed: each keeps its voice while it exists. Where
+    the Synthesize or A/B picker's voice is gone (removed), it falls back to the first and
+    the status line says so."""
     names, removable = voice_choices()
-    pick = lambda current: current if current in names else (names[0] if names else None)  # noqa: E731
-    return (gr.update(choices=names, value=pick(current_synth)),
-            gr.update(choices=names, value=pick(current_ab)),
-            gr.update(choices=removable, value=removable[0] if removable else None))
+    fell_back = []
+
+    def pick(current, choices, picker=None):
+        if current in choices or not choices:
+            return current if current in choices else None
+        if picker and current:
+            fell_back.append(f"{picker} now uses **{html.escape(choices[0])}**")
+        return choices[0]
+
+    synth, ab = pick(current_synth, names, "Synthesize"), pick(current_ab, names, "A/B")
+    note = gr.skip()
+    if fell_back:
+        note = f"{status or ''} {'; '.join(fell_back)}.".strip()
+    return (gr.update(choices=names, value=synth), gr.update(choices=names, value=ab),
+            gr.update(choices=removable, value=pick(current_mine, removable)),
+            note)
 
 
 def follow_voice(new: str, current_synth: str | None, current_ab: str | None,
                  old: str | None = None):
-    """The pickers after a voice is added (no ``old``: both show it) or renamed (a picker
-    that showed ``old`` shows ``new``; the refresh would otherwise fall back to the first
-    voice without a word)."""
+    """The pickers after a voice is added (no ``old``: all show it) or renamed (a picker
+    that showed ``old`` shows ``new``, and "Your voices" shows it, ready for another
+    rename; the refresh would otherwise fall back to the first voice without a word)."""
     new = check_name(new)  # the name as the library stored it
     follow = lambda current: new if old is None or current == old else current  # noqa: E731
-    return follow(current_synth), follow(current_ab)
+    return follow(current_synth), follow(current_ab), new
 
 
 def voice_exaggeration(name: str | None):
@@ -955,37 +971,44 @@ def build_demo() -> gr.Blocks:
             history = gr.State([])
             config_a_state, config_b_state = gr.State(None), gr.State(None)
 
-        refresh = dict(fn=refresh_voice_pickers, inputs=[voice, ab_voice],
-                       outputs=[voice, ab_voice, mine], api_visibility="private", queue=False)
+        refresh = dict(fn=refresh_voice_pickers, inputs=[voice, ab_voice, mine, voice_status],
+                       outputs=[voice, ab_voice, mine, voice_status],
+                       api_visibility="private", queue=False)
 
         demo.load(startup, outputs=[header, table, preset, preset_b, presets_info, stream],
                   api_visibility="private",
                   concurrency_id=MODEL_SLOT).then(**refresh)
-        follow = dict(outputs=[voice, ab_voice], api_visibility="private", queue=False)
-        add_btn.click(add_voice, [audio_in, name_in, voice_exag], [voice_status, table],
-                      api_name="add_voice", concurrency_id=MODEL_SLOT).success(
-                      follow_voice, [name_in, voice, ab_voice], **follow).then(**refresh)
+        follow = dict(outputs=[voice, ab_voice, mine], api_visibility="private", queue=False)
         # The page asks before removing (removal_row); API callers name the voice in one
-        # call to the same endpoint.
-        remove_btn.click(ask_to_remove, [mine], [removal_row, removal_question, removal_name],
-                         api_visibility="private")
+        # call to the same endpoint. (Closing it from the chains after a rename or an add
+        # left Gradio 6.8 unable to show it again: only its own buttons open and close it.)
         hide_removal = dict(fn=hide_removal_question, outputs=removal_row,
                             api_visibility="private", queue=False)
+        # What fails shows its message as a notice; the error badge goes on the status
+        # line only, not over the voice table, which keeps showing the library.
+        voices_event = dict(concurrency_id=MODEL_SLOT, show_progress_on=voice_status)
+        add_btn.click(add_voice, [audio_in, name_in, voice_exag], [voice_status, table],
+                      api_name="add_voice", **voices_event).success(
+                      follow_voice, [name_in, voice, ab_voice], **follow).then(**refresh)
+        remove_btn.click(ask_to_remove, [mine], [removal_row, removal_question, removal_name],
+                         api_visibility="private")
         keep_btn.click(**hide_removal)
+        yes_remove_btn.click(**hide_removal)  # answered, whether the removal works or not
         yes_remove_btn.click(remove_voice, [removal_name], [voice_status, table],
-                             api_name="remove_voice", concurrency_id=MODEL_SLOT,
-                             ).then(**hide_removal).then(**refresh)
+                             api_name="remove_voice", **voices_event).then(**refresh)
         rename_btn.click(rename_voice, [mine, new_name], [voice_status, table],
-                         api_name="rename_voice", concurrency_id=MODEL_SLOT).success(
+                         api_name="rename_voice", **voices_event).success(
                          follow_voice, [new_name, voice, ab_voice, mine], **follow,
                          ).then(**refresh)
         # Training runs on a copy of T3 outside the model's lock: its own queue slot, so
         # generation goes on meanwhile.
         tune_btn.click(finetune_voice, [dataset_in, tune_name, tune_method, tune_steps],
                        [tune_status, table], api_name="finetune",
-                       concurrency_id="finetune").then(**refresh)
+                       concurrency_id="finetune", show_progress_on=tune_status).success(
+                       follow_voice, [tune_name, voice, ab_voice], **follow).then(**refresh)
         import_btn.click(import_adapter, [adapter_in, adapter_name], [tune_status, table],
-                         api_name="import_adapter", concurrency_id=MODEL_SLOT).success(
+                         api_name="import_adapter", concurrency_id=MODEL_SLOT,
+                         show_progress_on=tune_status).success(
                          follow_voice, [adapter_name, voice, ab_voice], **follow,
                          ).then(**refresh)
         preset.change(preset_markdown, preset, preset_line, api_visibility="private",

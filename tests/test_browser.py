@@ -131,6 +131,40 @@ def test_renaming_the_picked_voice_keeps_it_picked(page):
     expect(page.get_by_label("Voice", exact=True).last).to_have_value("renamed")
 
 
+def test_a_second_rename_renames_the_same_voice(page):
+    """After a rename "Your voices" jumped to the first user voice, so a second Rename (to
+    mend a typo) renamed another voice."""
+    add_voice_and_pick_it_as_mine(page, "first mine")
+    add_voice_and_pick_it_as_mine(page, "typo mine")
+    for name in ("tpyo mine", "fixed mine"):
+        page.get_by_label("New name", exact=True).fill(name)
+        page.get_by_role("button", name="Rename", exact=True).click()
+        expect(page.get_by_text(f"Renamed to {name}")).to_be_visible(
+            timeout=GENERATION_TIMEOUT_MS)
+        expect(page.get_by_label("Your voices", exact=False)).to_have_value(name)
+    library = page.locator("#voice-table")
+    expect(library).to_contain_text("first mine")
+    expect(library).not_to_contain_text("tpyo mine")
+    # A failed add says why in a notice; the library stays in view.
+    page.locator("input[type=file]").first.set_input_files(str(CLIP))
+    page.get_by_label("Name", exact=True).fill("first mine")
+    page.get_by_role("button", name="Add voice").click()
+    expect(page.get_by_text("exists", exact=False).first).to_be_visible(
+        timeout=GENERATION_TIMEOUT_MS)
+    expect(library).to_contain_text("fixed mine")
+
+
+def test_removing_the_voice_in_use_says_what_synthesize_uses_now(page):
+    add_voice_and_pick_it_as_mine(page, "used then removed")
+    page.get_by_role("tab", name="Synthesize").click()
+    expect(page.get_by_label("Voice", exact=True).first).to_have_value("used then removed")
+    page.get_by_role("tab", name="Voices").click()
+    page.get_by_role("button", name="Remove", exact=True).click()
+    page.get_by_role("button", name="Yes, remove it").click()
+    expect(page.get_by_text("Synthesize now uses")).to_be_visible(
+        timeout=GENERATION_TIMEOUT_MS)
+
+
 def test_remove_asks_first_and_keep_keeps_the_voice(page):
     """Remove deleted a voice at one click; now it asks, naming the voice."""
     add_voice_and_pick_it_as_mine(page, "to remove")
