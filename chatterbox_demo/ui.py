@@ -279,8 +279,10 @@ def refresh_voice_pickers(current_synth: str | None, current_ab: str | None,
     fell_back = []
 
     def pick(current, choices, picker=None):
-        if current in choices or not choices:
-            return current if current in choices else None
+        if current in choices:
+            return current
+        if not choices:
+            return None
         if picker and current:
             fell_back.append(f"{picker} now uses **{html.escape(choices[0])}**")
         return choices[0]
