@@ -431,12 +431,6 @@ class ModelManager:
         with self.lock:
             return self.library.add(name, audio, exaggeration)
 
-    def user_voice(self, name: str, verb: str) -> Voice:
-        """The voice ``name`` if a user may change it (not a shipped one); else VoiceError.
-        Without the model's lock, like :meth:`list_voices`: a look-up need not wait for a
-        running generation."""
-        return self.library.user_voice(name, verb)
-
     def remove_voice(self, name: str) -> Voice:
         with self.lock:
             return self.library.remove(name)

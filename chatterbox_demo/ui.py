@@ -203,7 +203,9 @@ def remove_voice(name: str) -> tuple[str, list[list]]:
 def ask_to_remove(name: str):
     """The page's Remove button asks first, naming the voice, so that one stray click
     loses nothing; the answer's button does the removing."""
-    voice = ensure_loaded().user_voice(name, "removed")
+    # The library itself, as the fine-tune's name check: a look-up need not wait for
+    # the model's lock, which a running generation holds.
+    voice = ensure_loaded().library.user_voice(name, "removed")
     question = (f"Remove **{html.escape(voice.name)}** from the library? Only adding the "
                 "same clip again brings it back.")
     return gr.update(visible=True), question, voice.name
