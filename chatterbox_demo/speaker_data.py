@@ -331,6 +331,7 @@ def extract_zip(archive: Path, dest: Path) -> Path:
     """Unpack an uploaded zip into ``dest`` after checking every entry (no absolute or
     ``..`` paths, no links, bounded size and count), and return the folder that holds the
     content: ``dest`` itself, or the one folder everything was zipped in."""
+    import lzma
     import stat
     import zipfile
     import zlib
@@ -363,7 +364,13 @@ def extract_zip(archive: Path, dest: Path) -> Path:
                                    "password.")
         try:
             zipped.extractall(dest)
-        except (zipfile.BadZipFile, zlib.error, EOFError):  # bad CRC, garbled or cut short
+        except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError):
+            # a bad CRC, garbled Deflate or LZMA data, or an entry cut short
+            raise DatasetError("The zip is damaged: zip the folder again.") from None
+        except OSError as error:
+            if error.errno is not None:  # the disk's own trouble (full, read-only): not the zip's
+                raise
+            # bz2 reports garbled data as a bare OSError("Invalid data stream")
             raise DatasetError("The zip is damaged: zip the folder again.") from None
         except NotImplementedError:  # Deflate64 (Windows' zip for large files), for one
             raise DatasetError("The zip uses a compression this app cannot unpack: zip it "

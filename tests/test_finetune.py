@@ -246,6 +246,8 @@ def _corrupt(body):
     ("locked", _encrypted, {}, "password-protected: zip it again without a password"),
     ("deflate64", _deflate64, {}, "compression this app cannot unpack"),
     ("damaged", _corrupt, {"compression": 8}, "The zip is damaged"),
+    ("damaged-bzip2", _corrupt, {"compression": 12}, "The zip is damaged"),
+    ("damaged-lzma", _corrupt, {"compression": 14}, "The zip is damaged"),
 ])
 def test_a_zip_that_cannot_be_unpacked_says_why(tmp_path, name, patch, kwargs, message):
     work = tmp_path / "work"
@@ -253,6 +255,24 @@ def test_a_zip_that_cannot_be_unpacked_says_why(tmp_path, name, patch, kwargs, m
     with pytest.raises(DatasetError, match=message) as info:
         speaker_data.extract_zip(_zip_with(tmp_path, name, patch, **kwargs), work / "data")
     assert str(work) not in str(info.value)  # no server path in the message
+
+
+def test_a_full_disk_while_unpacking_is_not_called_a_damaged_zip(tmp_path, monkeypatch):
+    """bz2 reports garbled data as an OSError without an errno; the disk's own errors have
+    one and must keep their message, not send the user to zip the folder again."""
+    import errno
+    import zipfile
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("metadata.csv", "a1|Hello there.\n")
+    monkeypatch.setattr(zipfile.ZipFile, "extractall", disk_full)
+    with pytest.raises(OSError, match="No space left") as info:
+        speaker_data.extract_zip(archive, tmp_path / "data")
+    assert not isinstance(info.value, DatasetError)
 
 
 @pytest.mark.parametrize("values, message", [
