@@ -196,8 +196,8 @@ class OptimizationConfig:
                                or self.compile_mode != "off"):
             raise ValueError("t3_onednn packs T3's fp32 weights for oneDNN; it needs "
                              "t3_dtype fp32, no int8-weight-only and compile_mode off")
-        if self.s3gen_quant == "int8-static" and self.s3gen_dtype != "fp32":
-            raise ValueError("S3Gen int8-static works from fp32 weights; set s3gen_dtype to "
+        if self.s3gen_quant != "none" and self.s3gen_dtype != "fp32":
+            raise ValueError("S3Gen quantization works from fp32 weights; set s3gen_dtype to "
                              "fp32")
         if self.s3gen_quant == "int8-static" and self.cfm_parallel_rows:
             raise ValueError("S3Gen int8-static's compiled estimator takes the CFM's batch "
@@ -389,6 +389,8 @@ def config_from_spec(spec: str) -> OptimizationConfig:
         if not equals or field not in kinds:
             raise ValueError(f"{change!r} in {spec!r} is not field=value with one of the "
                              f"fields {', '.join(kinds)}")
+        if field in values:  # the last would win, under a label that shows both
+            raise ValueError(f"{field} is set twice in {spec!r}; keep one")
         values[field] = _field_value(field, kinds[field], text)
     return replace(config, **values)
 

@@ -189,6 +189,11 @@ def test_a_configuration_is_named_by_its_nearest_preset_and_reads_back():
     ("cached+compile_mode=fast", "compile_mode must be one of off, default"),
     ("cached+prompt_seconds=x", "prompt_seconds must be a number (got 'x')"),
     ("cached+t3_dtype=bf16+t3_quant=int8-dynamic", "T3 quantization works from fp32"),
+    # int8 dynamic quantizes fp32 Linear layers: on bf16 ones every generation failed
+    ("cached+s3gen_dtype=bf16+s3gen_quant=int8-dynamic", "S3Gen quantization works from fp32"),
+    ("cached+s3gen_dtype=fp16+s3gen_quant=int8-static", "S3Gen quantization works from fp32"),
+    ("cached+cfm_steps=4+cfm_steps=8",
+     "cfm_steps is set twice in 'cached+cfm_steps=4+cfm_steps=8'; keep one"),
 ])
 def test_a_changed_preset_that_is_wrong_says_what_is_wrong(spec, message):
     with pytest.raises(ValueError) as info:
