@@ -147,13 +147,13 @@ def header_html() -> str:
     ]
     line = " &nbsp;·&nbsp; ".join(parts)
     banner = ""
-    for notice in manager().notices[-3:]:
-        banner += (f"<div class='notice' style='padding:4px 12px;margin-bottom:4px;"
-                   f"border-radius:6px;background:#e7f1ff;'>{html.escape(notice)}</div>")
     if status["banner"]:
         banner = (f"<div id='offline-banner' style='padding:8px 12px;margin-bottom:6px;"
                   f"border-radius:6px;background:#fff3cd;color:#664d03;'>"
                   f"{html.escape(status['banner'])}</div>")
+    for notice in manager().notices[-3:]:
+        banner += (f"<div class='notice' style='padding:4px 12px;margin-bottom:4px;"
+                   f"border-radius:6px;background:#e7f1ff;'>{html.escape(notice)}</div>")
     return f"{banner}<div id='status-line'>{line}</div>"
 
 

@@ -517,3 +517,15 @@ def test_a_voice_library_that_fails_leaves_the_manager_unloaded(make_manager, mo
     monkeypatch.setattr(manager_mod.VoiceLibrary, "register_shipped", real)
     fresh.load()
     assert fresh.list_voices()[0].name == SHIPPED[0]
+
+
+def test_the_page_header_shows_notices_beside_the_weights_banner(own_variants, monkeypatch):
+    """Random and tiny weights (and `auto` offline) put a banner in the header: the notices
+    of dropped variants or a fallback preset must still be seen there."""
+    from chatterbox_demo import ui
+
+    monkeypatch.setattr(ui, "manager", lambda: own_variants)
+    own_variants.notices.append("T3 variant bf16 was dropped to bound memory")
+    header = ui.header_html()
+    assert "offline-banner" in header  # the tiny weights' banner
+    assert "T3 variant bf16 was dropped to bound memory" in header
