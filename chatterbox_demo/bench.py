@@ -106,7 +106,10 @@ class Measurement:
         self.manager, self.config, self.text, self.voice = manager, config, text, voice
         self.params, self.ignore_stop = params, ignore_stop
         started = time.perf_counter()
-        self.t3, _ = manager.variant(config)
+        # The variant the generation runs on (a fine-tuned voice's own), and only its size
+        # kept: holding the module would keep it in memory after the manager drops it.
+        t3, _ = manager.variant(config, manager.adapter_of(voice))
+        self.t3_weight_bytes = module_bytes(t3.tfmr) + module_bytes(t3.speech_head)
         if warmup:
             manager.generate(text, voice, params, config, ignore_stop=ignore_stop)
         self.warmup_s = time.perf_counter() - started
@@ -126,7 +129,7 @@ class Measurement:
         generation streamed: ``first_audio_s`` (time to the first playable audio),
         ``stream_total_s``, and ``first_audio_share`` (first audio over the one-shot
         total: how much sooner a listener hears something)."""
-        config, runs, t3 = self.config, self.runs, self.t3
+        config, runs = self.config, self.runs
         last = runs[-1].report
         row = {"device": self.manager.device, "t3_dtype": config.t3_dtype,
                "t3_quant": config.t3_quant, "t3_decoder": config.t3_decoder,
@@ -140,7 +143,7 @@ class Measurement:
         row["t3_tokens_per_s"] = round(tokens / row["t3_s"], 2) if row["t3_s"] else None
         # Each decode step reads every transformer weight once, so bytes x tokens/s is the
         # bandwidth achieved, to hold against the machine's.
-        weight_bytes = module_bytes(t3.tfmr) + module_bytes(t3.speech_head)
+        weight_bytes = self.t3_weight_bytes
         row["t3_weights_mb"] = round(weight_bytes / 2**20, 1)
         row["t3_gb_per_s"] = (round(weight_bytes * row["t3_tokens_per_s"] / 1e9, 2)
                               if row["t3_tokens_per_s"] else None)

@@ -484,6 +484,22 @@ def test_a_fine_tuned_voice_generates_and_switching_back_is_exact(make_manager, 
     assert np.array_equal(again.wav, tuned.wav)
 
 
+def test_bench_with_a_fine_tuned_voice_builds_only_the_variants_it_runs_on(make_manager,
+                                                                           lora_dir):
+    """Each row built the configuration's plain T3 as well as the voice's own, which then
+    pushed variants out between repeats taken in turns (and into warm-up time)."""
+    from chatterbox_demo import bench
+
+    manager = make_manager(prepare_preset=False)
+    manager.add_finetuned_voice("tuned", lora_dir)
+    result = bench.run(manager, ["t3-int8", "t3-bf16"], voices=["tuned"], tokens=4,
+                       repeats=1, with_fidelity=False, log=lambda line: None)
+    assert all("error" not in row for row in result["rows"])
+    adapter = manager.adapter_of("tuned")
+    assert [key[-1] for key in manager._t3_variants] == [adapter, adapter]
+    assert manager.notices == []
+
+
 def test_adapters_for_other_weights_or_incomplete_are_refused(make_manager, lora_dir,
                                                               tmp_path):
     manager = make_manager()
