@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> str:
         weights_spec=args.weights,
         device=args.device,
         cache_dir=os.environ.get("CHATTERBOX_DEMO_CACHE") or None,
+        prepare_preset=False,  # synth applies its preset, bench each row's
     )
     if args.command == "synth":
         return synth(manager, args)
@@ -275,11 +276,10 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
         cfg_weight=args.cfg_weight, temperature=args.temperature,
     )
     # Applied first: a preset this device cannot run is refused before the model loads
-    # (the voice library below loads it).
-    apply_s = 0.0  # building the preset's variant (and compiling a compiled one)
-    if config:
-        manager.apply(config, args.preset)
-        apply_s = manager.last_apply_s
+    # (the voice library below loads it). Without --preset, the device's: loading built
+    # nothing (prepare_preset=False), so apply_s is this preset's build in either case.
+    manager.apply(config or manager.config, args.preset or manager.preset)
+    apply_s = manager.last_apply_s  # building the variant (and compiling a compiled one)
     voice_file = None
     voice = args.voice
     library_names = {name_key(name) for name in manager.library.names()}

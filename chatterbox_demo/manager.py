@@ -80,6 +80,11 @@ MEMORY_ERRORS = (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutO
 MEMORY_MESSAGES = ("can't allocate memory", "out of memory")
 
 
+# A variant key holding one of these already has smaller weights than fp32's: suggesting
+# them after it ran out of memory would send the user in a circle.
+SMALLER_WEIGHTS = {"int8-dynamic", "int8-weight-only", "int8-static", "bf16", "fp16"}
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` says memory ran out, rather than some other failure."""
     if isinstance(exc, MEMORY_ERRORS):
@@ -151,13 +156,18 @@ class ModelManager:
 
     def __init__(self, weights_spec: str = "auto", device: str = "auto",
                  cache_dir: str | os.PathLike | None = None,
-                 shipped_voices: Path | None = SHIPPED_VOICES, seed: int = 0):
+                 shipped_voices: Path | None = SHIPPED_VOICES, seed: int = 0,
+                 prepare_preset: bool = True):
+        """``prepare_preset``: whether loading builds the device's preset, for a page that
+        starts on it. The CLI says no: it applies the preset it runs (or builds it at the
+        first generation), and a variant built for nothing costs time and memory."""
         weights.parse_source(weights_spec)  # fail early on a typo, before any loading
         self.weights_spec = weights_spec
         self.device = pick_device(device)
         self.cache_dir = Path(cache_dir) if cache_dir else DEFAULT_CACHE
         self.shipped_voices = shipped_voices
         self.seed = seed
+        self.prepare_preset = prepare_preset
         self.lock = threading.RLock()
         self.loaded: weights.LoadedWeights | None = None
         self._library: VoiceLibrary | None = None
@@ -226,16 +236,22 @@ class ModelManager:
                 self.loaded = None
                 raise
             self._library = library
-            progress(0.9, f"Preparing the {self.preset} preset")
-            try:
-                self.apply(self.config, self.preset)
-            except Exception as exc:  # the model still works on the stock path
-                log.warning("Preset %s failed to build (%s); using baseline", self.preset, exc)
-                self._notify(f"{self.preset} could not be built here ({exc}); "
-                             "started on baseline")
-                self.preset, self.config = "baseline", BASELINE
+            if self.prepare_preset:
+                self._prepare_start_preset(progress)
             progress(1.0, "Ready")
             return loaded
+
+    def _prepare_start_preset(self, progress: Progress) -> None:
+        target, target_config = self.preset, self.config
+        # Baseline until the target is built: what runs, and what a message about a
+        # failed build says it stays on, should it fail.
+        self.preset, self.config = "baseline", BASELINE
+        progress(0.9, f"Preparing the {target} preset")
+        try:
+            self.apply(target_config, target)
+        except Exception as exc:  # the model still works on the stock path
+            log.warning("Preset %s failed to build (%s); using baseline", target, exc)
+            self._notify(f"{target} could not be built here ({exc}); started on baseline")
 
     @property
     def library(self) -> VoiceLibrary:
@@ -390,10 +406,11 @@ class ModelManager:
             # Nothing was cached or switched: the manager stays on what it ran before.
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            smaller = "" if SMALLER_WEIGHTS & set(key) else \
+                " Or try a preset with int8 or bf16 weights."
             message = (f"Not enough memory to build the {label} variant "
                        f"{_label(key)} ({type(exc).__name__}); staying on "
-                       f"{self.preset}. Try a preset with int8 or bf16 weights, or free "
-                       "memory.")
+                       f"{self.preset}. Free memory and try again.{smaller}")
             self._notify(message)
             log.warning(message)
             raise OutOfMemory(message) from None

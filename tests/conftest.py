@@ -88,13 +88,13 @@ def make_manager(tiny_manager, tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "load", lambda spec, device, seed=0: tiny_manager.loaded)
 
     def factory(cache_dir: Path | None = None, shipped_voices: Path | None = VOICES_DIR,
-                load: bool = True):
+                load: bool = True, **options):
         cache_dir = Path(cache_dir or tmp_path / "manager-cache")
         conds = tiny_manager.cache_dir / "conds"
         if shipped_voices is not None and not (cache_dir / "conds").exists():
             shutil.copytree(conds, cache_dir / "conds")
         manager = ModelManager("tiny", device="cpu", cache_dir=cache_dir,
-                               shipped_voices=shipped_voices)
+                               shipped_voices=shipped_voices, **options)
         if load:
             manager.load()
         return manager

@@ -302,7 +302,8 @@ def test_in_process_synth_text_report(shared_cli, capsys, tmp_path, monkeypatch)
     assert len(stdout.splitlines()) == 1
     assert sf.info(out).samplerate == 24000
     assert shared_cli.configure_calls == [{
-        "weights_spec": "tiny", "device": "cpu", "cache_dir": str(tmp_path / "env-cache")}]
+        "weights_spec": "tiny", "device": "cpu", "cache_dir": str(tmp_path / "env-cache"),
+        "prepare_preset": False}]
 
 
 def test_in_process_synth_with_a_clip_path_and_baseline(shared_cli, capsys, tmp_path,

@@ -529,3 +529,50 @@ def test_the_page_header_shows_notices_beside_the_weights_banner(own_variants, m
     header = ui.header_html()
     assert "offline-banner" in header  # the tiny weights' banner
     assert "T3 variant bf16 was dropped to bound memory" in header
+
+
+def test_the_start_preset_out_of_memory_leaves_it_on_baseline_and_says_so(make_manager,
+                                                                          monkeypatch):
+    """The notices said 'staying on cpu-fast' (the preset that failed) and suggested int8
+    weights for a variant that was int8 already."""
+    def no_memory(pristine, config):
+        raise MemoryError
+
+    monkeypatch.setattr(manager_mod, "build_t3", no_memory)
+    manager = make_manager()
+    assert manager.preset == "baseline" and manager.config == PRESETS["baseline"]
+    out_of_memory, fallback = manager.notices
+    assert "staying on baseline" in out_of_memory
+    assert "Or try a preset with int8" not in out_of_memory
+    assert fallback.startswith("cpu-fast could not be built here") and \
+        fallback.endswith("started on baseline")
+
+
+def test_loading_without_preparing_the_preset_builds_no_variant(make_manager):
+    """The CLI's manager: synth applies the preset it runs, bench each row's; the device's
+    preset built at load would cost a build and hold memory for nothing."""
+    prepared = make_manager()
+    assert prepared._t3_variants and prepared.preset == "cpu-fast"
+    lazy = make_manager(cache_dir=prepared.cache_dir, prepare_preset=False)
+    assert not lazy._t3_variants and not lazy._s3gen_variants
+    lazy.apply_preset("t3-int8")
+    assert [key[1] for key in lazy._t3_variants] == ["int8-dynamic"]
+
+
+def test_a_measurement_does_not_keep_its_variant_in_memory(own_variants, monkeypatch):
+    """bench.run keeps every row's Measurement to the end: holding its T3 kept each
+    dropped variant alive, so a long run grew past the bound and 'peak MB' with it."""
+    import gc
+    import weakref
+
+    from chatterbox_demo import bench
+
+    monkeypatch.setattr(manager_mod, "MAX_VARIANTS", 1)
+    measurement = bench.Measurement(own_variants, PRESETS["t3-bf16"], "Kept small.",
+                                    "calm-mid", GenerationParams(max_new_tokens=4),
+                                    warmup=False)
+    built = weakref.ref(own_variants.variant(PRESETS["t3-bf16"])[0])
+    own_variants.variant(PRESETS["t3-int8"])  # the bf16 copy is dropped
+    gc.collect()
+    assert built() is None
+    assert measurement.t3_weight_bytes > 0
