@@ -112,7 +112,12 @@ class VoiceLibrary:
         self.index_path = self.cache_dir / "voices.json"
         self._voices: dict[str, Voice] = {}  # by name_key
         self._memory: dict[str, Conditionals] = {}  # by sha256 (or BUILTIN_NAME)
-        renamed = self._reload()
+        self._seen: tuple | None = None  # the index's stamp when last read
+        try:
+            renamed = self._reload()
+        except VoiceError as exc:  # unreadable for now: the first look later reads it again
+            log.warning("%s", exc)
+            renamed = None
         if renamed:
             log.warning("A user voice is named %r, which is reserved for the voice that ships "
                         "with the weights; it is now listed as %r", *renamed)
@@ -199,6 +204,9 @@ class VoiceLibrary:
             return conds, "disk"
         if not audio.exists():
             raise VoiceError(f"The source audio {audio} of this voice is gone; add it again.")
+        if not _holds_file(audio, sha256):
+            raise VoiceError(f"The stored audio {audio} of this voice is damaged; remove the "
+                             "voice and add its clip again.")
         conds = self.compute(audio, exaggeration)
         self._store(sha256, conds)
         return conds, "computed"
@@ -345,7 +353,9 @@ class VoiceLibrary:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(path, conds.save)
-        except OSError as exc:
+        # torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected
+        # pos ..."), not an OSError.
+        except (OSError, RuntimeError) as exc:
             log.warning("Could not write %s (%s); the voice stays cached in memory only",
                         path, exc)
 
@@ -353,23 +363,36 @@ class VoiceLibrary:
         suffix = clip.path.suffix.lower()
         suffix = suffix if suffix in EXTENSIONS else ".wav"
         target = self.audio_dir / f"{clip.sha256}{suffix}"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(target, lambda tmp: shutil.copyfile(clip.path, tmp))
+        # Its name is its content's hash: a copy damaged since (cut short by a crash or a
+        # full disk) is replaced from the upload, not reused.
+        if not _holds_file(target, clip.sha256):
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(target, lambda tmp: shutil.copyfile(clip.path, tmp))
+            except OSError as exc:  # a read-only or full cache
+                raise _not_saved(exc) from None
         return target
 
     def _read_index(self) -> list[Voice]:
-        if not self.index_path.exists():
-            return []
+        """The user voices in the index. Content that cannot be parsed is moved aside (and
+        the list starts empty); a file that cannot be read now (out of file handles, an I/O
+        error) raises VoiceError and is left as it is: it may read fine in a moment."""
         try:
-            data = json.loads(self.index_path.read_text())
+            text = self.index_path.read_text()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise VoiceError(f"Could not read the voice index ({exc.strerror or exc}); "
+                             "nothing was changed, try again.") from None
+        try:
+            data = json.loads(text)
             fields = set(Voice.__dataclass_fields__)
             return [Voice(**{**{k: v for k, v in entry.items() if k in fields},
                              "kind": entry.get("kind") if entry.get("kind") in USER_KINDS
                              else "user"})
                     for entry in data["voices"]]
         except Exception as exc:
-            aside = self.index_path.with_name("voices.json.corrupt")
+            aside = _unused(self.index_path.with_name("voices.json.corrupt"))
             log.warning("Voice index %s is unreadable (%s); moved to %s",
                         self.index_path, exc, aside.name)
             _move_aside(self.index_path, aside)
@@ -409,7 +432,10 @@ class VoiceLibrary:
         last read: every change replaces the file, so a new stamp means a new list."""
         with _INDEX_LOCK:  # not between a change's reading and writing of the index
             if self._index_stamp() != self._seen:
-                self._reload()
+                try:
+                    self._reload()
+                except VoiceError as exc:  # the list in memory stays; the next look retries
+                    log.warning("%s", exc)
 
     @contextmanager
     def _changing(self):
@@ -462,9 +488,28 @@ def _holds(folder: Path, files: list[str], sha256: str) -> bool:
         return False
 
 
+def _holds_file(path: Path, sha256: str) -> bool:
+    """Whether the file at ``path`` is whole: its content hashes to ``sha256``."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest() == sha256
+    except OSError:  # missing or unreadable
+        return False
+
+
 def _not_saved(exc: OSError) -> VoiceError:
     return VoiceError(f"Could not save the voice library ({exc.strerror or exc}); "
                       "nothing was changed.")
+
+
+def _unused(path: Path) -> Path:
+    """``path``, or ``path.2``, ``path.3``...: the first that does not exist, so that a
+    file moved aside earlier is never overwritten."""
+    number, candidate = 1, path
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
 
 
 def _move_aside(path: Path, aside: Path) -> None:

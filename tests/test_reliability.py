@@ -75,8 +75,11 @@ def test_a_switch_waits_for_the_running_generation(tiny_manager, monkeypatch):
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
-                                   PermissionError(13, "Read-only file system")],
-                         ids=["disk-full", "read-only"])
+                                   PermissionError(13, "Read-only file system"),
+                                   # what torch.save raises when the disk fills under it
+                                   RuntimeError("[enforce fail at inline_container.cc:626] . "
+                                                "unexpected pos 1216 vs 1046")],
+                         ids=["disk-full", "read-only", "disk-full-in-torch-save"])
 def test_a_full_or_read_only_disk_still_generates_and_damages_nothing(
         make_manager, tmp_path, monkeypatch, caplog, error):
     """The conditionals cache cannot be written: the voice is computed, kept in memory,

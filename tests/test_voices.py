@@ -464,6 +464,76 @@ def test_corrupt_index_is_moved_aside(make_library, clip, broken):
     assert [e["name"] for e in index_entries(fresh)] == ["Ann"]
 
 
+def test_an_index_that_cannot_be_read_now_is_left_as_it_is(make_library, clip, monkeypatch):
+    """Out of file handles, say: the index was taken for damaged and moved aside, and every
+    process then listed, and saved, no user voices."""
+    library = make_library()
+    library.add("Ann", clip)
+    index = library.index_path.read_bytes()
+    real_read_text = pathlib.Path.read_text
+
+    def no_handles(self, *args, **kwargs):
+        if self.name == "voices.json":
+            raise OSError(24, "Too many open files")
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", no_handles)
+    other = make_library()  # another process starting now
+    assert other.names() == []
+    library.index_path.touch()  # a change by another process: the first one looks again
+    assert library.names() == ["Ann"]  # and keeps the list it had
+    with pytest.raises(VoiceError, match="Could not read the voice index.*nothing was changed"):
+        other.add("Bob", clip)
+    assert library.index_path.read_bytes() == index
+    assert not list(library.cache_dir.glob("voices.json.corrupt*"))
+    monkeypatch.undo()
+    assert other.names() == ["Ann"]  # read once it can be
+
+
+def test_a_second_corrupt_index_does_not_overwrite_the_first(make_library, clip):
+    library = make_library()
+    library.index_path.parent.mkdir(parents=True, exist_ok=True)
+    library.index_path.write_text("{ first")
+    make_library()
+    library.index_path.write_text("{ second")
+    make_library()
+    assert (library.cache_dir / "voices.json.corrupt").read_text() == "{ first"
+    assert (library.cache_dir / "voices.json.corrupt.2").read_text() == "{ second"
+
+
+def test_a_damaged_stored_clip_is_named_and_adding_it_again_mends_it(make_library, clip):
+    """The clip's copy in the cache cut short, its conditionals lost: computing from it
+    failed with a torch traceback, and adding the clip again reused the damaged copy."""
+    library = make_library()
+    voice = library.add("Ann", clip)
+    stored = Path(voice.audio)
+    stored.write_bytes(stored.read_bytes()[:44])
+    (library.conds_dir / f"{voice.sha256}.pt").unlink()
+    fresh = make_library()
+    with pytest.raises(VoiceError, match="stored audio .* is damaged; remove the voice and "
+                                         "add its clip again"):
+        fresh.conditionals(fresh.get("Ann"))
+    fresh.remove("Ann")
+    again = fresh.add("Ann", clip)
+    assert Path(again.audio).read_bytes() == Path(clip).read_bytes()
+    assert fresh.conditionals(again)[1] == "memory"
+
+
+def test_a_clip_that_cannot_be_stored_says_so_and_changes_nothing(make_library, clip,
+                                                                  monkeypatch):
+    library = make_library()
+    before = snapshot(library)
+
+    def read_only(path, write):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr("chatterbox_demo.voices.write_atomically", read_only)
+    with pytest.raises(VoiceError, match="Could not save the voice library \\(Read-only file "
+                                         "system\\); nothing was changed"):
+        library.add("Ann", clip)
+    assert snapshot(library) == before
+
+
 # --- the conditionals cache -----------------------------------------------------------------
 
 
