@@ -447,6 +447,13 @@ def compiled_static_int8(flow: nn.Module, calibration: Calibration, package_dir:
             return aoti_load_package(str(package))
         except Exception as error:  # a truncated or foreign file: build it again
             log.warning("recompiling %s, which did not load: %s", package.name, error)
+    if not _writable(package_dir):
+        # A read-only cache (or a file in the folder's place): compile all the same, into
+        # a folder that goes afterwards; only keeping it for the next build is lost.
+        log.warning("cannot keep the compiled estimator in %s (not writable); compiling it "
+                    "for this process only", package_dir)
+        with tempfile.TemporaryDirectory() as scratch:
+            return compiled_static_int8(flow, calibration, Path(scratch))
     calls = calibration.record()
     if not calls:
         raise ValueError("int8-static needs at least one recorded estimator call")
@@ -455,7 +462,6 @@ def compiled_static_int8(flow: nn.Module, calibration: Calibration, package_dir:
     with torch.no_grad():
         exported = export(quantized, args=(), kwargs=example,
                           dynamic_shapes=_frames_dynamic(example))
-    package_dir.mkdir(parents=True, exist_ok=True)
     partial = package.with_name(f"{package.stem}.partial-{os.getpid()}.pt2")
     try:
         with torch.no_grad():
@@ -466,6 +472,14 @@ def compiled_static_int8(flow: nn.Module, calibration: Calibration, package_dir:
         partial.unlink(missing_ok=True)
     _remove_older_formats(package_dir)
     return aoti_load_package(str(package))
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)  # false on a read-only mount too
 
 
 PACKAGE_PREFIX = "cfm-estimator-int8-static-"

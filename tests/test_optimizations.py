@@ -445,6 +445,28 @@ def test_a_kept_static_int8_package_is_loaded_without_recording_a_calibration(
     assert loaded == [str(package)]
 
 
+def test_a_cache_that_cannot_keep_the_package_still_compiles(tts, conds, monkeypatch,
+                                                             tmp_path):
+    """A read-only cache failed the whole preset with an OSError from mkdir; only keeping
+    the package for the next build needs the folder (compiling and loading are faked)."""
+    from chatterbox_demo.optimizations import Calibration, compiled_static_int8
+
+    monkeypatch.setattr(optimizations, "quantize_estimator_static", lambda est, calls: "q")
+    monkeypatch.setattr(optimizations, "_given_inputs", lambda calls: [{}])
+    monkeypatch.setattr(optimizations, "_frames_dynamic", lambda example: None)
+    monkeypatch.setattr(torch.export, "export", lambda *args, **kwargs: "exported")
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda exported, package_path, inductor_configs:
+                        Path(package_path).write_bytes(b"package"))
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: Path(path))
+    in_the_way = tmp_path / "compiled"
+    in_the_way.write_text("a file where the folder should be")
+    calibration = Calibration(source=conds.gen, record=lambda: [{"call": 1}])
+    loaded = compiled_static_int8(tts.s3gen.flow, calibration, in_the_way)
+    assert loaded.parent != in_the_way and not loaded.exists()  # its scratch folder went
+    assert in_the_way.read_text() == "a file where the folder should be"
+
+
 def test_compiling_removes_only_packages_of_earlier_formats(tmp_path):
     """No build loads an earlier format's package again, so it goes (about 100 MB at full
     size); this format's packages stay whatever their key, and so does another process's
