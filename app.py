@@ -2,16 +2,69 @@
 
 Settings come from the environment: CHATTERBOX_WEIGHTS (auto, hub, local:DIR, random,
 tiny), CHATTERBOX_DEVICE (auto, cuda, mps, cpu), CHATTERBOX_DEMO_CACHE, CHATTERBOX_API_KEY
-(when set, the /v1 API needs it as a bearer token), and Gradio's own
-GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default 127.0.0.1:7860).
+(when set, the /v1 API needs it as a bearer token), CHATTERBOX_QUEUE_MAX,
+CHATTERBOX_UPLOAD_TTL, and Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default
+127.0.0.1:7860). A bad weights source, device, queue size, upload lifetime or port stops
+start-up with one `error:` line naming the variable and exit status 2.
 """
 
 import ctypes
 import ctypes.util
 import logging
+import math
+import os
+import sys
 
-from chatterbox_demo.api import build_router
-from chatterbox_demo.ui import build_demo, launch
+
+def whole_number(value: str, high: float = math.inf) -> None:
+    # At least 1: Gradio's queue of size 0 refuses every request, and a lifetime of 0
+    # deletes an upload before the request that sent it can read it.
+    try:
+        ok = 1 <= int(value) <= high
+    except ValueError:
+        ok = False
+    if not ok:
+        allowed = "of 1 or more" if high == math.inf else f"from 1 to {high}"
+        raise ValueError(f"must be a whole number {allowed} (got {value!r})")
+
+
+def weights_source(value: str) -> None:
+    from chatterbox_demo.weights import parse_source
+
+    parse_source(value)
+
+
+def device(value: str) -> None:
+    from chatterbox_demo.manager import pick_device
+
+    pick_device(value)
+
+
+# Environment variable -> check that raises ValueError saying what is wrong. The plain
+# numbers come first: the package reads CHATTERBOX_QUEUE_MAX and CHATTERBOX_UPLOAD_TTL,
+# and Gradio GRADIO_SERVER_PORT, as they are imported, and the last two checks import it.
+SETTINGS = {
+    "CHATTERBOX_QUEUE_MAX": whole_number,
+    "CHATTERBOX_UPLOAD_TTL": whole_number,
+    "GRADIO_SERVER_PORT": lambda value: whole_number(value, high=65535),
+    "CHATTERBOX_WEIGHTS": weights_source,
+    "CHATTERBOX_DEVICE": device,
+}
+
+
+def check_environment() -> None:
+    """Exit with status 2 and one line naming the first bad setting. Unchecked, a bad value
+    surfaced as a traceback from deep inside an import, Gradio or the model manager (or,
+    for a port past 65535, an abort), which hid which variable was wrong."""
+    for name, check in SETTINGS.items():
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        try:
+            check(value)
+        except ValueError as exc:
+            print(f"error: {name}: {exc}", file=sys.stderr)
+            sys.exit(2)
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
@@ -25,6 +78,12 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         except (OSError, AttributeError):
             pass
 
+
+check_environment()
+
+# Imported only after the check: importing them reads the settings it checked.
+from chatterbox_demo.api import build_router  # noqa: E402
+from chatterbox_demo.ui import build_demo, launch  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
