@@ -161,9 +161,11 @@ def _from_local_tiny(directory: Path, device: str) -> ChatterboxTTS:
 
 def _files_fingerprint(directory: Path) -> str:
     """Names, sizes and modification times of the weight files: cheap, and it changes
-    whenever a file is replaced (hashing 3 GB of weights on every start would not be)."""
+    whenever a file is replaced (hashing 3 GB of weights on every start would not be).
+    The optional conds.pt is left out: it holds a built-in voice, not weights, and adding
+    it must not recompute every voice's conditionals or refuse adapters trained here."""
     digest = hashlib.sha256()
-    for name in (*CHECKPOINT_FILES, BUILTIN_VOICE_FILE):
+    for name in CHECKPOINT_FILES:
         path = directory / name
         if path.exists():
             stat = path.stat()

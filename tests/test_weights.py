@@ -321,6 +321,16 @@ def test_local_identity_changes_when_a_file_is_replaced(tmp_path):
     assert weights._files_fingerprint(tmp_path) != first
 
 
+def test_local_identity_ignores_the_builtin_voice(tmp_path):
+    """conds.pt is a voice, not weights: adding it must not make every cached voice and
+    every adapter trained on the folder stale."""
+    for name in weights.CHECKPOINT_FILES:
+        (tmp_path / name).write_bytes(b"v1")
+    first = weights._files_fingerprint(tmp_path)
+    (tmp_path / weights.BUILTIN_VOICE_FILE).write_bytes(b"a voice")
+    assert weights._files_fingerprint(tmp_path) == first
+
+
 # --- auto / hub -----------------------------------------------------------------------------
 
 
