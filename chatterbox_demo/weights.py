@@ -12,10 +12,12 @@ import hashlib
 import json
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import httpx
 import torch
 from chatterbox.models.s3gen import S3Gen
 from chatterbox.models.s3gen.decoder import ConditionalDecoder
@@ -31,6 +33,7 @@ from chatterbox.models.tokenizers import EnTokenizer
 from chatterbox.models.voice_encoder import VoiceEncoder
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from s3tokenizer.model_v2 import AudioEncoderV2, FSQVectorQuantization
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .files import write_atomically
@@ -91,32 +94,49 @@ def load(spec: str, device: str, seed: int = 0) -> LoadedWeights:
     kind, directory = parse_source(spec)
     if kind == "auto":
         try:
-            return _load_hub(device)
-        except Exception as exc:  # no network, no cache, gated repo... all mean: go offline
+            snapshot = _download_hub()
+        except HUB_UNREACHABLE as exc:
             log.warning("Hugging Face Hub not reachable (%s); using random weights", exc)
             return _load_random("full", device, seed)
+        # Outside the try: a damaged download is the user's to fix, not a reason for noise.
+        return _load_hub(snapshot, device)
     if kind == "hub":
-        return _load_hub(device)
+        return _load_hub(_download_hub(), device)
     if kind == "local":
         return _load_local(Path(directory), device)
     return _load_random("tiny" if kind == "tiny" else "full", device, seed)
 
 
-def _load_hub(device: str) -> LoadedWeights:
+# What huggingface_hub raises when it cannot get the files: offline mode, no network and
+# nothing cached (LocalEntryNotFoundError), HTTP errors (gated repo, Hub down) are all
+# OSErrors; a connection lost during a download surfaces as an httpx error.
+HUB_UNREACHABLE = (OSError, httpx.HTTPError)
+
+
+def _download_hub() -> Path:
     # Imported here so that HF_HOME / HF_HUB_OFFLINE set by the caller are honoured.
     from huggingface_hub import snapshot_download
 
-    path = Path(
+    return Path(
         snapshot_download(HUB_REPO, allow_patterns=[*CHECKPOINT_FILES, BUILTIN_VOICE_FILE])
     )
-    tts = ChatterboxTTS.from_local(path, device)
+
+
+def _load_hub(snapshot: Path, device: str) -> LoadedWeights:
+    # The cache keeps the damaged file (re-running would not fetch it again): removing the
+    # repo's cache folder makes the next run download it anew.
+    remedy = f"delete {snapshot.parent.parent} to download the model again"
+    tts = _from_checkpoint(snapshot, device, "full", remedy, remedy)
     # The snapshot folder is named after the commit, which pins the exact weights.
-    return LoadedWeights(tts, "hub", f"hub:{HUB_REPO}@{path.name}", "full")
+    return LoadedWeights(tts, "hub", f"hub:{HUB_REPO}@{snapshot.name}", "full")
 
 
 def _load_local(directory: Path, device: str) -> LoadedWeights:
-    if not directory.is_dir():
+    if not directory.exists():
         raise FileNotFoundError(f"Weights directory {directory} does not exist")
+    if not directory.is_dir():
+        raise ValueError(f"Weights path {directory} is a file; local: needs the directory "
+                         f"that holds {', '.join(CHECKPOINT_FILES)}")
     missing = [name for name in CHECKPOINT_FILES if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -124,10 +144,11 @@ def _load_local(directory: Path, device: str) -> LoadedWeights:
             f"layout: {', '.join(CHECKPOINT_FILES)} and optionally {BUILTIN_VOICE_FILE}"
         )
     arch = _read_arch(directory)
-    if arch == "full":
-        tts = ChatterboxTTS.from_local(directory, device)
-    else:
-        tts = _from_local_tiny(directory, device)
+    remedy = "download or copy it again"
+    # A tiny checkpoint copied without its marker loads as full-size and fits nowhere.
+    misfit_remedy = remedy if arch == "tiny" else (
+        f"if the folder holds a tiny checkpoint, its {ARCH_FILE} is missing; otherwise {remedy}")
+    tts = _from_checkpoint(directory, device, arch, remedy, misfit_remedy)
     return LoadedWeights(tts, "local", f"local:{_files_fingerprint(directory)}", arch)
 
 
@@ -135,10 +156,73 @@ def _read_arch(directory: Path) -> str:
     marker = directory / ARCH_FILE
     if not marker.exists():
         return "full"
-    arch = json.loads(marker.read_text()).get("arch")
+    with _reading(marker, "write it again or delete it for a full-size checkpoint"):
+        content = json.loads(marker.read_text())
+    arch = content.get("arch") if isinstance(content, dict) else content
     if arch not in ("full", "tiny"):
-        raise ValueError(f"{marker} names unknown architecture {arch!r}")
+        raise ValueError(f"{marker} names unknown architecture {arch!r}; it should hold "
+                         '{"arch": "tiny"}, or be deleted for a full-size checkpoint')
     return arch
+
+
+@contextmanager
+def _reading(path: Path, remedy: str):
+    """Report a file whose content its reader cannot make sense of as damaged, naming it.
+
+    Each reader has its own error for that (safetensors' SafetensorError, the tokenizers
+    library's bare Exception, torch's UnpicklingError, json's ValueError), so anything but
+    an OSError counts; an OSError (missing, unreadable) already names the file.
+    """
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        reason = _first_line(exc)
+        raise ValueError(f"Weights file {path} is damaged or incomplete ({reason}); "
+                         f"{remedy}") from exc
+
+
+# Which checkpoint file holds each module, to name it when its shapes do not fit.
+MODULE_FILES = {"VoiceEncoder": "ve.safetensors", "T3": "t3_cfg.safetensors",
+                "S3Gen": "s3gen.safetensors"}
+
+
+def _first_line(exc: Exception, limit: int = 120) -> str:
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _from_checkpoint(directory: Path, device: str, arch: str, remedy: str,
+                     misfit_remedy: str) -> ChatterboxTTS:
+    """The model in ``directory``; a damaged file or one made for another architecture is
+    a ValueError naming it, where the loaders would give a traceback."""
+    # The loaders below read every file whole and cannot say which one failed, so each is
+    # opened first: safetensors checks only the header against the size, which is cheap.
+    for name in ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors"):
+        with _reading(directory / name, remedy), safe_open(directory / name, "pt"):
+            pass
+    with _reading(directory / "tokenizer.json", remedy):
+        EnTokenizer(str(directory / "tokenizer.json"))
+    if (directory / BUILTIN_VOICE_FILE).exists():
+        with _reading(directory / BUILTIN_VOICE_FILE,
+                      f"{remedy}, or delete it (it only holds the built-in voice)"):
+            Conditionals.load(directory / BUILTIN_VOICE_FILE, map_location="cpu")
+    try:
+        if arch == "full":
+            return ChatterboxTTS.from_local(directory, device)
+        return _from_local_tiny(directory, device)
+    except RuntimeError as exc:
+        # load_state_dict's message: "Error(s) in loading state_dict for T3:\n\tsize ..."
+        lines = str(exc).splitlines()
+        module = lines[0].removeprefix("Error(s) in loading state_dict for ").rstrip(":")
+        if module not in MODULE_FILES:
+            raise
+        size = "full-size" if arch == "full" else arch
+        raise ValueError(
+            f"Weights file {directory / MODULE_FILES[module]} does not fit the {size} "
+            f"architecture ({_first_line(lines[-1])}); {misfit_remedy}"
+        ) from exc
 
 
 def _from_local_tiny(directory: Path, device: str) -> ChatterboxTTS:

@@ -14,7 +14,7 @@ from chatterbox.models.t3.modules.t3_config import T3Config
 from chatterbox.models.tokenizers import EnTokenizer
 from chatterbox.tts import ChatterboxTTS, Conditionals
 from conftest import VOICES_DIR
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from chatterbox_demo import weights
 from chatterbox_demo.config import GenerationParams
@@ -321,6 +321,76 @@ def test_local_identity_changes_when_a_file_is_replaced(tmp_path):
     assert weights._files_fingerprint(tmp_path) != first
 
 
+def _linked_copy(checkpoint, directory):
+    """``checkpoint``'s files linked into ``directory``: a copy to damage one file of
+    without writing the whole checkpoint again."""
+    directory.mkdir()
+    for path in checkpoint.iterdir():
+        (directory / path.name).symlink_to(path)
+    return directory
+
+
+def _replace(path, content: bytes):
+    path.unlink()
+    path.write_bytes(content)
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("t3_cfg.safetensors", lambda path: _replace(path, path.read_bytes()[:1000])),
+    ("s3gen.safetensors", lambda path: _replace(path, b"")),
+    ("tokenizer.json", lambda path: _replace(path, b"not json")),
+    ("conds.pt", lambda path: _replace(path, b"garbage")),
+    (weights.ARCH_FILE, lambda path: _replace(path, b'{"arch": "tin')),
+])
+def test_local_damaged_file_is_named(tiny_checkpoint, tmp_path, name, damage):
+    """A file cut short or not what its name says gave the reader's traceback
+    (SafetensorError, UnpicklingError...) and the CLI exited 1; now a ValueError, which the
+    CLI prints as one line and the page as a message."""
+    directory = _linked_copy(tiny_checkpoint, tmp_path / "model")
+    damage(directory / name)
+    with pytest.raises(ValueError) as info:
+        weights.load(f"local:{directory}", "cpu")
+    message = str(info.value)
+    assert f"{directory / name} is damaged or incomplete" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_local_weights_of_another_shape_name_the_file(tiny_checkpoint, tmp_path):
+    directory = _linked_copy(tiny_checkpoint, tmp_path / "model")
+    state = load_file(tiny_checkpoint / "ve.safetensors")
+    (directory / "ve.safetensors").unlink()
+    save_file({k: v[..., :1].contiguous() for k, v in state.items()},
+              directory / "ve.safetensors")
+    with pytest.raises(ValueError, match=r"ve\.safetensors does not fit the tiny architecture "
+                                         r"\(size mismatch for "):
+        weights.load(f"local:{directory}", "cpu")
+
+
+@pytest.mark.slow
+def test_local_tiny_checkpoint_without_marker_says_so(tiny_checkpoint, tmp_path):
+    """Loaded as full-size (the marker is what says tiny), T3 fits nowhere; the message
+    must point at the missing marker, not only at a size mismatch."""
+    directory = _linked_copy(tiny_checkpoint, tmp_path / "model")
+    (directory / weights.ARCH_FILE).unlink()
+    with pytest.raises(ValueError, match=r"t3_cfg\.safetensors does not fit the full-size "
+                                         r".*chatterbox_demo_arch\.json is missing"):
+        weights.load(f"local:{directory}", "cpu")
+
+
+def test_local_arch_marker_that_is_not_an_object(tmp_path):
+    for name in weights.CHECKPOINT_FILES:
+        (tmp_path / name).write_bytes(b"placeholder")
+    (tmp_path / weights.ARCH_FILE).write_text('["tiny"]')
+    with pytest.raises(ValueError, match=r"names unknown architecture \['tiny'\]"):
+        weights.load(f"local:{tmp_path}", "cpu")
+
+
+def test_local_path_that_is_a_file(tmp_path):
+    (tmp_path / "model").write_text("x")
+    with pytest.raises(ValueError, match="is a file; local: needs the directory"):
+        weights.load(f"local:{tmp_path / 'model'}", "cpu")
+
+
 def test_local_identity_ignores_the_builtin_voice(tmp_path):
     """conds.pt is a voice, not weights: adding it must not make every cached voice and
     every adapter trained on the folder stale."""
@@ -338,19 +408,19 @@ def test_auto_falls_back_to_random_when_hub_unreachable(monkeypatch, caplog):
     hub_calls, random_calls = [], []
     sentinel = object()
 
-    def unreachable(device):
-        hub_calls.append(device)
+    def unreachable():
+        hub_calls.append("download")
         raise OSError("Hub unreachable (test)")
 
     def fake_random(arch, device, seed):
         random_calls.append((arch, device, seed))
         return sentinel
 
-    monkeypatch.setattr(weights, "_load_hub", unreachable)
+    monkeypatch.setattr(weights, "_download_hub", unreachable)
     monkeypatch.setattr(weights, "_load_random", fake_random)
     with caplog.at_level(logging.WARNING, logger="chatterbox_demo.weights"):
         assert weights.load("auto", "cpu", seed=7) is sentinel
-    assert hub_calls == ["cpu"]
+    assert hub_calls == ["download"]
     assert random_calls == [("full", "cpu", 7)]  # the real architecture, not the tiny one
     assert "Hub not reachable" in caplog.text and "Hub unreachable (test)" in caplog.text
     # An explicit `hub` never falls back silently.
@@ -361,7 +431,7 @@ def test_auto_falls_back_to_random_when_hub_unreachable(monkeypatch, caplog):
 
 def test_auto_offline_gives_banner_through_real_hub_path(tiny_manager, monkeypatch, tmp_path,
                                                          caplog):
-    """The real ``_load_hub`` under HF_HUB_OFFLINE with an empty cache fails, and the real
+    """The real ``_download_hub`` under HF_HUB_OFFLINE with an empty cache fails, and the real
     ``_load_random`` marks the result as noise. ``build_modules`` hands back the session's
     tiny modules so the full model is not built again."""
     import huggingface_hub.constants as hf_constants
@@ -377,7 +447,7 @@ def test_auto_offline_gives_banner_through_real_hub_path(tiny_manager, monkeypat
 
     monkeypatch.setattr(weights, "build_modules", fake_build)
     with pytest.raises(Exception, match="(?i)offline|cannot find"):
-        weights._load_hub("cpu")
+        weights._download_hub()
     with caplog.at_level(logging.WARNING):
         manager = ModelManager("auto", device="cpu", cache_dir=tmp_path / "cache",
                                shipped_voices=None, seed=3)
@@ -388,6 +458,29 @@ def test_auto_offline_gives_banner_through_real_hub_path(tiny_manager, monkeypat
     assert loaded.identity.startswith("full:seed=3:chatterbox=")
     assert manager.status()["banner"] == weights.OFFLINE_BANNER
     assert weights.OFFLINE_BANNER in caplog.text  # the user is told, not just the UI
+
+
+def test_auto_reports_a_damaged_hub_download(tiny_checkpoint, monkeypatch, tmp_path):
+    """A file cut short in the Hub cache is not "Hub not reachable": ``auto`` said so and
+    served noise; now it names the file, and ``hub`` too."""
+    import huggingface_hub.constants as hf_constants
+
+    repo = tmp_path / "hub" / "models--ResembleAI--chatterbox"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in weights.CHECKPOINT_FILES:
+        (snapshot / name).symlink_to(tiny_checkpoint / name)
+    _replace(snapshot / "t3_cfg.safetensors", b"cut short")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(weights, "_load_random", lambda *args: pytest.fail("fell back"))
+    for spec in ("auto", "hub"):
+        with pytest.raises(ValueError, match=f"{snapshot / 't3_cfg.safetensors'} is damaged "
+                                             f"or incomplete .*; delete {repo} to download"):
+            weights.load(spec, "cpu")
 
 
 # --- the full-size architecture -------------------------------------------------------------
