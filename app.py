@@ -4,8 +4,9 @@ Settings come from the environment: CHATTERBOX_WEIGHTS (auto, hub, local:DIR, ra
 tiny), CHATTERBOX_DEVICE (auto, cuda, mps, cpu), CHATTERBOX_DEMO_CACHE, CHATTERBOX_API_KEY
 (when set, the /v1 API needs it as a bearer token), CHATTERBOX_QUEUE_MAX,
 CHATTERBOX_UPLOAD_TTL, and Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default
-127.0.0.1:7860). A bad weights source, device, queue size, upload lifetime or port stops
-start-up with one `error:` line naming the variable and exit status 2.
+127.0.0.1:7860). A bad weights source (or a local: folder that is not there), device,
+cache folder, queue size, upload lifetime or port stops start-up with one `error:` line
+naming the variable and exit status 2.
 """
 
 import ctypes
@@ -31,7 +32,16 @@ def whole_number(value: str, high: float = math.inf) -> None:
 def weights_source(value: str) -> None:
     from chatterbox_demo.weights import parse_source
 
-    parse_source(value)
+    kind, directory = parse_source(value)
+    # Checked here, not at the first load: the page would start and fail on every use.
+    if kind == "local" and not os.path.isdir(directory):
+        raise ValueError(f"the weights folder {directory} does not exist or is not a folder")
+
+
+def cache_folder(value: str) -> None:
+    # A missing folder is made at the first save; a file in its place fails every save.
+    if os.path.exists(value) and not os.path.isdir(value):
+        raise ValueError(f"{value} is a file; name a folder (it is made when missing)")
 
 
 def device(value: str) -> None:
@@ -47,6 +57,7 @@ SETTINGS = {
     "CHATTERBOX_QUEUE_MAX": whole_number,
     "CHATTERBOX_UPLOAD_TTL": whole_number,
     "GRADIO_SERVER_PORT": lambda value: whole_number(value, high=65535),
+    "CHATTERBOX_DEMO_CACHE": cache_folder,
     "CHATTERBOX_WEIGHTS": weights_source,
     "CHATTERBOX_DEVICE": device,
 }

@@ -13,6 +13,9 @@ from app_server import ROOT
 
 BAD_SETTINGS = [
     ("CHATTERBOX_WEIGHTS", "bogus", "Unknown weights source 'bogus'"),
+    # It started the page, which then failed at its first use.
+    ("CHATTERBOX_WEIGHTS", "local:/no/such/weights", "/no/such/weights does not exist"),
+    ("CHATTERBOX_DEMO_CACHE", "/etc/passwd", "/etc/passwd is a file; name a folder"),
     ("CHATTERBOX_DEVICE", "gpu", "Unknown device 'gpu'"),
     pytest.param("CHATTERBOX_DEVICE", "cuda", "not available here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
