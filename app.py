@@ -12,21 +12,11 @@ naming the variable and exit status 2.
 import ctypes
 import ctypes.util
 import logging
-import math
 import os
 import sys
+from functools import partial
 
-
-def whole_number(value: str, high: float = math.inf) -> None:
-    # At least 1: Gradio's queue of size 0 refuses every request, and a lifetime of 0
-    # deletes an upload before the request that sent it can read it.
-    try:
-        ok = 1 <= int(value) <= high
-    except ValueError:
-        ok = False
-    if not ok:
-        allowed = "of 1 or more" if high == math.inf else f"from 1 to {high}"
-        raise ValueError(f"must be a whole number {allowed} (got {value!r})")
+from chatterbox_demo.config import parse_count
 
 
 def weights_source(value: str) -> None:
@@ -50,13 +40,13 @@ def device(value: str) -> None:
     pick_device(value)
 
 
-# Environment variable -> check that raises ValueError saying what is wrong. The plain
-# numbers come first: the package reads CHATTERBOX_QUEUE_MAX and CHATTERBOX_UPLOAD_TTL,
-# and Gradio GRADIO_SERVER_PORT, as they are imported, and the last two checks import it.
+# Environment variable -> check that raises ValueError saying what is wrong. The package
+# reads CHATTERBOX_QUEUE_MAX and CHATTERBOX_UPLOAD_TTL, and Gradio GRADIO_SERVER_PORT, as
+# the page's modules are imported: checked first, or the import is the traceback.
 SETTINGS = {
-    "CHATTERBOX_QUEUE_MAX": whole_number,
-    "CHATTERBOX_UPLOAD_TTL": whole_number,
-    "GRADIO_SERVER_PORT": lambda value: whole_number(value, high=65535),
+    "CHATTERBOX_QUEUE_MAX": partial(parse_count, "CHATTERBOX_QUEUE_MAX"),
+    "CHATTERBOX_UPLOAD_TTL": partial(parse_count, "CHATTERBOX_UPLOAD_TTL"),
+    "GRADIO_SERVER_PORT": partial(parse_count, "GRADIO_SERVER_PORT", high=65535),
     "CHATTERBOX_DEMO_CACHE": cache_folder,
     "CHATTERBOX_WEIGHTS": weights_source,
     "CHATTERBOX_DEVICE": device,
@@ -74,7 +64,10 @@ def check_environment() -> None:
         try:
             check(value)
         except ValueError as exc:
-            print(f"error: {name}: {exc}", file=sys.stderr)
+            message = str(exc)  # the number checks name the variable themselves
+            if not message.startswith(name):
+                message = f"{name}: {message}"
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
 

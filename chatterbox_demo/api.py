@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from .audio import to_pcm16
-from .config import MAX_LONG_TEXT_CHARS, QUEUE_MAX, GenerationParams
+from .config import MAX_LONG_TEXT_CHARS, GenerationParams, queue_max
 from .manager import ModelManager, TextError, check_text
 from .pipeline import GenerationError
 from .voices import VoiceError
@@ -49,6 +49,7 @@ MAX_BODY_BYTES = 1 << 20
 # no speech (too small a token budget); a 400 saying what to change, not a 500.
 REQUEST_ERRORS = (ValueError, GenerationError)
 # Requests allowed at once: one on the model and QUEUE_MAX waiting; more get 503 at once.
+QUEUE_MAX = queue_max()
 _waiting = threading.BoundedSemaphore(QUEUE_MAX + 1)
 
 

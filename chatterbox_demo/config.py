@@ -28,9 +28,6 @@ MAX_TEXT_CHARS = 1000  # about 60 s of speech: past this the model's alignment d
 # Longer text is split into sentence chunks (longform.py), spoken one by one and joined.
 MAX_LONG_TEXT_CHARS = 20_000
 SPEECH_TOKENS_PER_SECOND = 25  # S3 tokenizer rate
-# Requests that may wait for the model (page and API each); past this they are refused
-# at once with "queue is full" (page) or 503 (API).
-QUEUE_MAX = int(os.environ.get("CHATTERBOX_QUEUE_MAX", "32"))
 
 
 @dataclass(frozen=True)
@@ -68,14 +65,46 @@ class GenerationParams:
 def check_number(name: str, value, low: float, high: float, integer: bool = False) -> None:
     """Raise ``ValueError`` naming the setting and its range unless ``value`` fits."""
     kind = "a whole number" if integer else "a number"
+    span = f"at least {low}" if high == math.inf else f"between {low} and {high}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be {kind} between {low} and {high} (got {value!r})")
+        raise ValueError(f"{name} must be {kind} {span} (got {value!r})")
     # isnan only for floats: math.isnan(10**400) raises OverflowError, which the API
     # answered with a 500; comparing a whole number with the bounds never overflows.
     if (isinstance(value, float) and math.isnan(value)) or not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high} (got {value!r})")
+        raise ValueError(f"{name} must be {span} (got {value!r})")
     if integer and value != int(value):
         raise ValueError(f"{name} must be {kind} (got {value!r})")
+
+
+def count_setting(name: str, default: int, high: float = math.inf) -> int:
+    """A whole-number environment setting (``default`` when unset). Read where it is used,
+    not when this module is imported, so that a bad value stops only what needs it (the
+    page), not the CLI."""
+    raw = os.environ.get(name)
+    return default if raw is None else parse_count(name, raw, high)
+
+
+def parse_count(name: str, raw: str, high: float = math.inf) -> int:
+    """``raw`` as a whole number from 1 to ``high``; ``ValueError`` naming ``name`` if not."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = raw  # check_number names it as given
+    check_number(name, value, 1, high, integer=True)
+    return value
+
+
+def queue_max() -> int:
+    """Requests that may wait for the model (page and API each); past this they are refused
+    at once with "queue is full" (page) or 503 (API). At least 1: Gradio's queue of size 0
+    refuses every request."""
+    return count_setting("CHATTERBOX_QUEUE_MAX", 32)
+
+
+def upload_ttl_s() -> int:
+    """Seconds after which the page deletes uploads and generated files. At least 1: a
+    lifetime of 0 deletes an upload before the request that sent it can read it."""
+    return count_setting("CHATTERBOX_UPLOAD_TTL", 600)
 
 
 def default_max_new_tokens(text: str) -> int:

@@ -37,7 +37,6 @@ from .config import (
     PRECISIONS,
     PRESET_DESCRIPTIONS,
     PRESETS,
-    QUEUE_MAX,
     RANGES,
     S3GEN_QUANTS,
     T3_DECODERS,
@@ -46,6 +45,8 @@ from .config import (
     OptimizationConfig,
     get_preset,
     preset_name,
+    queue_max,
+    upload_ttl_s,
 )
 from .finetune import METHODS, settings_from
 from .manager import ModelManager
@@ -62,7 +63,7 @@ MODEL_SLOT = "model"  # concurrency_id shared by every event that runs the model
 # library keeps its own copy of a voice's audio). Not at once: Gradio stores uploads by
 # content, so two users uploading the same clip share one file, and deleting it after one
 # request would pull it from under the other (the soak test caught exactly that).
-UPLOAD_TTL_S = int(os.environ.get("CHATTERBOX_UPLOAD_TTL", "600"))
+UPLOAD_TTL_S = upload_ttl_s()
 TITLE = "Chatterbox TTS: clone, synthesize, compare"
 
 
@@ -1075,7 +1076,7 @@ def launch(demo: gr.Blocks, routers=(), **kwargs) -> None:
     127.0.0.1:7860: the app is reachable from this machine only unless told otherwise.
     """
     threading.Thread(target=_load_in_background, daemon=True).start()
-    demo.queue(max_size=QUEUE_MAX, default_concurrency_limit=1)
+    demo.queue(max_size=queue_max(), default_concurrency_limit=1)
     # Enforced by the server at upload, before any of our code sees the file.
     kwargs.setdefault("max_file_size", f"{MAX_UPLOAD_BYTES // 2**20}mb")
     app, _, _ = demo.launch(prevent_thread_lock=True, **kwargs)

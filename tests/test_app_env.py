@@ -20,8 +20,9 @@ BAD_SETTINGS = [
     pytest.param("CHATTERBOX_DEVICE", "cuda", "not available here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
     ("GRADIO_SERVER_PORT", "abc", "whole number"),
-    ("GRADIO_SERVER_PORT", "99999", "from 1 to 65535"),  # was an OverflowError, then abort
+    ("GRADIO_SERVER_PORT", "99999", "between 1 and 65535"),  # was an OverflowError, then abort
     ("CHATTERBOX_QUEUE_MAX", "lots", "whole number"),
+    ("CHATTERBOX_QUEUE_MAX", "0", "at least 1 (got 0)"),  # a queue of 0 refuses everyone
     ("CHATTERBOX_UPLOAD_TTL", "10m", "whole number"),
 ]
 
@@ -41,5 +42,5 @@ def test_a_bad_setting_is_one_line_naming_it(tmp_path, name, value, message):
     assert "Traceback" not in done.stderr
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [done.stderr.strip()]
-    assert done.stderr.startswith(f"error: {name}: ")
+    assert done.stderr.startswith(f"error: {name}")
     assert message in done.stderr

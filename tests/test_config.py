@@ -1,6 +1,7 @@
 import dataclasses
 import inspect
 import math
+import re
 
 import pytest
 from chatterbox.tts import ChatterboxTTS
@@ -14,6 +15,7 @@ from chatterbox_demo.config import (
     OptimizationConfig,
     check_number,
     config_from_spec,
+    count_setting,
     default_max_new_tokens,
     get_preset,
 )
@@ -109,6 +111,21 @@ def test_check_number_direct():
         check_number("x", "a", 0, 1)
     with pytest.raises(ValueError, match=r"^n must be a whole number"):
         check_number("n", 2.5, 1, 5, integer=True)
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ("lots", "must be a whole number at least 1 (got 'lots')"),
+    ("2.5", "must be a whole number at least 1 (got '2.5')"),
+    ("0", "must be at least 1 (got 0)"),
+])
+def test_a_count_setting_is_read_when_asked_for_and_named_when_bad(monkeypatch, raw, message):
+    monkeypatch.delenv("SOME_COUNT", raising=False)
+    assert count_setting("SOME_COUNT", 7) == 7
+    monkeypatch.setenv("SOME_COUNT", " 12 ")
+    assert count_setting("SOME_COUNT", 7) == 12
+    monkeypatch.setenv("SOME_COUNT", raw)
+    with pytest.raises(ValueError, match=rf"^SOME_COUNT {re.escape(message)}$"):
+        count_setting("SOME_COUNT", 7)
 
 
 def test_default_max_new_tokens_bounds():
