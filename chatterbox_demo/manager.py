@@ -694,11 +694,14 @@ class ModelManager:
         return finetune.train(loaded.tts.t3, conds, data, Path(out_dir), settings,
                               loaded.identity, progress, resume)
 
-    def add_finetuned_voice(self, name: str, adapter_dir, exaggeration: float = 0.5) -> Voice:
-        """List an adapter directory as a voice, after checking it fits these weights."""
+    def add_finetuned_voice(self, name: str, adapter_dir, exaggeration: float = 0.5, *,
+                            next_free_name: bool = False) -> Voice:
+        """List an adapter directory as a voice, after checking it fits these weights
+        (``next_free_name``: see ``VoiceLibrary.add_finetuned``)."""
         with self.lock:
             identity = self.load().identity
-            return self.library.add_finetuned(name, adapter_dir, identity, exaggeration)
+            return self.library.add_finetuned(name, adapter_dir, identity, exaggeration,
+                                              next_free_name=next_free_name)
 
     def _default_voice(self) -> str:
         names = self._library.names()

@@ -224,8 +224,10 @@ def rename_voice(name: str, new_name: str) -> tuple[str, list[list]]:
 
 @user_errors
 def finetune_voice(dataset_zip: str | None, name: str, method: str, steps,
-                   progress=gr.Progress()) -> tuple[str, list[list]]:
-    """Fine-tune T3 on an uploaded dataset zip and add the result as a voice."""
+                   progress=gr.Progress()) -> tuple[str, list[list], str]:
+    """Fine-tune T3 on an uploaded dataset zip and add the result as a voice. Its name
+    comes back too: one taken while it trained (the name is checked first, but a clip
+    voice may be added meanwhile) gets a number rather than losing the trained adapter."""
     m = ensure_loaded(progress)
     if not dataset_zip:
         raise ValueError("Upload a zip of the speaker's clips first (metadata.csv + wavs/, "
@@ -242,10 +244,15 @@ def finetune_voice(dataset_zip: str | None, name: str, method: str, steps,
                          desc=f"Training: step {step} of {steps}, loss {loss:.3f}")
 
             card = m.finetune(folder, Path(work) / "adapter", settings, step_done)
-        voice = m.add_finetuned_voice(name, Path(work) / "adapter")
-    return (f"Fine-tuned **{html.escape(voice.name)}** ({card['method']}, {card['steps']} "
-            f"steps on {card['train_clips']} clips): loss {card['train_loss_first']} → "
-            f"{card['train_loss_final']}, validation {card['val_loss']}."), voice_table()
+        voice = m.add_finetuned_voice(name, Path(work) / "adapter", next_free_name=True)
+    renamed = ""
+    if voice.name != check_name(name):
+        renamed = (f" **{html.escape(check_name(name))}** was taken while it trained, so it is "
+                   f"saved as **{html.escape(voice.name)}**.")
+    status = (f"Fine-tuned **{html.escape(voice.name)}** ({card['method']}, {card['steps']} "
+              f"steps on {card['train_clips']} clips): loss {card['train_loss_first']} → "
+              f"{card['train_loss_final']}, validation {card['val_loss']}.{renamed}")
+    return status, voice_table(), voice.name
 
 
 @user_errors
@@ -1008,7 +1015,7 @@ def build_demo() -> gr.Blocks:
         # Training runs on a copy of T3 outside the model's lock: its own queue slot, so
         # generation goes on meanwhile.
         tune_btn.click(finetune_voice, [dataset_in, tune_name, tune_method, tune_steps],
-                       [tune_status, table], api_name="finetune",
+                       [tune_status, table, tune_name], api_name="finetune",
                        concurrency_id="finetune", show_progress_on=tune_status).success(
                        follow_voice, [tune_name, voice, ab_voice], **follow).then(**refresh)
         import_btn.click(import_adapter, [adapter_in, adapter_name], [tune_status, table],

@@ -27,7 +27,7 @@ import threading
 import unicodedata
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from chatterbox.tts import Conditionals
@@ -231,13 +231,15 @@ class VoiceLibrary:
         return voice
 
     def add_finetuned(self, name, adapter_dir, base_identity: str,
-                      exaggeration: float = 0.5) -> Voice:
+                      exaggeration: float = 0.5, *, next_free_name: bool = False) -> Voice:
         """Add a fine-tuned voice from an adapter directory trained on the
         ``base_identity`` weights: its files are copied into the cache (the training
-        checkpoint is left behind) and its conditionals read."""
+        checkpoint is left behind) and its conditionals read. With ``next_free_name``, a
+        name taken meanwhile gets a number ("Ann 2") instead of refusing: for an adapter
+        that exists nowhere else (the page trains into a temporary folder)."""
         from .finetune import FILES, read_card
 
-        name = self._new_name(name, exaggeration)
+        name = check_name(name) if next_free_name else self._new_name(name, exaggeration)
         adapter_dir = Path(adapter_dir)
         card = read_card(adapter_dir, base_identity)
         files = ["card.json", "conds.pt", FILES[card["method"]]]
@@ -258,9 +260,21 @@ class VoiceLibrary:
                       str(stored), card["method"])
         self._adapter_conds(voice)  # a damaged conds.pt fails here, before it is listed
         with self._changing():
-            self._new_name(name, exaggeration)  # another process may have taken it meanwhile
-            self._commit({**self._voices, name_key(name): voice})
+            if next_free_name:
+                voice = replace(voice, name=self._next_free_name(name))
+            self._new_name(voice.name, exaggeration)  # another process may have taken it
+            self._commit({**self._voices, name_key(voice.name): voice})
         return voice
+
+    def _next_free_name(self, name: str) -> str:
+        """``name``, or the first of "name 2", "name 3", ... that no voice has (shortened
+        to fit the length limit)."""
+        candidate, number = name, 1
+        while name_key(candidate) in self._voices:
+            number += 1
+            suffix = f" {number}"
+            candidate = name[:MAX_NAME_CHARS - len(suffix)].rstrip() + suffix
+        return candidate
 
     def _adapter_conds(self, voice: Voice) -> tuple[Conditionals, str]:
         from .finetune import read_card

@@ -526,6 +526,38 @@ def zipped(folder, tmp_path, name):
                                base_dir=folder.name)
 
 
+def test_a_name_taken_while_the_page_trains_gets_a_number_not_the_adapter_lost(
+        make_manager, dataset, make_wav, tmp_path, monkeypatch):
+    """The page checks the name before training, but trains outside the model's lock, so a
+    clip voice can take the name meanwhile; the adapter, trained into a temporary folder,
+    was then deleted with it."""
+    from chatterbox_demo import ui
+
+    manager = make_manager(shipped_voices=None)
+    monkeypatch.setattr(ui, "manager", lambda: manager)
+    train = manager.finetune
+
+    def train_while_someone_adds_the_name(*args, **kwargs):
+        card = train(*args, **kwargs)
+        manager.add_voice("Tuned", make_wav("other.wav", seed=3))
+        return card
+
+    monkeypatch.setattr(manager, "finetune", train_while_someone_adds_the_name)
+    status, table, name = ui.finetune_voice(zipped(dataset, tmp_path, "data"), "tuned",
+                                            "speaker-adapter", 4,
+                                            progress=lambda *args, **kwargs: None)
+    assert name == "tuned 2"
+    assert "**tuned** was taken while it trained, so it is saved as **tuned 2**" in status
+    rows = {row[0]: row[1] for row in table}
+    assert rows["Tuned"] == "user" and rows["tuned 2"] == "fine-tuned (speaker-adapter)"
+    # A long name keeps to the length limit.
+    from chatterbox_demo.voices import MAX_NAME_CHARS
+
+    long = "x" * MAX_NAME_CHARS
+    manager.add_voice(long, make_wav("long.wav", seed=4))
+    assert manager.library._next_free_name(long) == "x" * (MAX_NAME_CHARS - 2) + " 2"
+
+
 def test_the_voices_tab_fine_tunes_from_a_zip_and_imports_an_adapter(make_manager, dataset,
                                                                      lora_dir, tmp_path,
                                                                      monkeypatch):
@@ -536,9 +568,10 @@ def test_the_voices_tab_fine_tunes_from_a_zip_and_imports_an_adapter(make_manage
     manager = make_manager()
     monkeypatch.setattr(ui, "manager", lambda: manager)
     quiet = lambda *args, **kwargs: None  # noqa: E731
-    status, table = ui.finetune_voice(zipped(dataset, tmp_path, "data"), "zipped",
-                                      "speaker-adapter", 4, progress=quiet)
-    assert "Fine-tuned **zipped** (speaker-adapter, 4 steps" in status
+    status, table, name = ui.finetune_voice(zipped(dataset, tmp_path, "data"), "zipped",
+                                            "speaker-adapter", 4, progress=quiet)
+    assert "Fine-tuned **zipped** (speaker-adapter, 4 steps" in status and name == "zipped"
+    assert "taken" not in status
     assert ["zipped", "fine-tuned (speaker-adapter)"] == table[-1][:2]
     status, table = ui.import_adapter(zipped(lora_dir, tmp_path, "adapter"), "imported")
     assert "imported" in status and ["imported", "fine-tuned (lora)"] in [r[:2] for r in table]
