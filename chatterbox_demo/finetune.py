@@ -24,6 +24,7 @@ it costs nothing per token; the speaker offset is baked into the voice's conditi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -198,30 +199,60 @@ def _example_for(train: list, position: int, seed: int):
     return train[order[index]]
 
 
+class _RandomState:
+    """Training's own torch random state: LoRA's initialisation and the dropout in T3's
+    conditioning encoder draw from it. Torch's generators are process-wide, and the page
+    trains while generations run in other threads, which seed them and draw their samples
+    from them. Each stretch of training that draws holds ``lock`` (the model's, which every
+    generation holds throughout) with this state swapped in, and puts the process's back
+    after: neither disturbs the other, so a seed gives the same adapter and the same audio
+    whatever runs beside it."""
+
+    def __init__(self, seed: int, lock) -> None:
+        self.seed, self.lock = seed, lock
+        self.state: dict | None = None  # as checkpoints store it: "rng", maybe "cuda_rng"
+
+    @contextlib.contextmanager
+    def drawing(self):
+        with self.lock, torch.random.fork_rng():  # CUDA's generators too, where there are
+            if self.state is None:
+                torch.manual_seed(self.seed)
+            else:
+                torch.set_rng_state(self.state["rng"])
+                if "cuda_rng" in self.state and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(self.state["cuda_rng"])
+            yield
+            self.state = {"rng": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                self.state["cuda_rng"] = torch.cuda.get_rng_state_all()
+
+
 def train(t3_base, conds: Conditionals, data: SpeakerData, out_dir: Path,
           settings: TrainSettings, base_identity: str, progress=None,
-          resume: bool = False) -> dict:
+          resume: bool = False, lock=None) -> dict:
     """Fine-tune a copy of ``t3_base`` on ``data`` and write the adapter directory; returns
     its card. ``progress(step, steps, loss)`` after every step. With ``resume``, training
     goes on from ``out_dir/checkpoint.pt``, which must come from the same base weights,
-    data and settings."""
+    data and settings. ``lock``: held while training draws random numbers (see
+    ``_RandomState``), between steps released, so that generations go on meanwhile."""
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_set, val_set = split(data, settings.val_fraction, settings.seed)
-    torch.manual_seed(settings.seed)
-    t3 = copy.deepcopy(t3_base).float()
-    t3.requires_grad_(False)
-    offset = None
-    if settings.method == "lora":
-        params = add_lora(t3, settings.rank, settings.alpha, settings.target)
-    elif settings.method == "speaker-adapter":
-        offset = torch.zeros(1, t3.hp.speaker_embed_size, device=t3.device,
-                             requires_grad=True)
-        params = [offset]
-    else:
-        t3.requires_grad_(True)
-        params = list(t3.parameters())
+    randomness = _RandomState(settings.seed, lock or contextlib.nullcontext())
+    with randomness.drawing():
+        t3 = copy.deepcopy(t3_base).float()
+        t3.requires_grad_(False)
+        offset = None
+        if settings.method == "lora":
+            params = add_lora(t3, settings.rank, settings.alpha, settings.target)
+        elif settings.method == "speaker-adapter":
+            offset = torch.zeros(1, t3.hp.speaker_embed_size, device=t3.device,
+                                 requires_grad=True)
+            params = [offset]
+        else:
+            t3.requires_grad_(True)
+            params = list(t3.parameters())
     if settings.gradient_checkpointing:
         t3.tfmr.gradient_checkpointing_enable()
     t3.train()
@@ -234,7 +265,8 @@ def train(t3_base, conds: Conditionals, data: SpeakerData, out_dir: Path,
     made_on = {"base_weights": base_identity, "data_hash": data.data_hash,
                "shapes": [list(p.shape) for p in params]}
     if resume:
-        start, history = _load_checkpoint(checkpoint, settings, made_on, params, optimizer)
+        start, history, randomness.state = _load_checkpoint(checkpoint, settings, made_on,
+                                                            params, optimizer)
 
     def loss_of(example):
         cond = speaker_cond(conds, settings.exaggeration, t3.device, offset)
@@ -243,20 +275,21 @@ def train(t3_base, conds: Conditionals, data: SpeakerData, out_dir: Path,
 
     started = time.perf_counter()
     for step in range(start, settings.steps):
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for item in range(settings.batch):
-            example = _example_for(train_set, step * settings.batch + item, settings.seed)
-            loss, speech_loss = loss_of(example)
-            (loss / settings.batch).backward()
-            total += float(speech_loss) / settings.batch
-        optimizer.step()
+        with randomness.drawing():
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for item in range(settings.batch):
+                example = _example_for(train_set, step * settings.batch + item, settings.seed)
+                loss, speech_loss = loss_of(example)
+                (loss / settings.batch).backward()
+                total += float(speech_loss) / settings.batch
+            optimizer.step()
         history.append(round(total, 5))
         if progress:
             progress(step + 1, settings.steps, total)
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
             _save_checkpoint(checkpoint, settings, made_on, params, optimizer, step + 1,
-                             history)
+                             history, randomness.state)
     train_seconds = time.perf_counter() - started
 
     t3.eval()
@@ -320,21 +353,19 @@ def _state_of(params) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(path: Path, settings, made_on: dict, params, optimizer, step: int,
-                     history) -> None:
+                     history, random_state: dict) -> None:
     # The random state too: T3's conditioning encoder has dropout, and a resumed run must
     # draw what an uninterrupted one would. On a GPU the dropout draws from CUDA's
-    # generators, so theirs is saved as well.
+    # generators, so theirs is saved as well (random_state has both, see _RandomState).
     state = {**made_on, "settings": json.dumps(asdict(settings)), "step": step,
              "history": history,
              "params": _state_of(params), "optimizer": optimizer.state_dict(),
-             "rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+             **random_state}
     write_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def _load_checkpoint(path: Path, settings, made_on: dict, params,
-                     optimizer) -> tuple[int, list]:
+                     optimizer) -> tuple[int, list, dict]:
     if not path.exists():
         raise FinetuneError(f"Nothing to resume: {path} does not exist.")
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -346,10 +377,8 @@ def _load_checkpoint(path: Path, settings, made_on: dict, params,
         for i, p in enumerate(params):
             p.copy_(state["params"][str(i)])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"], list(state["history"])
+    random_state = {key: state[key] for key in ("rng", "cuda_rng") if key in state}
+    return state["step"], list(state["history"]), random_state
 
 
 def _check_checkpoint(path: Path, state: dict, settings, made_on: dict) -> None:

@@ -685,14 +685,15 @@ class ModelManager:
 
     def finetune(self, folder, out_dir, settings: finetune.TrainSettings,
                  progress: Callable | None = None, resume: bool = False) -> dict:
-        """Fine-tune T3 on a speaker's folder into ``out_dir``; returns the card. Only the
-        preparation holds the model: training runs on a copy, so generation goes on."""
+        """Fine-tune T3 on a speaker's folder into ``out_dir``; returns the card. Training
+        runs on a copy and holds the model's lock only a step at a time (torch's random
+        state is the process's: see finetune._RandomState), so generation goes on."""
         with self.lock:
             loaded = self.load()
             data = speaker_data.prepare(Path(folder), loaded.tts, loaded.identity)
             conds = self._compute_conditionals(Path(data.reference), settings.exaggeration)
         return finetune.train(loaded.tts.t3, conds, data, Path(out_dir), settings,
-                              loaded.identity, progress, resume)
+                              loaded.identity, progress, resume, lock=self.lock)
 
     def add_finetuned_voice(self, name: str, adapter_dir, exaggeration: float = 0.5, *,
                             next_free_name: bool = False) -> Voice:

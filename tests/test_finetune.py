@@ -358,6 +358,46 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_manager, datase
         tiny_manager.finetune(dataset, tmp_path / "resumed", other, resume=True)
 
 
+def test_training_and_generations_beside_it_keep_their_seeds(tiny_manager, dataset,
+                                                             tmp_path):
+    """The page trains while generations run in other threads, and both draw from torch's
+    process-wide random state: a generation there gave other audio for the same seed, and
+    the training another adapter (a generation reseeds the state training's dropout draws
+    from, and training's draws shifted the generation's samples)."""
+    import threading
+
+    import numpy as np
+
+    settings = TrainSettings(method="lora", steps=6, lr=3e-3, batch=2, checkpoint_every=100)
+    params = GenerationParams(seed=5, max_new_tokens=20)
+    alone = tiny_manager.generate("Hello there.", "calm-mid", params)
+    tiny_manager.finetune(dataset, tmp_path / "alone", settings)
+
+    # Between steps, deterministically: a generation in the training's own progress report.
+    between = []
+    tiny_manager.finetune(dataset, tmp_path / "between", settings, progress=lambda *_: (
+        between.append(tiny_manager.generate("Hello there.", "calm-mid", params))))
+    # Side by side, in two threads.
+    beside, done = [], threading.Event()
+
+    def train():
+        try:
+            tiny_manager.finetune(dataset, tmp_path / "beside", settings)
+        finally:
+            done.set()
+
+    threading.Thread(target=train).start()
+    while not done.is_set():
+        beside.append(tiny_manager.generate("Hello there.", "calm-mid", params))
+    adapters = [load_file(tmp_path / run / "adapter.safetensors")
+                for run in ("alone", "between", "beside")]
+    assert same_state(adapters[0], adapters[1]) and same_state(adapters[0], adapters[2])
+    assert len(between) == settings.steps and beside
+    for synthesis in between + beside:
+        assert synthesis.speech_tokens == alone.speech_tokens
+        assert np.array_equal(synthesis.wav, alone.wav)
+
+
 @pytest.fixture
 def train_quickly(tiny_manager, prepared):
     """``train_quickly(out, settings, data=, base=, resume=)``: finetune.train on the
