@@ -24,8 +24,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from .audio import to_pcm16
-from .config import MAX_LONG_TEXT_CHARS, GenerationParams, queue_max
+from .config import (
+    MAX_LONG_TEXT_CHARS,
+    GenerationParams,
+    OptimizationConfig,
+    config_from_spec,
+    queue_max,
+)
 from .manager import ModelManager, TextError, check_text
+from .optimizations import unavailable_reason
 from .pipeline import GenerationError
 from .voices import VoiceError
 
@@ -118,6 +125,12 @@ def parse_speech_request(body) -> dict:
         raise ApiError(400, f"speed must be between {SPEED_RANGE[0]} and {SPEED_RANGE[1]}.",
                        param="speed")
     speed = float(speed)
+    # None: the preset the server started on, whatever the page has switched to since.
+    preset = _field(body, "preset", str)
+    try:
+        config = None if preset is None else config_from_spec(preset)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="preset") from None
     settings = {}
     for name in ("exaggeration", "cfg_weight", "temperature", "seed", "max_new_tokens"):
         value = _field(body, name, (int, float))
@@ -130,7 +143,8 @@ def parse_speech_request(body) -> dict:
         param = "input" if isinstance(exc, TextError) else str(exc).split(" ")[0]
         raise ApiError(400, str(exc), param=param) from None
     return {"text": text, "voice": voice, "format": response_format,
-            "stream_format": stream_format, "speed": speed, "params": params}
+            "stream_format": stream_format, "speed": speed, "params": params,
+            "config": config}
 
 
 def encode(wav: np.ndarray, sample_rate: int, response_format: str) -> bytes:
@@ -151,18 +165,27 @@ def change_speed(wav: np.ndarray, speed: float) -> np.ndarray:
     return librosa.effects.time_stretch(wav, rate=speed).astype(np.float32)
 
 
-def _admit(manager: ModelManager, voice: str) -> None:
-    """Take a place in the queue (503 when it is full) and check the voice (404); the
-    caller releases ``_waiting`` when done."""
+def _admit(manager: ModelManager, args: dict) -> OptimizationConfig:
+    """Take a place in the queue (503 when it is full), check the voice (404) and return
+    the configuration to run (400 when it cannot run here); the caller releases
+    ``_waiting`` when done."""
     if not _waiting.acquire(blocking=False):
         raise ApiError(503, "The server is busy: too many requests are waiting. Retry later.",
                        code="queue_full", kind="server_error")
     try:
         _load(manager)
         try:
-            manager.library.get(voice)
+            manager.library.get(args["voice"])
         except VoiceError as exc:
             raise ApiError(404, str(exc), param="voice", code="voice_not_found") from None
+        # Not manager.config: that is whatever a page user last switched to, and the same
+        # request must give the same audio.
+        config = args["config"] or manager.start_config
+        reason = unavailable_reason(config, manager.device)
+        if reason:
+            raise ApiError(400, f"This preset cannot run on {manager.device}: {reason}",
+                           param="preset")
+        return config
     except BaseException:
         _waiting.release()
         raise
@@ -178,9 +201,9 @@ def _load(manager: ModelManager) -> None:
 
 
 def synthesize(manager: ModelManager, args: dict) -> tuple[np.ndarray, int]:
-    _admit(manager, args["voice"])
+    config = _admit(manager, args)
     try:
-        result = manager.generate_long(args["text"], args["voice"], args["params"])
+        result = manager.generate_long(args["text"], args["voice"], args["params"], config)
     except REQUEST_ERRORS as exc:
         raise ApiError(400, str(exc)) from None
     finally:
@@ -195,8 +218,8 @@ def open_stream(manager: ModelManager, args: dict):
     back, once however often it is called: the blocks call it when they end, and the
     response must call it when it is done, since Starlette never starts the blocks (so
     never runs their ``finally``) for a client that hung up before the first audio."""
-    _admit(manager, args["voice"])
-    chunks = manager.stream(args["text"], args["voice"], args["params"])
+    config = _admit(manager, args)
+    chunks = manager.stream(args["text"], args["voice"], args["params"], config)
     try:
         first = next(chunks)
     except REQUEST_ERRORS as exc:

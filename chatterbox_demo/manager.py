@@ -175,6 +175,10 @@ class ModelManager:
         # its variant built) when the model loads.
         self.preset = DEVICE_PRESETS.get(self.device, DEFAULT_PRESET)
         self.config: OptimizationConfig = get_preset(self.preset)
+        # What the API speaks with (unless a request names a preset): the page switches
+        # self.config for everyone, and the same API request must give the same audio.
+        # Baseline when the start preset could not be built.
+        self.start_config = self.config
         # Built model variants, least recently used first: key -> module.
         self._t3_variants: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
         self._s3gen_variants: OrderedDict[tuple, torch.nn.Module] = OrderedDict()
@@ -250,6 +254,7 @@ class ModelManager:
         try:
             self.apply(target_config, target)
         except Exception as exc:  # the model still works on the stock path
+            self.start_config = BASELINE
             log.warning("Preset %s failed to build (%s); using baseline", target, exc)
             self._notify(f"{target} could not be built here ({exc}); started on baseline")
 

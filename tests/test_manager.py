@@ -541,6 +541,7 @@ def test_the_start_preset_out_of_memory_leaves_it_on_baseline_and_says_so(make_m
     monkeypatch.setattr(manager_mod, "build_t3", no_memory)
     manager = make_manager()
     assert manager.preset == "baseline" and manager.config == PRESETS["baseline"]
+    assert manager.start_config == PRESETS["baseline"]  # the API's, so it never tries again
     out_of_memory, fallback = manager.notices
     assert "staying on baseline" in out_of_memory
     assert "Or try a preset with int8" not in out_of_memory

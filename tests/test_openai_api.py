@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from chatterbox_demo import api
+from chatterbox_demo.config import get_preset
 
 KEY = "test-key-123"
 
@@ -149,12 +150,32 @@ def test_pcm_streams_as_it_is_made(http, tiny_manager):
     # Whole numbers too big for a float: math.isnan and float() overflowed into a 500.
     ({"seed": 10**400}, 400, "seed must be between"),
     ({"speed": 10**400}, 400, "speed must be between 0.25 and 4.0"),
+    ({"preset": "fastest"}, 400, "Unknown preset 'fastest'"),
+    ({"preset": "cached+cfm_steps=0"}, 400, "cfm_steps must be between 1 and 50"),
+    ({"preset": "gpu-fast"}, 400, "This preset cannot run on cpu"),
 ])
 def test_bad_requests_get_openai_errors(http, fields, status, words):
     response = speak(http, **fields)
     assert response.status_code == status
     error = response.json()["error"]
     assert words in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_request_runs_the_start_preset_whatever_the_page_switched_to(http, tiny_manager):
+    """The page's preset switch is the manager's, for everyone: the API followed it, so
+    the same request gave other audio after a page user picked cpu-turbo. It runs the
+    preset the server started on, or the one it names."""
+    first = speak(http, response_format="wav", seed=4)
+    try:
+        tiny_manager.apply_preset("cpu-turbo")
+        assert speak(http, response_format="wav", seed=4).content == first.content
+    finally:
+        tiny_manager.apply_preset("cached")
+    assert tiny_manager.start_config == get_preset("cpu-fast")  # this CPU's start preset
+    named = speak(http, response_format="wav", seed=4, preset="cpu-turbo")
+    assert named.status_code == 200 and named.content != first.content
+    assert speak(http, response_format="wav", seed=4, preset="cpu-fast").content == first.content
+    assert tiny_manager.preset == "cached"  # a request's preset is not the page's
 
 
 def test_missing_fields_and_bad_json(http):

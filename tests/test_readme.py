@@ -95,6 +95,9 @@ def test_readme_api_examples_match_the_api():
     for model in api.MODELS:
         assert f"`{model}`" in README
     assert "CHATTERBOX_API_KEY" in README
+    text = " ".join(README.split())
+    assert ("`max_new_tokens`, and `preset` (a preset name" in text
+            and "Without `preset` a request runs the preset the server started on" in text)
 
 
 def test_the_gpu_check_carries_the_versions_this_environment_runs():
