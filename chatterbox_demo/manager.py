@@ -171,6 +171,7 @@ class ModelManager:
         self.lock = threading.RLock()
         self.loaded: weights.LoadedWeights | None = None
         self._library: VoiceLibrary | None = None
+        self._ready = False  # loaded, and the start preset prepared: load() returns at once
         # The fastest preset that keeps upstream semantics on this device; applied (and
         # its variant built) when the model loads.
         self.preset = DEVICE_PRESETS.get(self.device, DEFAULT_PRESET)
@@ -212,8 +213,10 @@ class ModelManager:
     def load(self, progress: Progress | None = None) -> weights.LoadedWeights:
         """Load the weights and the voice library once; later calls return at once."""
         loaded = self.loaded
-        if loaded is not None and self._library is not None:
+        if loaded is not None and self._ready:
             # Loaded: no need to wait for the lock, which a generation holds throughout.
+            # Not before the start preset is prepared: a page opened meanwhile read the
+            # placeholder baseline as the preset, and its first generation switched to it.
             return loaded
         progress = progress or (lambda fraction, message: None)
         with self.lock:
@@ -242,6 +245,7 @@ class ModelManager:
             self._library = library
             if self.prepare_preset:
                 self._prepare_start_preset(progress)
+            self._ready = True
             progress(1.0, "Ready")
             return loaded
 

@@ -549,6 +549,34 @@ def test_the_start_preset_out_of_memory_leaves_it_on_baseline_and_says_so(make_m
         fallback.endswith("started on baseline")
 
 
+def test_a_load_while_the_start_preset_builds_waits_for_it(make_manager, monkeypatch):
+    """The page's start-up asks for the model and reads its preset: asked while the
+    start preset was still building, load() returned at once with the placeholder
+    baseline, which the page then showed and switched everyone to at its first run."""
+    import threading
+
+    building, release = threading.Event(), threading.Event()
+    build_t3 = manager_mod.build_t3
+
+    def slow_build(pristine, config):
+        building.set()
+        release.wait(30)
+        return build_t3(pristine, config)
+
+    monkeypatch.setattr(manager_mod, "build_t3", slow_build)
+    manager = make_manager(load=False)
+    threading.Thread(target=manager.load, daemon=True).start()
+    assert building.wait(30)
+    seen = []
+    page = threading.Thread(target=lambda: seen.append((manager.load(), manager.preset)))
+    page.start()
+    page.join(0.5)
+    assert not seen  # waiting for the start preset, not reading the placeholder
+    release.set()
+    page.join(30)
+    assert seen[0][1] == "cpu-fast"
+
+
 def test_loading_without_preparing_the_preset_builds_no_variant(make_manager):
     """The CLI's manager: synth applies the preset it runs, bench each row's; the device's
     preset built at load would cost a build and hold memory for nothing."""
