@@ -16,6 +16,7 @@ import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -310,14 +311,18 @@ class ModelManager:
         with self.lock:
             self.load()
             started = time.perf_counter()
-            self.variant(config)
-            if config.compiles and config not in self._warmed:
-                # torch.compile compiles on first call: pay that here, not in a user's
-                # first generation, and report it apart. Per whole configuration, not per
-                # variant key: the decoder, the voice prefix, CUDA graphs and the CFM's
-                # batch change what gets compiled as much as the weights do.
-                self._warm_up(config)
-                self._warmed.add(config)
+            keys = self._variant_keys(config, None)
+            label = name or preset_name(config)
+            with self._dropped_if_out_of_memory(self._not_built(keys), keys,
+                                                f"warm up {label}"):
+                self.variant(config)
+                if config.compiles and config not in self._warmed:
+                    # torch.compile compiles on first call: pay that here, not in a user's
+                    # first generation, and report it apart. Per whole configuration, not
+                    # per variant key: the decoder, the voice prefix, CUDA graphs and the
+                    # CFM's batch change what gets compiled as much as the weights do.
+                    self._warm_up(config)
+                    self._warmed.add(config)
             self.last_apply_s = time.perf_counter() - started
             self.preset = name or self._preset_name(config)
             self.config = config
@@ -336,7 +341,8 @@ class ModelManager:
         back to any other voice is exact)."""
         with self.lock:
             tts = self.load().tts
-            t3_key, s3gen_key = self._variant_keys(config, adapter)
+            t3_key, s3gen_key = keys = self._variant_keys(config, adapter)
+            fresh = self._not_built(keys)
             # Both parts are built before either is cached or anything is dropped: when
             # S3Gen runs out of memory, the cache (and the active configuration's
             # variants in it) stays exactly as it was.
@@ -354,8 +360,32 @@ class ModelManager:
             self._keep(self._s3gen_variants, "S3Gen", s3gen_key, s3gen, tts.s3gen)
             apply_runtime_settings(config, self.device)  # only once both parts exist
             # Part of building: a traced decode step is recorded here, outside any timing.
-            pipeline.prepare_decoder(t3, config)
+            with self._dropped_if_out_of_memory(
+                    fresh, keys, f"record the decode step of the T3 variant {_label(t3_key)}"):
+                pipeline.prepare_decoder(t3, config)
             return t3, s3gen
+
+    def _not_built(self, keys: tuple[tuple, tuple]) -> list[tuple[OrderedDict, tuple]]:
+        """(cache, key) for each of the (T3, S3Gen) variant ``keys`` not built yet."""
+        caches = (self._t3_variants, self._s3gen_variants)
+        return [(cache, key) for cache, key in zip(caches, keys, strict=True)
+                if key not in cache]
+
+    @contextmanager
+    def _dropped_if_out_of_memory(self, fresh: list[tuple[OrderedDict, tuple]],
+                                  keys: tuple[tuple, tuple], doing: str):
+        """Memory running out once the variants (``keys``) are built, recording the decode
+        step or warming up a compiled preset, is handled as while building them: those
+        just built (``fresh``) are dropped again, nothing is switched, and the notices say
+        so. Building's own OutOfMemory passes through."""
+        try:
+            yield
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            for cache, key in fresh:
+                cache.pop(key, None)
+            raise self._out_of_memory(doing, exc, keys) from None
 
     def _estimator_calibration(self) -> Calibration:
         """What int8-static calibrates its activation scales on: the CFM estimator calls
@@ -413,18 +443,23 @@ class ModelManager:
             if not is_out_of_memory(exc):
                 raise
             # Nothing was cached or switched: the manager stays on what it ran before.
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            smaller = "" if SMALLER_WEIGHTS & set(key) else \
-                " Or try a preset with int8 or bf16 weights."
-            message = (f"Not enough memory to build the {label} variant "
-                       f"{_label(key)} ({type(exc).__name__}); staying on "
-                       f"{self.preset}. Free memory and try again.{smaller}")
-            self._notify(message)
-            log.warning(message)
-            raise OutOfMemory(message) from None
+            raise self._out_of_memory(f"build the {label} variant {_label(key)}", exc,
+                                      [key]) from None
         log.info("Built %s variant %s in %.1f s", label, key, time.perf_counter() - started)
         return built
+
+    def _out_of_memory(self, doing: str, exc: Exception, keys: list[tuple]) -> OutOfMemory:
+        """The error (and the page's notice) for memory running out, suggesting smaller
+        weights unless the variants ``keys`` name have them already."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        smaller = "" if any(SMALLER_WEIGHTS & set(key) for key in keys) else \
+            " Or try a preset with int8 or bf16 weights."
+        message = (f"Not enough memory to {doing} ({type(exc).__name__}); staying on "
+                   f"{self.preset}. Free memory and try again.{smaller}")
+        self._notify(message)
+        log.warning(message)
+        return OutOfMemory(message)
 
     def _keep(self, cache: OrderedDict, label: str, key: tuple, module: torch.nn.Module,
               pristine: torch.nn.Module) -> None:

@@ -36,6 +36,32 @@ def test_out_of_memory_while_building_keeps_the_previous_configuration(tiny_mana
     assert result.report["preset"] == "cached"
 
 
+@pytest.mark.parametrize(("preset", "where"), [
+    ("t3-int8", "prepare_decoder"),  # recording the fast decoder's traced step
+    ("compiled", "_warm_up"),  # a compiled preset's warm-up generation
+])
+def test_out_of_memory_after_building_keeps_the_previous_configuration(tiny_manager,
+                                                                      monkeypatch, preset,
+                                                                      where):
+    """Memory running out once the variants were built reached the caller as a raw
+    RuntimeError, with no notice, and left the failed configuration's variants cached."""
+    before = (tiny_manager.preset, tiny_manager.config)
+    built = (dict(tiny_manager._t3_variants), dict(tiny_manager._s3gen_variants))
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+
+    owner = manager_module.pipeline if where == "prepare_decoder" else tiny_manager
+    monkeypatch.setattr(owner, where, no_memory)
+    with pytest.raises(manager_module.OutOfMemory, match="Not enough memory to "
+                       f"{'record the decode step' if where == 'prepare_decoder' else 'warm up'}"
+                       ".*staying on cached"):
+        tiny_manager.apply_preset(preset)
+    assert (tiny_manager.preset, tiny_manager.config) == before
+    assert (dict(tiny_manager._t3_variants), dict(tiny_manager._s3gen_variants)) == built
+    assert "Not enough memory" in tiny_manager.notices[-1]
+
+
 def test_a_switch_waits_for_the_running_generation(tiny_manager, monkeypatch):
     """The generation started on `cached` finishes on it; the switch asked for meanwhile
     waits for the lock and applies afterwards; nothing runs on a mixed state."""
