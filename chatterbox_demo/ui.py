@@ -1061,7 +1061,7 @@ def build_demo() -> gr.Blocks:
              history, history_file],
             api_name="compare", concurrency_id=MODEL_SLOT,
             show_progress="minimal", show_progress_on=[audio_a, audio_b],
-        )
+        ).then(header_html, outputs=header, api_visibility="private", queue=False)  # notices
         cancel_btn.click(cancel_compare, None, ab_summary, api_visibility="private",
                          queue=False)
         gr.api(list_voices, api_name="list_voices")

@@ -531,6 +531,20 @@ def test_the_page_header_shows_notices_beside_the_weights_banner(own_variants, m
     assert "T3 variant bf16 was dropped to bound memory" in header
 
 
+def test_the_header_is_drawn_again_after_every_event_that_runs_the_model():
+    """Its notices (a variant dropped to bound memory) came from synthesizing only: an A/B
+    run, which builds two configurations, dropped variants without a word."""
+    from chatterbox_demo import ui
+
+    config = ui.build_demo().get_config_file()
+    [header] = [c["id"] for c in config["components"]
+                if "status-line" in str(c["props"].get("value"))]
+    redraws = {d["trigger_after"] for d in config["dependencies"] if d["outputs"] == [header]}
+    for name in ("synthesize", "compare"):
+        [event] = [d["id"] for d in config["dependencies"] if d["api_name"] == name]
+        assert event in redraws, name
+
+
 def test_the_start_preset_out_of_memory_leaves_it_on_baseline_and_says_so(make_manager,
                                                                           monkeypatch):
     """The notices said 'staying on cpu-fast' (the preset that failed) and suggested int8
