@@ -528,10 +528,13 @@ class ModelManager:
             stages = pipeline.run(loaded.tts, text, conds, exaggeration, params, max_new_tokens,
                                   config, t3=t3, s3gen=s3gen, ignore_stop=ignore_stop)
             total_s = time.perf_counter() - started
+            # Named under the lock: a switch right after it would name this run's
+            # configuration after the one switched to.
+            preset = self._preset_name(config)
         timings = {"conditioning_s": conditioning_s, "t3_s": stages.t3_s,
                    "t3_tokens": stages.t3_tokens, "s3gen_s": stages.s3gen_s,
                    "watermark_s": stages.watermark_s, "total_s": total_s, "build_s": build_s}
-        report = self._report(config, voice_info, timings, len(stages.wav),
+        report = self._report(preset, voice_info, timings, len(stages.wav),
                               {**asdict(params), "exaggeration": exaggeration,
                                "max_new_tokens": max_new_tokens})
         return Synthesis(stages.wav, stages.sample_rate, report, stages.speech_tokens)
@@ -554,8 +557,8 @@ class ModelManager:
             info["finetuned"] = chosen.method
         return conds, info, exaggeration
 
-    def _report(self, config: OptimizationConfig, voice_info: dict, timings: dict,
-                samples: int, params: dict) -> dict:
+    def _report(self, preset: str, voice_info: dict, timings: dict, samples: int,
+                params: dict) -> dict:
         """What one generation did and how long each stage took (seconds, 4 decimals)."""
         loaded = self.loaded
         audio_seconds = samples / loaded.tts.sr
@@ -569,7 +572,7 @@ class ModelManager:
             "weights": loaded.source,
             "weights_identity": loaded.identity,
             "device": self.device,
-            "preset": self._preset_name(config),
+            "preset": preset,
             "voice": voice_info,
             "timings": timings,  # build_s: variant build/warm-up, apart from the rest
             "rtf": round(timings["total_s"] / audio_seconds, 3) if audio_seconds else None,
@@ -708,7 +711,7 @@ class ModelManager:
             timings["total_s"] = time.perf_counter() - started
             timings["build_s"] = build_s
             wav = np.concatenate(played)
-            report = self._report(config, voice_info, timings, len(wav),
+            report = self._report(self._preset_name(config), voice_info, timings, len(wav),
                                   {**asdict(params), "exaggeration": exaggeration,
                                    "max_new_tokens": params.max_new_tokens or None})
             report["first_audio_s"] = round(first_audio_s, 4)

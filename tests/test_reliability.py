@@ -62,6 +62,43 @@ def test_out_of_memory_after_building_keeps_the_previous_configuration(tiny_mana
     assert "Not enough memory" in tiny_manager.notices[-1]
 
 
+def test_a_report_names_the_configuration_it_ran_on_whatever_switches_after(make_manager,
+                                                                           monkeypatch):
+    """The report was named after the lock was released, from the manager's preset and
+    configuration, which a switch writes one after the other: between the two writes it
+    named the new preset for audio made on the old one. The sleeps widen that window."""
+    manager = make_manager()
+    manager.apply_preset("cached")
+    widen = threading.Event()
+    set_attribute = manager_module.ModelManager.__setattr__
+
+    def slow_switch(self, name, value):
+        set_attribute(self, name, value)
+        if name == "preset" and widen.is_set():
+            time.sleep(0.5)  # between writing the preset and the configuration
+
+    report = manager_module.ModelManager._report
+
+    def late_report(self, *args, **kwargs):
+        time.sleep(0.2)  # the switch waiting for the lock goes first
+        return report(self, *args, **kwargs)
+
+    monkeypatch.setattr(manager_module.ModelManager, "__setattr__", slow_switch)
+    monkeypatch.setattr(manager_module.ModelManager, "_report", late_report)
+    widen.set()
+    results = {}
+    generation = threading.Thread(target=lambda: results.setdefault("report", manager.generate(
+        "Hello there.", "calm-mid", GenerationParams(max_new_tokens=8)).report))
+    generation.start()
+    time.sleep(0.05)
+    switch = threading.Thread(target=manager.apply_preset, args=("baseline",))
+    switch.start()
+    generation.join(30)
+    switch.join(30)
+    assert results["report"]["preset"] == "cached"
+    assert manager.preset == "baseline"
+
+
 def test_a_switch_waits_for_the_running_generation(tiny_manager, monkeypatch):
     """The generation started on `cached` finishes on it; the switch asked for meanwhile
     waits for the lock and applies afterwards; nothing runs on a mixed state."""
