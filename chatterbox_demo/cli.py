@@ -30,7 +30,7 @@ from .config import (
 from .finetune import METHODS, TrainSettings, settings_from
 from .manager import DEVICES, ModelManager, check_text
 from .pipeline import GenerationError
-from .voices import check_name, name_key
+from .voices import VoiceError, check_name, name_key
 from .weights import SOURCES
 
 # OSError: a file the user named that cannot be read or written; output paths are checked
@@ -397,7 +397,12 @@ def run_finetune(manager: ModelManager, args: argparse.Namespace) -> str:
 
         card = manager.finetune(args.data_dir, args.out, settings, progress, args.resume)
     if args.name:
-        manager.add_finetuned_voice(args.name, args.out)
+        try:
+            manager.add_finetuned_voice(args.name, args.out)
+        except VoiceError as exc:  # the name was taken while it trained, say
+            raise VoiceError(f"{exc} The adapter is written: add it with `python -m "
+                             f"chatterbox_demo finetune import {args.out} --name NAME`."
+                             ) from None
     if args.json:
         return _dump({k: v for k, v in card.items() if k != "loss_history"})
     return (f"wrote {args.out}: {card['method']}, {card['steps']} steps, train loss "

@@ -86,7 +86,8 @@ class TrainSettings:
                                 f"(got {','.join(self.target) or 'nothing'})")
         try:
             for name, low, high in (("rank", 1, 512), ("steps", 1, 1_000_000),
-                                    ("batch", 1, 512), ("checkpoint_every", 1, 1_000_000)):
+                                    ("batch", 1, 512), ("checkpoint_every", 1, 1_000_000),
+                                    ("seed", *RANGES["seed"])):
                 check_number(name, getattr(self, name), low, high, integer=True)
             for name, low, high in (("alpha", 1e-6, 1e6), ("lr", 1e-9, 1.0),
                                     ("val_fraction", 0.0, 0.5), ("text_loss_weight", 0.0, 10.0),

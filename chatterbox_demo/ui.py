@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 USER_ERRORS = (ValueError, FileNotFoundError, GenerationError)
 MODEL_SLOT = "model"  # concurrency_id shared by every event that runs the model
+# The page's fine-tune cannot be cancelled and holds its queue slot while it runs: hours
+# on a GPU at most, not days (a million steps on the tiny model alone was 11 days on a CPU).
+PAGE_MAX_STEPS = 2000
 # Uploads and generated files are deleted this many seconds after they were written (the
 # library keeps its own copy of a voice's audio). Not at once: Gradio stores uploads by
 # content, so two users uploading the same clip share one file, and deleting it after one
@@ -233,7 +236,11 @@ def finetune_voice(dataset_zip: str | None, name: str, method: str, steps,
         raise ValueError("Upload a zip of the speaker's clips first (metadata.csv + wavs/, "
                          "or NAME.wav + NAME.txt pairs).")
     m.library.check_new_name(name)  # a taken name must not cost a training run first
-    settings = settings_from({"method": method, "steps": _whole(steps, "steps")})
+    steps = _whole(steps, "steps")
+    if isinstance(steps, int) and steps > PAGE_MAX_STEPS:
+        raise ValueError(f"The page trains up to {PAGE_MAX_STEPS} steps (asked for {steps}); "
+                         "use `python -m chatterbox_demo finetune train` for longer runs.")
+    settings = settings_from({"method": method, "steps": steps})
     with tempfile.TemporaryDirectory(prefix="chatterbox-finetune-") as work:
         with naming_the_upload(dataset_zip, work):
             folder = extract_zip(Path(dataset_zip), Path(work) / "data")
@@ -900,7 +907,7 @@ def build_demo() -> gr.Blocks:
                             tune_method = gr.Radio(list(METHODS), value="lora",
                                                    label="method")
                             tune_steps = gr.Number(value=50, precision=0, minimum=1,
-                                                   label="steps")
+                                                   maximum=PAGE_MAX_STEPS, label="steps")
                         tune_btn = gr.Button("Fine-tune", variant="primary")
                     with gr.Column():
                         adapter_in = gr.File(label="Adapter directory (.zip)",

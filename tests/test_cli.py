@@ -427,6 +427,26 @@ def test_in_process_finetune_refuses_a_taken_name_before_training(shared_cli, ca
                            "choose another name.")
 
 
+def test_in_process_finetune_says_where_the_adapter_is_when_its_name_went_meanwhile(
+        shared_cli, capsys, tmp_path, monkeypatch):
+    """The name is checked before training; taken by another process meanwhile, the end
+    said only that it exists, though the adapter was written."""
+    from chatterbox_demo.voices import VoiceError
+
+    def taken(*args, **kwargs):
+        raise VoiceError("A voice named 'Ann' exists; choose another name or remove that "
+                         "one first.")
+
+    monkeypatch.setattr(shared_cli, "finetune", lambda *args, **kwargs: {})
+    monkeypatch.setattr(shared_cli, "add_finetuned_voice", taken)
+    out = tmp_path / "adapter"
+    code, _, err = main(capsys, "finetune", "train", str(tmp_path), "--out", str(out),
+                        "--name", "Ann")
+    assert code == 2
+    assert err.strip().endswith(f"The adapter is written: add it with `python -m "
+                                f"chatterbox_demo finetune import {out} --name NAME`.")
+
+
 def test_in_process_a_damaged_adapter_is_not_imported(shared_cli, capsys, tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -281,6 +281,8 @@ def test_a_full_disk_while_unpacking_is_not_called_a_damaged_zip(tmp_path, monke
     ({"rank": 0}, r"rank must be between 1 and 512 \(got 0\)"),
     ({"lr": float("nan")}, "lr must be between"),
     ({"steps": 2.5}, "steps must be a whole number"),
+    # torch.manual_seed overflowed with a traceback once the model had loaded.
+    ({"seed": 2**64}, "seed must be between 0 and 4294967295"),
 ])
 def test_bad_settings_are_refused_with_the_reason(values, message):
     with pytest.raises(FinetuneError, match=message):

@@ -754,6 +754,10 @@ def test_the_voices_tab_refuses_a_taken_name_before_fine_tuning(make_manager, ma
     with pytest.raises(gr.Error, match="A voice named 'Ann' exists; choose another name or "
                                        "remove that one first"):
         ui.finetune_voice(str(upload), "ann", "lora", 4, progress=quiet)
+    # It cannot be cancelled: a million steps held the fine-tune slot for days.
+    with pytest.raises(gr.Error, match="The page trains up to 2000 steps .asked for 2001.; "
+                                       "use `python -m chatterbox_demo finetune train`"):
+        ui.finetune_voice(str(upload), "new", "lora", 2001, progress=quiet)
 
 
 def test_adapter_weights_that_do_not_fit_this_t3_are_refused_when_loaded(make_manager,
