@@ -236,8 +236,7 @@ def train(t3_base, conds: Conditionals, data: SpeakerData, out_dir: Path,
     goes on from ``out_dir/checkpoint.pt``, which must come from the same base weights,
     data and settings. ``lock``: held while training draws random numbers (see
     ``_RandomState``), between steps released, so that generations go on meanwhile."""
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    out_dir = _check_out_dir(Path(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     train_set, val_set = split(data, settings.val_fraction, settings.seed)
     randomness = _RandomState(settings.seed, lock or contextlib.nullcontext())
@@ -289,8 +288,9 @@ def train(t3_base, conds: Conditionals, data: SpeakerData, out_dir: Path,
         if progress:
             progress(step + 1, settings.steps, total)
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-            _save_checkpoint(checkpoint, settings, made_on, params, optimizer, step + 1,
-                             history, randomness.state)
+            with _written("the checkpoint", checkpoint):
+                _save_checkpoint(checkpoint, settings, made_on, params, optimizer, step + 1,
+                                 history, randomness.state)
     train_seconds = time.perf_counter() - started
 
     t3.eval()
@@ -321,21 +321,45 @@ def train(t3_base, conds: Conditionals, data: SpeakerData, out_dir: Path,
         _write_outputs(tmp, t3, conds, settings, offset)
         _link_or_copy(checkpoint, tmp / "checkpoint.pt")
         (tmp / "card.json").write_text(json.dumps(card, indent=1))
-    write_atomically(out_dir, write)
+    with _written("the adapter", out_dir):
+        write_atomically(out_dir, write)
     return card
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """The adapter directory is replaced whole when training ends, so it may hold only
-    what training writes: anything else in it would be lost."""
+@contextlib.contextmanager
+def _written(what: str, path: Path):
+    """A write that fails, a full disk above all, as one FinetuneError saying what to do.
+    torch.save reports a full disk as a RuntimeError ("unexpected pos ...") and safetensors
+    as a SafetensorError, neither an OSError. What was there before is left whole."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FinetuneError(f"Could not write {what} to {path} ({reason}); is the disk full? "
+                            "An earlier adapter there is left as it was: free some space and "
+                            "train again (--resume goes on from the last checkpoint written)."
+                            ) from None
+
+
+def _check_out_dir(out_dir: Path) -> Path:
+    """The adapter directory as training writes it (a symlink's target), checked before
+    any training. It is replaced whole when training ends, so it may hold only what
+    training writes (anything else would be lost), and cannot be a mount point (which
+    cannot be renamed: all the training was done, then nothing written)."""
+    if out_dir.is_symlink():
+        out_dir = out_dir.resolve()  # else the link itself was replaced by a folder
+    if os.path.ismount(out_dir):
+        raise FinetuneError(f"{out_dir} is a mount point, which cannot be replaced whole; "
+                            f"give a folder inside it, such as {out_dir / 'adapter'}.")
     if not out_dir.is_dir():
-        return
+        return out_dir
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUTS
                     and not (p.name.startswith(".") and ".tmp" in p.name))  # killed writes
     if others:
         raise FinetuneError(f"{out_dir} holds files that fine-tuning did not write "
                             f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
                             "choose a new or empty folder: the adapter replaces it whole.")
+    return out_dir
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

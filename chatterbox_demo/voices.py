@@ -248,14 +248,16 @@ class VoiceLibrary:
         # A stored copy damaged since (a full disk, a bad copy of the cache) is replaced:
         # importing the adapter again is what the error for a damaged one asks for.
         if not _holds(stored, files, sha256):
-            stored.parent.mkdir(parents=True, exist_ok=True)
-
             def copy(tmp: Path) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)  # left by a killed earlier run
                 tmp.mkdir()
                 for file in files:
                     shutil.copyfile(adapter_dir / file, tmp / file)
-            write_atomically(stored, copy)
+            try:
+                stored.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(stored, copy)
+            except OSError as exc:  # a full or read-only cache
+                raise _not_saved(exc) from None
         voice = Voice(name, "finetuned", float(exaggeration), sha256, None, None,
                       str(stored), card["method"])
         self._adapter_conds(voice)  # a damaged conds.pt fails here, before it is listed

@@ -474,6 +474,80 @@ def test_a_failed_retrain_leaves_the_previous_adapter_whole(train_quickly, tmp_p
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_a_full_disk_is_one_message_and_keeps_the_earlier_adapter(train_quickly, tmp_path,
+                                                                   monkeypatch):
+    """torch.save says RuntimeError on a full disk and safetensors SafetensorError: both
+    were tracebacks (the CLI exit 1, the page "Something went wrong"), the second after the
+    whole run."""
+    from safetensors import SafetensorError
+
+    out = tmp_path / "adapter"
+    quick = TrainSettings(method="speaker-adapter", steps=2, batch=1, val_fraction=0.0)
+    train_quickly(out, quick)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(finetune, "save_file", full)
+    with pytest.raises(FinetuneError, match=r"Could not write the adapter to .*adapter "
+                       r"\(Error while serializing.*\); is the disk full\? An earlier adapter "
+                       r"there is left as it was"):
+        train_quickly(out, replace(quick, seed=1))
+    monkeypatch.undo()
+
+    def zip_writer_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 928256")
+
+    monkeypatch.setattr(torch, "save", zip_writer_full)
+    with pytest.raises(FinetuneError, match=r"Could not write the checkpoint .*unexpected pos"):
+        train_quickly(out, replace(quick, seed=2))
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    del before["checkpoint.pt"], after["checkpoint.pt"]  # each run's own, as documented
+    assert after == before
+
+
+def test_importing_an_adapter_onto_a_full_cache_says_so(make_manager, lora_dir,
+                                                        monkeypatch):
+    """Its copy into the cache was a raw OSError (the page: "Something went wrong")."""
+    import errno
+
+    from chatterbox_demo import voices
+    from chatterbox_demo.voices import VoiceError
+
+    manager = make_manager(shipped_voices=None)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(voices.shutil, "copyfile", full)
+    with pytest.raises(VoiceError, match=r"Could not save the voice library \(No space left "
+                                         r"on device\); nothing was changed"):
+        manager.add_finetuned_voice("tuned", lora_dir)
+    assert "tuned" not in manager.library.names()
+
+
+def test_an_out_folder_that_is_a_link_or_a_mount_point(train_quickly, tmp_path, monkeypatch):
+    """A symlink was replaced by a real folder beside it (the adapter never reached its
+    target), and a mount point (a container's volume) failed to be renamed after the
+    whole run, so no adapter could ever be written there."""
+    quick = TrainSettings(method="speaker-adapter", steps=1, batch=1, val_fraction=0.0)
+    target = tmp_path / "elsewhere" / "adapter"
+    target.mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    train_quickly(link, quick)
+    assert link.is_symlink() and (target / "card.json").exists()
+    volume = tmp_path / "volume"
+    monkeypatch.setattr(finetune.os.path, "ismount", lambda path: Path(path) == volume)
+    monkeypatch.setattr(finetune, "example_loss",
+                        lambda *args, **kwargs: pytest.fail("trained first"))
+    with pytest.raises(FinetuneError, match=r"volume is a mount point, which cannot be "
+                       r"replaced whole; give a folder inside it, such as .*volume/adapter"):
+        train_quickly(volume, quick)
+
+
 def test_the_speaker_adapter_trains_only_an_offset(tiny_manager, dataset, tmp_path):
     out = tmp_path / "speaker"
     card = tiny_manager.finetune(dataset, out, TrainSettings(method="speaker-adapter",
