@@ -547,6 +547,52 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise _damaged(path, exc) from None
 
 
+def check_fits(adapter_dir: Path, t3, base_identity: str) -> None:
+    """Refuse, when it is imported, an adapter whose tensors do not fit ``t3``'s layers:
+    it was listed and failed only when the voice was first used, blaming other base
+    weights. Reads the weights file's header only."""
+    card = read_card(adapter_dir, base_identity)
+    path = Path(adapter_dir) / FILES[card["method"]]
+    with safe_open(path, "pt") as file:
+        shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    problem = _fit_problem(card["method"], shapes, t3)
+    if problem:
+        raise FinetuneError(f"{path} does not fit the loaded T3 ({problem}); {WHOLE_COPY}.")
+
+
+def _fit_problem(method: str, shapes: dict[str, tuple], t3) -> str | None:
+    if method == "speaker-adapter":
+        size = (1, t3.hp.speaker_embed_size)
+        offset = shapes["speaker_emb_offset"]
+        return None if offset == size else f"its offset is {_shape(offset)}, not {_shape(size)}"
+    if method == "full":
+        expected = {key: tuple(value.shape) for key, value in checkpoint_state(t3).items()}
+        missing = sorted(expected.keys() - shapes.keys())
+        unexpected = sorted(shapes.keys() - expected.keys())
+        other = sorted(k for k in expected.keys() & shapes.keys() if expected[k] != shapes[k])
+        parts = [f"{label} {names[:3]}" for label, names in (
+            ("missing", missing), ("unexpected", unexpected), ("other shapes for", other))
+            if names]
+        return "; ".join(parts) or None
+    modules = dict(t3.tfmr.named_modules())
+    for key, shape in shapes.items():
+        if not key.endswith(".lora_A"):
+            continue
+        path = key[: -len(".lora_A")]
+        layer = modules.get(path)
+        if not isinstance(layer, torch.nn.Linear):
+            return f"it names {path}, which this T3 does not have as a Linear layer"
+        pair = (shapes[f"{path}.lora_B"][0], shape[1])
+        if pair != (layer.out_features, layer.in_features):
+            return (f"its {path} is for a {_shape(pair)} layer, this T3's is "
+                    f"{_shape((layer.out_features, layer.in_features))}")
+    return None
+
+
+def _shape(shape) -> str:
+    return " x ".join(map(str, shape))
+
+
 def adapted_t3(t3_base, adapter_dir: Path, base_identity: str):
     """A copy of ``t3_base`` with the adapter's weights in it (LoRA merged, or the full
     checkpoint loaded); ``t3_base`` itself is left exactly as it was. None for a

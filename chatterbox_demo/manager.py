@@ -747,9 +747,10 @@ class ModelManager:
         """List an adapter directory as a voice, after checking it fits these weights
         (``next_free_name``: see ``VoiceLibrary.add_finetuned``)."""
         with self.lock:
-            identity = self.load().identity
-            return self.library.add_finetuned(name, adapter_dir, identity, exaggeration,
-                                              next_free_name=next_free_name)
+            loaded = self.load()
+            finetune.check_fits(Path(adapter_dir), loaded.tts.t3, loaded.identity)
+            return self.library.add_finetuned(name, adapter_dir, loaded.identity,
+                                              exaggeration, next_free_name=next_free_name)
 
     def _default_voice(self) -> str:
         names = self._library.names()

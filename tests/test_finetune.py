@@ -456,7 +456,7 @@ def test_a_failed_retrain_leaves_the_previous_adapter_whole(train_quickly, tmp_p
 
     with monkeypatch.context() as patched:  # the last output written
         patched.setattr(finetune.Conditionals, "save", disk_full)
-        with pytest.raises(OSError, match="No space"):
+        with pytest.raises(FinetuneError, match="No space"):
             train_quickly(out, replace(quick, rank=4, alpha=4.0))
     # Not the new weights under the old card (which would merge at the wrong scale).
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "checkpoint.pt"} \
@@ -506,6 +506,31 @@ def test_a_full_disk_is_one_message_and_keeps_the_earlier_adapter(train_quickly,
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     del before["checkpoint.pt"], after["checkpoint.pt"]  # each run's own, as documented
     assert after == before
+
+
+def test_an_adapter_whose_tensors_do_not_fit_this_t3_is_refused_on_import(
+        tiny_manager, make_manager, dataset, lora_dir, tmp_path):
+    """They were listed, and failed at the voice's first use, blaming other base weights."""
+    from safetensors.torch import save_file
+
+    manager = make_manager(shipped_voices=None)
+    full = tmp_path / "full"
+    tiny_manager.finetune(dataset, full, TrainSettings(method="full", steps=1, batch=1,
+                                                       lr=1e-4, val_fraction=0.0))
+    lora_in_full = Path(shutil.copytree(full, tmp_path / "lora-in-full"))
+    shutil.copyfile(lora_dir / "adapter.safetensors", lora_in_full / "t3_cfg.safetensors")
+    far_layer = Path(shutil.copytree(lora_dir, tmp_path / "far-layer"))
+    state = load_file(far_layer / "adapter.safetensors")
+    save_file({key.replace("layers.0.", "layers.99."): value for key, value in state.items()},
+              far_layer / "adapter.safetensors")
+    for folder, words in ((lora_in_full, r"\(missing \[.*\]; unexpected \[.*lora_A"),
+                          (far_layer, r"\(it names layers.99.self_attn.\w+, which this T3 "
+                                      r"does not have as a Linear layer\)")):
+        with pytest.raises(FinetuneError, match=r"does not fit the loaded T3 " + words):
+            manager.add_finetuned_voice("misfit", folder)
+    assert "misfit" not in manager.library.names()
+    manager.add_finetuned_voice("fits", full)
+    manager.add_finetuned_voice("fits too", lora_dir)
 
 
 def test_importing_an_adapter_onto_a_full_cache_says_so(make_manager, lora_dir,

@@ -765,11 +765,10 @@ def test_adapter_weights_that_do_not_fit_this_t3_are_refused_when_loaded(make_ma
     from safetensors.torch import load_file, save_file
 
     from chatterbox_demo import finetune
-    from chatterbox_demo.config import GenerationParams
     from chatterbox_demo.finetune import FinetuneError
 
-    # Whole pairs of the card's rank, but for a wider layer than this T3 has: only merging
-    # into the T3 can tell.
+    # Whole pairs of the card's rank, but for a wider layer than this T3 has: refused when
+    # imported, from the file's header and this T3's layers.
     manager = make_manager(shipped_voices=None)
     wide = tmp_path / "wide"
     shutil.copytree(adapters["lora"], wide)
@@ -777,10 +776,15 @@ def test_adapter_weights_that_do_not_fit_this_t3_are_refused_when_loaded(make_ma
     key = next(k for k in state if k.endswith(".lora_B"))
     state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
     save_file(state, wide / "adapter.safetensors")
-    manager.add_finetuned_voice("wide", wide)
+    with pytest.raises(FinetuneError, match=r"does not fit the loaded T3 \(its .* is for a "
+                                            r"1025 x 1024 layer, this T3's is 1024 x 1024\)"):
+        manager.add_finetuned_voice("wide", wide)
+    assert "wide" not in manager.library.names()
+    # And when merged, should a stored copy change after it was imported.
+    identity = manager.loaded.identity
     with pytest.raises(FinetuneError, match=r"is \(1025, 1024\), but this T3's layer is "
                                             r"\(1024, 1024\): it was trained on other"):
-        manager.generate("Hello there.", "wide", GenerationParams(max_new_tokens=4))
+        finetune.adapted_t3(manager.loaded.tts.t3, wide, identity)
     # A full checkpoint's tensor of another shape.
     with pytest.raises(FinetuneError, match=r"does not fit this T3 \(size mismatch for "
                                             "weight.*trained on other weights"):
