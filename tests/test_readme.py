@@ -264,6 +264,19 @@ def test_the_amx_figures_quoted_are_the_recorded_run():
             f"bf16 matrix instructions (AMX; S3Gen {amx['s3gen_speedup']:.2f}x)") in text
 
 
+def test_the_amx_compile_modes_table_is_the_recorded_run():
+    """docs/benchmarks.md's table of compile modes on the Xeon with AMX quotes its run."""
+    rows = recorded_rows("bench-cpu-amx-compile-modes.json", "amx_bf16")
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    for preset, label in (("cached", "cached"), ("compiled", "compiled"),
+                          ("compiled+compile_mode=max-autotune-no-cudagraphs",
+                           "compiled, `max-autotune-no-cudagraphs`")):
+        row = rows[preset]
+        assert (f"| {label} | {row['warmup_s']:.1f} | {row['t3_tokens_per_s']:.2f} | "
+                f"{row['s3gen_s']:.2f} | {row['total_s']:.2f} |") in benchmarks, preset
+        assert f" | {row['speedup']} |" in benchmarks
+
+
 def test_the_zen4_figures_quoted_are_the_recorded_runs():
     """README's Zen 4 sentence quotes docs/bench-cpu-zen4-rows.json (cpu-fast as it is
     now on that CPU), the three runs before it, and cpu-compiled from the third, which
