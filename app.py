@@ -5,14 +5,15 @@ tiny), CHATTERBOX_DEVICE (auto, cuda, mps, cpu), CHATTERBOX_DEMO_CACHE, CHATTERB
 (when set, the /v1 API needs it as a bearer token), CHATTERBOX_QUEUE_MAX,
 CHATTERBOX_UPLOAD_TTL, and Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default
 127.0.0.1:7860). A bad weights source (or a local: folder that is not there), device,
-cache folder, queue size, upload lifetime or port stops start-up with one `error:` line
-naming the variable and exit status 2.
+cache folder, queue size, upload lifetime or port (or one in use) stops start-up with one
+`error:` line naming the variable and exit status 2.
 """
 
 import ctypes
 import ctypes.util
 import logging
 import os
+import socket
 import sys
 from functools import partial
 
@@ -34,6 +35,22 @@ def cache_folder(value: str) -> None:
         raise ValueError(f"{value} is a file; name a folder (it is made when missing)")
 
 
+def server_port(value: str) -> None:
+    port = parse_count("GRADIO_SERVER_PORT", value, high=65535)
+    # Given no port, Gradio takes the first free one from 7860; given this variable, it
+    # moved on to the next free port just the same, so a proxy or script pointed at the
+    # port the user chose found nothing there (or another program). Checked the way Gradio
+    # checks, on the loopback address; SO_REUSEADDR so a server stopped a moment ago does
+    # not count.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ValueError(f"port {port} is in use ({exc.strerror}); stop what uses it "
+                             "or set another port") from None
+
+
 def device(value: str) -> None:
     from chatterbox_demo.manager import pick_device
 
@@ -46,7 +63,7 @@ def device(value: str) -> None:
 SETTINGS = {
     "CHATTERBOX_QUEUE_MAX": partial(parse_count, "CHATTERBOX_QUEUE_MAX"),
     "CHATTERBOX_UPLOAD_TTL": partial(parse_count, "CHATTERBOX_UPLOAD_TTL"),
-    "GRADIO_SERVER_PORT": partial(parse_count, "GRADIO_SERVER_PORT", high=65535),
+    "GRADIO_SERVER_PORT": server_port,
     "CHATTERBOX_DEMO_CACHE": cache_folder,
     "CHATTERBOX_WEIGHTS": weights_source,
     "CHATTERBOX_DEVICE": device,
@@ -95,4 +112,6 @@ demo = build_demo()
 
 if __name__ == "__main__":
     limit_malloc_arenas()
-    launch(demo, routers=[build_router()])
+    port = os.environ.get("GRADIO_SERVER_PORT")
+    # Passed on so that Gradio binds this port or fails, rather than taking the next one.
+    launch(demo, routers=[build_router()], **({"server_port": int(port)} if port else {}))

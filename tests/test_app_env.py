@@ -4,12 +4,13 @@ or any model loads: exit status 2, no traceback."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from app_server import ROOT
+from app_server import ROOT, free_port
 
 BAD_SETTINGS = [
     ("CHATTERBOX_WEIGHTS", "bogus", "Unknown weights source 'bogus'"),
@@ -27,8 +28,7 @@ BAD_SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "value", "message"), BAD_SETTINGS)
-def test_a_bad_setting_is_one_line_naming_it(tmp_path, name, value, message):
+def run_app(tmp_path, name, value):
     env = {**os.environ, "CHATTERBOX_WEIGHTS": "tiny", "HF_HUB_OFFLINE": "1",
            "CHATTERBOX_DEMO_CACHE": str(tmp_path / "cache"),
            "GRADIO_ANALYTICS_ENABLED": "False", name: value}
@@ -37,10 +37,29 @@ def test_a_bad_setting_is_one_line_naming_it(tmp_path, name, value, message):
         if other != name:
             env.pop(other, None)
     # The timeout only matters if the app wrongly starts serving instead of exiting.
-    done = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
+
+
+def assert_refused(done, name, message):
     assert "Traceback" not in done.stderr
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [done.stderr.strip()]
     assert done.stderr.startswith(f"error: {name}")
     assert message in done.stderr
+
+
+@pytest.mark.parametrize(("name", "value", "message"), BAD_SETTINGS)
+def test_a_bad_setting_is_one_line_naming_it(tmp_path, name, value, message):
+    assert_refused(run_app(tmp_path, name, value), name, message)
+
+
+def test_a_port_in_use_is_refused_not_swapped_for_the_next_one(tmp_path):
+    # Gradio took the next free port, so whatever expected the app on this one found
+    # nothing there, or another program.
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        done = run_app(tmp_path, "GRADIO_SERVER_PORT", str(port))
+    assert_refused(done, "GRADIO_SERVER_PORT", f"port {port} is in use")
