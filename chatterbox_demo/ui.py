@@ -67,6 +67,10 @@ PAGE_MAX_STEPS = 2000
 # content, so two users uploading the same clip share one file, and deleting it after one
 # request would pull it from under the other (the soak test caught exactly that).
 UPLOAD_TTL_S = upload_ttl_s()
+# Gradio looks for expired files every this many seconds, so a file outlives the TTL by up
+# to this much: a tenth of it, at most a minute (with the TTL as the period, as before,
+# files lived up to twice the TTL).
+UPLOAD_SWEEP_S = max(1, min(UPLOAD_TTL_S // 10, 60))
 TITLE = "Chatterbox TTS: clone, synthesize, compare"
 
 
@@ -860,7 +864,7 @@ def presets_markdown() -> str:
 
 
 def build_demo() -> gr.Blocks:
-    with gr.Blocks(title=TITLE, delete_cache=(UPLOAD_TTL_S, UPLOAD_TTL_S)) as demo:
+    with gr.Blocks(title=TITLE, delete_cache=(UPLOAD_SWEEP_S, UPLOAD_TTL_S)) as demo:
         gr.Markdown(f"## {TITLE}")
         header = gr.HTML("<div id='status-line'>loading the model…</div>")
 

@@ -323,6 +323,14 @@ def test_cancel_applies_to_the_asking_session_only():
     assert not cancels.is_cancelled("alice") and not cancels.cancel("alice")
 
 
+def test_uploads_outlive_their_lifetime_by_a_tenth_of_it_at_most_a_minute(monkeypatch):
+    # Gradio deletes files older than the age every period seconds; the period was the
+    # TTL itself, so README's "deleted 600 s after" meant anywhere up to 1200 s.
+    period, age = ui.build_demo().delete_cache
+    assert age == ui.UPLOAD_TTL_S == 600
+    assert period == 60
+
+
 def test_history_csv_has_a_header_and_a_row_per_run(tmp_path, monkeypatch):
     import os
 
