@@ -198,6 +198,13 @@ def test_a_configuration_this_device_cannot_run_is_refused_before_anything_runs(
                            get_preset("gpu-fast")))
 
 
+def test_text_longer_than_one_generation_is_refused_before_anything_runs(tiny_manager):
+    # A comparison times one generation per run; README says so beside the long-text limit.
+    with pytest.raises(ValueError, match="the limit is 1000"):
+        next(compare_steps(tiny_manager, "a" * 1001, "calm-mid", PARAMS, get_preset("cached"),
+                           get_preset("cached")))
+
+
 @pytest.fixture
 def ui_manager(tiny_manager, monkeypatch):
     monkeypatch.setattr(ui, "manager", lambda: tiny_manager)

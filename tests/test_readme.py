@@ -11,7 +11,7 @@ import pytest
 
 from chatterbox_demo import weights
 from chatterbox_demo.cli import build_parser
-from chatterbox_demo.config import PRESETS
+from chatterbox_demo.config import MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, PRESETS
 from chatterbox_demo.manager import DEVICES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -416,3 +416,13 @@ def test_the_targets_table_is_the_recorded_runs():
     ]
     for figure in expected:
         assert figure in table, figure
+
+
+def test_the_text_limits_quoted_are_the_ones_enforced():
+    # The surfaces' own tests (test_cli, test_openai_api, test_manager) hold each limit.
+    stated = re.search(r"Long text \(up to ([\d,]+) characters in the Synthesize tab, `synth`"
+                       r" and the API; an A/B\ncomparison and a `bench --text` row time one "
+                       r"generation, of up to ([\d,]+)\)", README)
+    assert stated
+    assert [int(n.replace(",", "")) for n in stated.groups()] == [MAX_LONG_TEXT_CHARS,
+                                                                   MAX_TEXT_CHARS]
