@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from . import bench, speaker_data
-from .audio import EXTENSIONS, write_wav
+from .audio import EXTENSIONS, load_reference, write_wav
 from .config import (
     DEVICE_PRESETS,
     MAX_LONG_TEXT_CHARS,
@@ -201,9 +201,18 @@ def run(args: argparse.Namespace) -> str:
         return run_bench(manager, args)
     if args.command == "finetune":
         return run_finetune(manager, args)
+    # What can be checked from what was typed and the library's files is, before the model
+    # loads: a typo then costs no loading and prints one line.
     if args.action == "add":
+        check_name(args.name)
+        check_number("exaggeration", args.exaggeration, *RANGES["exaggeration"])
+        load_reference(args.path)
         voice = manager.add_voice(args.name, args.path, args.exaggeration)
         return _dump(voice_row(voice)) if args.json else f"added voice {voice.name!r}"
+    if args.action in ("remove", "rename"):
+        manager.check_voice(args.name)
+    if args.action == "rename":
+        check_name(args.new_name)
     if args.action == "remove":
         voice = manager.remove_voice(args.name)
         return _dump(voice_row(voice)) if args.json else f"removed voice {voice.name!r}"
@@ -275,6 +284,8 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
         seed=args.seed, max_new_tokens=args.max_tokens, exaggeration=args.exaggeration,
         cfg_weight=args.cfg_weight, temperature=args.temperature,
     )
+    if args.voice and not Path(args.voice).is_file():
+        check_voice_name(manager, args.voice)  # from the library's files: nothing loads
     # Applied first: a preset this device cannot run is refused before the model loads
     # (the voice library below loads it). Without --preset, the device's: loading built
     # nothing (prepare_preset=False), so apply_s is this preset's build in either case.
@@ -286,10 +297,8 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
     if voice and name_key(voice) not in library_names:
         if Path(voice).is_file():
             voice_file, voice = Path(voice), None
-        elif Path(voice).suffix.lower() in EXTENSIONS or os.sep in voice:
-            # Meant as a clip: "Unknown voice 'my-clip.wav'" sent people to the voice list.
-            raise ValueError(f"Audio file {voice!r} does not exist; --voice takes a voice's "
-                             "name (see `voices list`) or the path of a reference clip.")
+        else:
+            check_voice_name(manager, voice)
     result = manager.generate_long(text, voice, params, voice_file=voice_file,
                                    progress=lambda fraction, message:
                                    print(f"[synth] {message}", file=sys.stderr, flush=True))
@@ -307,6 +316,20 @@ def synth(manager: ModelManager, args: argparse.Namespace) -> str:
             f" watermark {t['watermark_s']:.2f} s{prepared}")
 
 
+def check_voice_name(manager: ModelManager, voice: str) -> None:
+    """Refuse a --voice that names no voice, before the model loads where the library's
+    files can tell (a typo then costs no loading), and no file either."""
+    try:
+        manager.check_voice(voice)
+    except VoiceError:
+        if Path(voice).suffix.lower() in EXTENSIONS or os.sep in voice:
+            # Meant as a clip: "Unknown voice 'my-clip.wav'" sent people to the voice list.
+            raise ValueError(f"Audio file {voice!r} does not exist; --voice takes a voice's "
+                             "name (see `voices list`) or the path of a reference clip."
+                             ) from None
+        raise
+
+
 def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
     # Everything is checked before minutes of measuring: each preset name (a changed one
     # built), the text every row speaks, and the paths the results go to.
@@ -321,6 +344,9 @@ def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
     check_number("--repeats", args.repeats, 1, 100, integer=True)
     text = bench.DEFAULT_TEXT if args.text is None else args.text
     check_text(text)  # each row is one generation: the one-generation limit
+    voices = [v.strip() for v in args.voices.split(",") if v.strip()] if args.voices else None
+    for voice in voices or ([args.voice] if args.voice else []):
+        manager.check_voice(voice)  # from the library's files: nothing loads
     json_path = Path(args.json) if args.json not in (None, "-") else None
     if json_path:
         check_output("--json", json_path)
@@ -344,8 +370,7 @@ def run_bench(manager: ModelManager, args: argparse.Namespace) -> str:
                        voice=args.voice, tokens=args.tokens, repeats=args.repeats,
                        seed=args.seed, with_fidelity=not args.no_fidelity, configs=configs,
                        stream=args.stream,
-                       voices=[v.strip() for v in args.voices.split(",") if v.strip()]
-                       if args.voices else None,
+                       voices=voices,
                        log=lambda line: print(line, file=sys.stderr, flush=True))
     errors = [row["error"] for row in result["rows"] if "error" in row]
     if len(errors) == len(result["rows"]):

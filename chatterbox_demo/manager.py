@@ -48,7 +48,7 @@ from .optimizations import (
     t3_variant_key,
     unavailable_reason,
 )
-from .voices import Voice, VoiceLibrary
+from .voices import BUILTIN_NAME, Voice, VoiceLibrary, name_key, names_on_disk, unknown_voice
 
 log = logging.getLogger(__name__)
 
@@ -482,6 +482,19 @@ class ModelManager:
         del self.notices[:-MAX_NOTICES]
 
     # --- voices ---------------------------------------------------------------------------
+
+    def check_voice(self, name: str) -> None:
+        """Refuse a name no voice has. Before the model is loaded, from the library's files,
+        so that a typo costs no loading (nor a preset's build); a name they cannot settle
+        (the voice inside the weights, an index unreadable now) is left to the library."""
+        if self._library is not None:
+            self._library.get(name)
+            return
+        names = names_on_disk(self.cache_dir, self.shipped_voices)
+        if names is None or name_key(name) == name_key(BUILTIN_NAME):
+            return
+        if name_key(name) not in {name_key(known) for known in names}:
+            raise unknown_voice(name, names)
 
     def list_voices(self) -> list[Voice]:
         # Without the model's lock: the library keeps itself consistent, and a list should

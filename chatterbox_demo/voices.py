@@ -170,8 +170,7 @@ class VoiceLibrary:
         self._catch_up()
         voice = self._voices.get(name_key(name)) if isinstance(name, str) else None
         if voice is None:
-            available = ", ".join(self.names()) or "none yet"
-            raise VoiceError(f"Unknown voice {name!r}; available: {available}")
+            raise unknown_voice(name, self.names())
         return voice
 
     def conditionals(self, voice: Voice, cached: bool = True) -> tuple[Conditionals, str]:
@@ -485,6 +484,33 @@ class VoiceLibrary:
             raise _not_saved(exc) from None
         self._voices = voices
         self._seen = self._index_stamp()
+
+
+def unknown_voice(name, names: list[str]) -> VoiceError:
+    return VoiceError(f"Unknown voice {name!r}; available: {', '.join(names) or 'none yet'}")
+
+
+def names_on_disk(cache_dir: Path, shipped: Path | None) -> list[str] | None:
+    """The voices a library on ``cache_dir`` would list, but for the one inside the weights,
+    read from its files without a model: the command line refuses a name that is not there
+    before loading one (and building a preset, minutes when it compiles). None when the
+    files cannot tell for sure (an index unreadable now, or one an older version wrote with
+    the reserved name, which the library renames): the library then decides."""
+    shipped_names = ([path.stem for path in sorted(Path(shipped).glob("*.wav"))]
+                     if shipped and Path(shipped).is_dir() else [])
+    try:
+        entries = json.loads((Path(cache_dir) / "voices.json").read_text())["voices"]
+        users = [entry["name"] for entry in sorted(
+            entries, key=lambda entry: (entry.get("kind") == "finetuned", name_key(entry["name"])))]
+    except FileNotFoundError:
+        users = []
+    except Exception:
+        return None
+    user_keys = {name_key(name) for name in users}
+    if name_key(BUILTIN_NAME) in user_keys:
+        return None
+    # In the library's order; a user voice hides a shipped one of the same name.
+    return [name for name in shipped_names if name_key(name) not in user_keys] + users
 
 
 def _files_digest(folder: Path, files: list[str]) -> str:

@@ -131,6 +131,8 @@ def test_unknown_voice_is_one_error_line(added, cli_cache, tmp_path):
                    str(out), "--weights", "tiny")
     line = assert_user_error(proc, "Unknown voice 'nobody'", "My Voice", *SHIPPED)
     assert line.startswith("error: Unknown voice")
+    # Found from the library's files: no model loaded, so nothing logged before it.
+    assert proc.stderr.strip().splitlines() == [line]
     assert not out.exists()
 
 
@@ -402,6 +404,46 @@ def test_in_process_synth_of_a_long_text_file_reports_chunk_progress(shared_cli,
     assert len(chunks) >= 4
     assert f"[synth] chunk {len(chunks)} of {len(chunks)}" in err
     assert sf.info(out).samplerate == 24000
+
+
+CLIP = str(VOICES_DIR / f"{SHIPPED[0]}.wav")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["synth", "--text", "Hi.", "--voice", "nobody"], "Unknown voice 'nobody'; available: "),
+    (["synth", "--text", "Hi.", "--voice", "nobody.wav"], "Audio file 'nobody.wav' does not"),
+    (["bench", "--voices", f"{SHIPPED[0]},nobody"], "Unknown voice 'nobody'"),
+    (["bench", "--voice", "nobody"], "Unknown voice 'nobody'"),
+    (["voices", "remove", "nobody"], "Unknown voice 'nobody'"),
+    (["voices", "rename", "nobody", "somebody"], "Unknown voice 'nobody'"),
+    (["voices", "rename", SHIPPED[0], "a/b"], "looks like a path"),
+    (["voices", "add", "a/b", CLIP], "looks like a path"),
+    (["voices", "add", "fine", CLIP, "--exaggeration", "9"], "between 0.0 and 2.0"),
+    (["voices", "add", "fine", str(REPO / "README.md")], "not a readable audio file"),
+])
+def test_a_typo_is_refused_before_the_model_loads(capsys, tmp_path, no_instance, monkeypatch,
+                                                   argv, words):
+    # Found after loading (and, for synth, building the preset: minutes when compiled),
+    # behind the loading messages.
+    monkeypatch.setenv("CHATTERBOX_DEMO_CACHE", str(tmp_path / "cache"))
+    if argv[0] == "synth":
+        argv = [*argv, "--out", str(tmp_path / "never.wav")]
+    code, out, err = main(capsys, *argv, "--weights", "tiny")
+    assert code == 2 and out == "" and words in err and len(err.splitlines()) == 1, err
+    assert ModelManager._instance.loaded is None
+
+
+def test_the_library_settles_what_its_files_cannot(tmp_path, make_manager):
+    # An index unreadable now: the library decides once loaded (and moves it aside).
+    manager = make_manager(cache_dir=tmp_path / "cache", load=False)
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    (tmp_path / "cache" / "voices.json").write_text("{not json")
+    manager.check_voice("nobody")
+    manager.check_voice("BuiltIn")  # the weights' own voice: only loading tells
+    manager.check_voice(SHIPPED[0].upper())  # names match as the library matches them
+    manager.load()
+    with pytest.raises(ValueError, match="Unknown voice 'nobody'"):
+        manager.check_voice("nobody")
 
 
 @pytest.mark.parametrize("content, words", [
