@@ -426,3 +426,17 @@ def test_the_text_limits_quoted_are_the_ones_enforced():
     assert stated
     assert [int(n.replace(",", "")) for n in stated.groups()] == [MAX_LONG_TEXT_CHARS,
                                                                    MAX_TEXT_CHARS]
+
+
+def test_the_layout_lists_every_module():
+    layout = README.split("## Layout", 1)[1]
+    listed = set(re.findall(r"^  (\w+\.py) ", layout, re.MULTILINE))
+    modules = {path.name for path in (ROOT / "chatterbox_demo").glob("*.py")
+               if not path.name.startswith("__")}
+    assert listed == modules
+
+
+def test_the_openai_example_says_where_its_client_comes_from():
+    assert "(`pip install openai`" in README
+    dev = (ROOT / "requirements-dev.txt").read_text()
+    assert re.search(r"^openai==", dev, re.MULTILINE)  # what `make test` installs
