@@ -686,10 +686,17 @@ def history_row(text: str, voice: str, label_a: str, label_b: str,
                 result: Comparison) -> list:
     fidelity = result.fidelity
     snr = fidelity.mel_snr_db
-    return [time.strftime("%H:%M:%S"), text[:40], voice, label_a, label_b, result.runs,
+    return [time.strftime("%H:%M:%S"), text, voice, label_a, label_b, result.runs,
             result.a["total_s"], result.b["total_s"], result.speedup,
             result.b.get("t3_tokens_per_s"), "inf" if math.isinf(snr) else round(snr, 1),
             fidelity.same_tokens]
+
+
+def history_view(rows: list[list], text_chars: int = 40) -> list[list]:
+    """The rows as the page's table shows them: the text cut short to keep a row on one
+    line. The CSV download keeps the whole text (it kept these 40 characters only)."""
+    return [[row[0], row[1] if len(row[1]) <= text_chars else row[1][:text_chars - 1] + "…",
+             *row[2:]] for row in rows]
 
 
 HISTORY_DIR = Path(tempfile.gettempdir()) / f"chatterbox-ab-history-{os.getpid()}"
@@ -749,7 +756,7 @@ def _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b, repeats,
             if result.b is not None:
                 history.append(history_row(text, voice, label_a, label_b, result))
                 csv_file = history_csv(history)
-            yield (*outputs, history, history, csv_file)
+            yield (*outputs, history_view(history), history, csv_file)
             a_done = True
     except Exception:
         # The error itself becomes the page's message; the summary and B's column must not

@@ -3,6 +3,7 @@ between sides, and the UI's panels turned into configurations."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 import sys
@@ -336,6 +337,15 @@ def test_uploads_outlive_their_lifetime_by_a_tenth_of_it_at_most_a_minute(monkey
     period, age = ui.build_demo().delete_cache
     assert age == ui.UPLOAD_TTL_S == 600
     assert period == 60
+
+
+def test_the_history_table_shortens_the_text_and_its_csv_keeps_it_whole(ui_manager):
+    text = "A sentence long enough that the history table shows only its start."
+    *_, (*_, table, history, csv_path) = ui.run_compare(text, "calm-mid", 0, 8, "cached",
+                                                         "cached")
+    assert table[0][1] == text[:39] + "…" and history[0][1] == text
+    with open(csv_path, encoding="utf-8") as handle:
+        assert next(csv.DictReader(handle))["text"] == text
 
 
 def test_history_csv_has_a_header_and_a_row_per_run(tmp_path, monkeypatch):
