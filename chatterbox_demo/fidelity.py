@@ -58,8 +58,8 @@ def mel(s3gen, conds: Conditionals, speech_tokens: torch.Tensor, steps: int, cfg
 
 
 def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
-    # A different reference-prompt length can shift the output by one mel frame (upstream
-    # derives the output length from prompt tokens x 2 minus prompt mel frames).
+    # Clips of different lengths (other tokens, or one stopping earlier) are compared over
+    # their common start. (A shorter reference prompt no longer makes one: trim_prompt.)
     frames = min(reference.shape[-1], other.shape[-1])
     reference, other = reference[..., :frames], other[..., :frames]
     noise = (reference - other).pow(2).sum().item()

@@ -74,9 +74,14 @@ def trim_prompt(gen: dict, seconds: float | None) -> dict:
     if seconds is None:
         return ref
     tokens = int(seconds * S3_TOKEN_RATE)  # 25 prompt tokens per second
+    # Two mel frames per token, and whatever the whole prompt has beyond that (upstream's
+    # reference often has one frame more than twice its tokens): S3Gen's output starts
+    # where the prompt's frames end, so cutting that frame too shifted the output by one
+    # frame, and the mel SNR against the whole prompt compared neighbouring frames.
+    extra = ref["prompt_feat"].shape[1] - 2 * ref["prompt_token"].shape[1]
     ref["prompt_token"] = ref["prompt_token"][:, :tokens]
     ref["prompt_token_len"] = torch.clamp(ref["prompt_token_len"], max=tokens)
-    ref["prompt_feat"] = ref["prompt_feat"][:, : 2 * tokens]  # 2 mel frames per token
+    ref["prompt_feat"] = ref["prompt_feat"][:, : max(0, 2 * tokens + extra)]
     return ref
 
 

@@ -196,6 +196,33 @@ def test_trim_prompt_keeps_the_first_seconds_and_never_aliases():
     assert gen["prompt_token"].shape == (1, 250)  # the cached dict is untouched
     full = trim_prompt(gen, None)
     assert full is not gen and full["prompt_token"] is gen["prompt_token"]
+    # A frame beyond twice the tokens stays: S3Gen's output starts where the frames end.
+    gen["prompt_feat"] = torch.zeros(1, 501, 80)
+    assert trim_prompt(gen, 3.0)["prompt_feat"].shape == (1, 151, 80)
+
+
+def test_a_prompt_cut_to_its_whole_length_renders_the_same_mel(tiny_manager):
+    """It rendered one frame more at the start, so the sweep's prompt rows and any
+    +prompt_seconds preset had their mel SNR taken between neighbouring frames (-0.6 dB
+    where the frames agree, on a voice with that odd frame)."""
+    import torch
+    from chatterbox.models.s3tokenizer import SPEECH_VOCAB_SIZE
+
+    from chatterbox_demo import fidelity
+
+    library = tiny_manager.library
+    odd = [name for name in library.names()
+           if (gen := library.conditionals(library.get(name))[0].gen)["prompt_feat"].shape[1]
+           == 2 * gen["prompt_token"].shape[1] + 1]
+    assert odd, "no shipped voice has the odd frame this test is about"
+    conds, _ = library.conditionals(library.get(odd[0]))
+    s3gen = tiny_manager.loaded.tts.s3gen
+    tokens = torch.randint(0, SPEECH_VOCAB_SIZE, (30,), generator=torch.Generator().manual_seed(0))
+    whole = fidelity.mel(s3gen, conds, tokens, 2, True)
+    every_token = conds.gen["prompt_token"].shape[1] / 25
+    assert fidelity.snr_db(whole, fidelity.mel(s3gen, conds, tokens, 2, True,
+                                               prompt_seconds=every_token)) == float("inf")
+    assert fidelity.mel(s3gen, conds, tokens, 2, True, prompt_seconds=3.0).shape == whole.shape
 
 
 def test_sweep_points_change_the_output_and_are_measured(tiny_manager):
