@@ -28,6 +28,11 @@ FIGURES = (
     ("total_s", "total (s)", False),
     ("t3_tokens_per_s", "T3 tokens/s", True),
     ("rtf", "RTF", False),
+    # The work each side did: the same token budget, but either may sample the stop token
+    # sooner, and S3Gen renders only the speakable tokens. Where these differ, the times
+    # above cover unequal work (the summary says so); RTF is per second of audio.
+    ("t3_tokens", "T3 speech tokens", None),
+    ("audio_seconds", "audio (s)", None),
     ("warmup_s", "warm-up (s)", None),
     ("t3_weights_mb", "T3 weights (MB)", False),
     # The process's: it holds every variant kept built, both sides' among them, so it
@@ -113,6 +118,18 @@ class Comparison:
         """How many times faster B ran end to end than A."""
         return _ratio(self.a["total_s"], self.b["total_s"]) if self.b else None
 
+    @property
+    def unequal_work(self) -> str | None:
+        """What differed in the work the two sides did, in words; None when nothing did."""
+        if not self.b:
+            return None
+        a, b = self.a, self.b
+        keys = ("t3_tokens", "audio_seconds")
+        if [a.get(key) for key in keys] == [b.get(key) for key in keys]:
+            return None
+        return (f"A decoded {a['t3_tokens']} speech tokens into {a['audio_seconds']:.2f} s of "
+                f"audio, B {b['t3_tokens']} into {b['audio_seconds']:.2f} s")
+
     @functools.cached_property
     def fidelity(self) -> Fidelity | None:
         """Computed once (two mel spectrograms): the summary and the history both read it."""
@@ -168,8 +185,9 @@ def compare_steps(manager: ModelManager, text: str, voice: str | None,
     """Warm A up and run it once, yield the comparison with A only; warm B up and run it
     once, then the other repeats in turns, B first (A B B A A B ...), and yield it whole.
     Stop before B, or before the next turn, when ``cancelled()`` says so. The token budget
-    is fixed before either runs, so both sides do the same amount of work even when
-    ``params`` leaves it to be derived from the text."""
+    is fixed before either runs, even when ``params`` leaves it to be derived from the
+    text; either side may still stop sooner (the stop token, as in real use), which the
+    table's tokens and audio rows show and the summary names."""
     text = check_text(text)
     for side, config in (("A", config_a), ("B", config_b)):
         check_runnable(side, config, manager.device)

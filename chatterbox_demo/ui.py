@@ -666,6 +666,10 @@ def summary_markdown(result: Comparison, label_a: str, label_b: str, repeats: in
         times, word = (speedup, "faster") if speedup >= 1 else (1 / speedup, "slower")
         summary = (f"B ({_bold(label_b)}) ran **{times:.2f}x** {word} than A "
                    f"({_bold(label_a)}) end to end.")
+    unequal = result.unequal_work
+    if unequal:
+        summary += (f" {unequal}: the times cover unequal work, so compare the RTF "
+                    "(seconds per second of audio).")
     if result.runs < repeats:
         summary += (f" Cancelled after {result.runs} of {repeats} runs per side: the "
                     "figures are over those.")

@@ -64,6 +64,25 @@ def test_warm_up_times_get_no_ratio():
     assert rows["total (s)"][3] == 2.0
 
 
+def test_sides_that_did_unequal_work_are_shown_and_named():
+    """Only the token budget is shared: a side that samples the stop token sooner, or
+    renders fewer speakable tokens, does less work, and "B ran 1.47x faster" said nothing
+    of it."""
+    a = {"total_s": 4.0, "t3_tokens": 80, "audio_seconds": 2.52, "rtf": 1.59}
+    b = {"total_s": 2.72, "t3_tokens": 80, "audio_seconds": 2.68, "rtf": 1.01}
+    result = Comparison(a, b)
+    rows = {row[0]: row for row in result.rows()}
+    assert rows["T3 speech tokens"] == ["T3 speech tokens", 80, 80, "–"]
+    assert rows["audio (s)"] == ["audio (s)", 2.52, 2.68, "–"]
+    result.fidelity = Fidelity(20.0, True, None)
+    summary = ui.summary_markdown(result, "a", "b", repeats=1)
+    assert ("A decoded 80 speech tokens into 2.52 s of audio, B 80 into 2.68 s: the times "
+            "cover unequal work, so compare the RTF") in summary
+    same = Comparison(a, {**b, "audio_seconds": 2.52})
+    same.fidelity = Fidelity(20.0, True, None)
+    assert "unequal" not in ui.summary_markdown(same, "a", "b", repeats=1)
+
+
 def record_generations(manager, monkeypatch) -> list[tuple]:
     """Every generate call's (configuration, text, voice, params, ignore_stop), in order."""
     calls = []
@@ -114,6 +133,7 @@ def test_the_table_header_says_what_every_row_holds():
     assert ratios.pop("warm-up (s)") == "–"
     # The process's peak holds both sides' variants: no ratio of it is B's gain.
     assert ratios.pop("process peak memory (MB)") == "–"
+    assert ratios.pop("T3 speech tokens") == ratios.pop("audio (s)") == "–"  # the work done
     assert set(ratios.values()) == {2.0}, ratios
     assert TABLE_HEADERS == ["", "A", "B", "B's gain over A (x, >1: B better)"]
     config = ui.build_demo().get_config_file()
