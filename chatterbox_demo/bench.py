@@ -26,7 +26,7 @@ from . import fidelity, hardware, plots
 from .config import PRESETS, GenerationParams, get_preset
 from .files import write_atomically
 from .manager import ModelManager, Synthesis
-from .optimizations import module_bytes, unavailable_reason
+from .optimizations import DEFAULT_THREADS, module_bytes, thread_count, unavailable_reason
 from .pipeline import padded_text_tokens
 
 DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog, then rests in the warm "
@@ -44,7 +44,9 @@ def machine_info(manager: ModelManager) -> dict:
         "cpu_family_model": _cpu_family_model(),
         "cpu_flags": hardware.path_flags(),
         "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        # The default; a row whose configuration sets cpu_threads has its own "threads"
+        # (read after the run, this named whatever the last row had set).
+        "threads": DEFAULT_THREADS,
         "device": device,
         "weights": manager.loaded.source if manager.loaded else manager.weights_spec,
     }
@@ -135,7 +137,7 @@ class Measurement:
         last = runs[-1].report
         row = {"device": self.manager.device, "t3_dtype": config.t3_dtype,
                "t3_quant": config.t3_quant, "t3_decoder": config.t3_decoder,
-               "warmup_s": round(self.warmup_s, 3)}
+               "threads": thread_count(config), "warmup_s": round(self.warmup_s, 3)}
         for stage in STAGES:
             values = [r.report["timings"][stage] for r in runs]
             row[stage] = round(statistics.median(values), 4)

@@ -331,3 +331,17 @@ def test_the_streamed_figures_come_after_an_untimed_streamed_run(tiny_manager, m
     row = measured.row(stream=True)
     assert len(streams) == 2 and streams[0] == streams[1]
     assert 0 < row["first_audio_s"] < row["stream_total_s"]
+
+
+def test_each_row_names_its_thread_count_and_the_machine_the_default(tiny_manager):
+    """The machine's "threads" was read after the last row, so it named whatever that
+    row's cpu_threads had set."""
+    from chatterbox_demo import bench
+    from chatterbox_demo.config import config_from_spec
+    from chatterbox_demo.optimizations import DEFAULT_THREADS
+
+    one = "cached+cpu_threads=1"
+    result = bench.run(tiny_manager, ["cached", one], tokens=10, with_fidelity=False,
+                       configs={one: config_from_spec(one)})
+    assert [row["threads"] for row in result["rows"]] == [DEFAULT_THREADS, 1]
+    assert result["machine"]["threads"] == DEFAULT_THREADS
