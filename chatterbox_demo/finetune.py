@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from .config import RANGES, check_number
 from .files import write_atomically
 from .speaker_data import SpeakerData
-from .weights import DERIVED_PREFIX, checkpoint_state
+from .weights import checkpoint_state
 
 METHODS = ("lora", "speaker-adapter", "full")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -159,24 +159,17 @@ def lora_state(t3) -> dict[str, torch.Tensor]:
 
 
 def merge_lora(t3, state: dict[str, torch.Tensor], rank: int, alpha: float) -> None:
-    """Add each adapter's B @ A * alpha / rank to its Linear's weight, in place."""
+    """Add each adapter's B @ A * alpha / rank to its Linear's weight, in place (the state
+    checked to fit first: :func:`adapted_t3`)."""
     modules = dict(t3.tfmr.named_modules())
     scale = alpha / rank
     for key in state:
-        if not key.endswith(".lora_A"):
-            continue
-        path = key[: -len(".lora_A")]
-        layer = modules.get(path)
-        if not isinstance(layer, torch.nn.Linear):
-            raise FinetuneError(f"The adapter names {path}, which this T3 does not have as a "
-                                "Linear layer: it was trained on other base weights.")
-        delta = state[f"{path}.lora_B"] @ state[key] * scale
-        if delta.shape != layer.weight.shape:
-            raise FinetuneError(f"The adapter's {path} is {tuple(delta.shape)}, but this T3's "
-                                f"layer is {tuple(layer.weight.shape)}: it was trained on "
-                                "other base weights.")
-        with torch.no_grad():
-            layer.weight += delta.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        if key.endswith(".lora_A"):
+            path = key[: -len(".lora_A")]
+            weight = modules[path].weight
+            delta = state[f"{path}.lora_B"] @ state[key] * scale
+            with torch.no_grad():
+                weight += delta.to(device=weight.device, dtype=weight.dtype)
 
 
 # --- training -------------------------------------------------------------------------------
@@ -452,18 +445,9 @@ def _write_outputs(out_dir: Path, t3, conds: Conditionals, settings: TrainSettin
 
 
 def load_upstream_state(t3, state: dict[str, torch.Tensor]) -> None:
-    """Load a full checkpoint, strictly but for the derived wrapper."""
-    try:
-        missing, unexpected = t3.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # torch's "size mismatch for ...", one line per tensor
-        first = next((line.strip() for line in str(exc).splitlines() if "mismatch" in line),
-                     str(exc))
-        raise FinetuneError(f"The checkpoint does not fit this T3 ({first}): it was trained "
-                            "on other weights.") from None
-    missing = [k for k in missing if not k.startswith(DERIVED_PREFIX)]
-    if missing or unexpected:
-        raise FinetuneError(f"The checkpoint does not fit this T3 (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}): it was trained on other weights.")
+    """Load a full checkpoint (checked to fit first: :func:`adapted_t3`); the derived
+    wrapper's tensors are not in it."""
+    t3.load_state_dict(state, strict=False)
 
 
 # --- using an adapter -----------------------------------------------------------------------
@@ -555,7 +539,11 @@ def check_fits(adapter_dir: Path, t3, base_identity: str) -> None:
     path = Path(adapter_dir) / FILES[card["method"]]
     with safe_open(path, "pt") as file:
         shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
-    problem = _fit_problem(card["method"], shapes, t3)
+    _check_fit(path, card["method"], shapes, t3)
+
+
+def _check_fit(path: Path, method: str, shapes: dict[str, tuple], t3) -> None:
+    problem = _fit_problem(method, shapes, t3)
     if problem:
         raise FinetuneError(f"{path} does not fit the loaded T3 ({problem}); {WHOLE_COPY}.")
 
@@ -600,13 +588,16 @@ def adapted_t3(t3_base, adapter_dir: Path, base_identity: str):
     card = read_card(adapter_dir, base_identity)
     if card["method"] == "speaker-adapter":
         return None
+    path = Path(adapter_dir) / FILES[card["method"]]
+    state = _load_weights(path)
+    # Checked when imported too, but the stored copy may have changed since.
+    _check_fit(path, card["method"], {key: tuple(value.shape) for key, value in state.items()},
+               t3_base)
     t3 = copy.deepcopy(t3_base)
     if card["method"] == "lora":
-        settings = card["settings"]
-        merge_lora(t3, _load_weights(Path(adapter_dir) / FILES["lora"]), settings["rank"],
-                   settings["alpha"])
+        merge_lora(t3, state, card["settings"]["rank"], card["settings"]["alpha"])
     else:
-        load_upstream_state(t3, _load_weights(Path(adapter_dir) / FILES["full"]))
+        load_upstream_state(t3, state)
     return t3.eval()
 
 

@@ -782,11 +782,6 @@ def test_adapter_weights_that_do_not_fit_this_t3_are_refused_when_loaded(make_ma
     assert "wide" not in manager.library.names()
     # And when merged, should a stored copy change after it was imported.
     identity = manager.loaded.identity
-    with pytest.raises(FinetuneError, match=r"is \(1025, 1024\), but this T3's layer is "
-                                            r"\(1024, 1024\): it was trained on other"):
+    with pytest.raises(FinetuneError, match=r"does not fit the loaded T3 \(its .* is for a "
+                                            r"1025 x 1024 layer, this T3's is 1024 x 1024\)"):
         finetune.adapted_t3(manager.loaded.tts.t3, wide, identity)
-    # A full checkpoint's tensor of another shape.
-    with pytest.raises(FinetuneError, match=r"does not fit this T3 \(size mismatch for "
-                                            "weight.*trained on other weights"):
-        finetune.load_upstream_state(torch.nn.Linear(2, 2), {"weight": torch.zeros(3, 2),
-                                                             "bias": torch.zeros(2)})
