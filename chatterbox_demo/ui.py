@@ -239,7 +239,7 @@ def finetune_voice(dataset_zip: str | None, name: str, method: str, steps,
     if not dataset_zip:
         raise ValueError("Upload a zip of the speaker's clips first (metadata.csv + wavs/, "
                          "or NAME.wav + NAME.txt pairs).")
-    m.library.check_new_name(name)  # a taken name must not cost a training run first
+    name = m.library.check_new_name(name)  # a taken name must not cost a training run first
     steps = _whole(steps, "steps")
     if isinstance(steps, int) and steps > PAGE_MAX_STEPS:
         raise ValueError(f"The page trains up to {PAGE_MAX_STEPS} steps (asked for {steps}); "
@@ -257,8 +257,8 @@ def finetune_voice(dataset_zip: str | None, name: str, method: str, steps,
             card = m.finetune(folder, Path(work) / "adapter", settings, step_done)
         voice = m.add_finetuned_voice(name, Path(work) / "adapter", next_free_name=True)
     renamed = ""
-    if voice.name != check_name(name):
-        renamed = (f" **{html.escape(check_name(name))}** was taken while it trained, so it is "
+    if voice.name != name:
+        renamed = (f" **{html.escape(name)}** was taken while it trained, so it is "
                    f"saved as **{html.escape(voice.name)}**.")
     status = (f"Fine-tuned **{html.escape(voice.name)}** ({card['method']}, {card['steps']} "
               f"steps on {card['train_clips']} clips): loss {card['train_loss_first']} → "
