@@ -777,7 +777,7 @@ def _run_compare(text, voice, seed, max_new_tokens, preset_a, preset_b, repeats,
         audio_a, _, _, _, chart, mels = outputs
         cancelled = f"Cancelled after A ({_bold(label_a)}): B did not run."
         yield (audio_a, None, comparison_table(result, "not run"), cancelled, chart, mels,
-               history, history, csv_file)
+               history_view(history), history, csv_file)
 
 
 # --- layout --------------------------------------------------------------------------------

@@ -366,6 +366,15 @@ def test_the_history_table_shortens_the_text_and_its_csv_keeps_it_whole(ui_manag
     assert table[0][1] == text[:39] + "…" and history[0][1] == text
     with open(csv_path, encoding="utf-8") as handle:
         assert next(csv.DictReader(handle))["text"] == text
+    # A run cancelled after A shows the same rows, shortened as well.
+    request = types.SimpleNamespace(session_hash="history")
+    steps = ui.run_compare("Cancel me.", "calm-mid", 0, 8, "cached", "cached",
+                           history=history, request=request)
+    ui.CANCELS.start("history")  # as the page's Run does before the comparison
+    next(steps)
+    ui.CANCELS.cancel("history")
+    *_, (*_, table, kept, _) = steps
+    assert table == ui.history_view(history) and kept == history
 
 
 def test_history_csv_has_a_header_and_a_row_per_run(tmp_path, monkeypatch):
