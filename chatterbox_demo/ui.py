@@ -921,8 +921,11 @@ def build_demo() -> gr.Blocks:
                         with gr.Row():
                             tune_method = gr.Radio(list(METHODS), value="lora",
                                                    label="method")
-                            tune_steps = gr.Number(value=50, precision=0, minimum=1,
-                                                   maximum=PAGE_MAX_STEPS, label="steps")
+                            # No maximum here: finetune_voice's own refusal says
+                            # what to use for longer runs, Gradio's only the bound.
+                            tune_steps = checked(gr.Number(
+                                value=50, precision=0, minimum=1,
+                                label=f"steps (up to {PAGE_MAX_STEPS} here)"))
                         tune_btn = gr.Button("Fine-tune", variant="primary")
                     with gr.Column():
                         adapter_in = gr.File(label="Adapter directory (.zip)",

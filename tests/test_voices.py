@@ -758,6 +758,13 @@ def test_the_voices_tab_refuses_a_taken_name_before_fine_tuning(make_manager, ma
     with pytest.raises(gr.Error, match="The page trains up to 2000 steps .asked for 2001.; "
                                        "use `python -m chatterbox_demo finetune train`"):
         ui.finetune_voice(str(upload), "new", "lora", 2001, progress=quiet)
+    # The page's box lets that refusal through: Gradio's own bound check said "Value 5000
+    # is greater than maximum value 2000." without naming the box or the way to go on.
+    steps = next(block for block in ui.build_demo().blocks.values()
+                 if getattr(block, "label", None) == "steps (up to 2000 here)")
+    assert steps.preprocess(5000) == 5000
+    with pytest.raises(gr.Error, match="steps must be at least 1 .got 0"):
+        steps.preprocess(0)
 
 
 def test_adapter_weights_that_do_not_fit_this_t3_are_refused_when_loaded(make_manager,
