@@ -771,6 +771,12 @@ class ModelManager:
             raise ValueError("No voices yet: add one from a reference clip first.")
         return names[0]
 
+    @property
+    def start_preset(self) -> str:
+        """The name of :attr:`start_config`: what a newly opened page offers, whatever the
+        page's users have switched to since."""
+        return preset_name(self.start_config)
+
     def _preset_name(self, config: OptimizationConfig) -> str:
         if config == self.config:
             return self.preset

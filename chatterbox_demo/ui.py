@@ -1096,7 +1096,9 @@ def build_demo() -> gr.Blocks:
 @user_errors
 def startup(progress=gr.Progress()):
     m = ensure_loaded(progress)
-    return (header_html(), voice_table(), m.preset, m.preset, presets_markdown(),
+    # The preset the server started on, not the one its last user switched to: a page
+    # opened after someone ran baseline offered baseline, and A/B then baseline twice.
+    return (header_html(), voice_table(), m.start_preset, m.start_preset, presets_markdown(),
             stream_box(m.device))
 
 

@@ -619,3 +619,17 @@ def test_a_measurement_does_not_keep_its_variant_in_memory(own_variants, monkeyp
     gc.collect()
     assert built() is None
     assert measurement.t3_weight_bytes > 0
+
+
+def test_a_new_page_offers_the_start_preset_not_the_last_users(make_manager, monkeypatch):
+    """One visitor's run on baseline made every page opened after it start on baseline,
+    with A/B's B on baseline too: a comparison of baseline with itself by default."""
+    from chatterbox_demo import ui
+    from chatterbox_demo.config import DEVICE_PRESETS
+
+    manager = make_manager(shipped_voices=None)
+    monkeypatch.setattr(ui, "manager", lambda: manager)
+    manager.apply_preset("baseline")
+    _, _, synth_preset, b_preset, *_ = ui.startup(progress=lambda *args, **kwargs: None)
+    assert synth_preset == b_preset == manager.start_preset == DEVICE_PRESETS["cpu"]
+    assert manager.preset == "baseline"  # the header still says what is applied now
