@@ -216,11 +216,15 @@ def ask_to_remove(name: str):
     voice = ensure_loaded().library.user_voice(name, "removed")
     question = (f"Remove **{html.escape(voice.name)}** from the library? Only adding the "
                 "same clip again brings it back.")
-    return gr.update(visible=True), question, voice.name
+    return question, voice.name
+
+
+def show_removal_buttons():
+    return gr.update(visible=True)
 
 
 def hide_removal_question():
-    return gr.update(visible=False)
+    return gr.update(visible=False), ""
 
 
 @user_errors
@@ -879,7 +883,7 @@ def build_demo() -> gr.Blocks:
         gr.Markdown(f"## {TITLE}")
         header = gr.HTML("<div id='status-line'>loading the model…</div>")
 
-        with gr.Tab("Voices"):
+        with gr.Tab("Voices", elem_id="voices-tab"):
             with gr.Row():
                 with gr.Column():
                     audio_in = gr.Audio(sources=["upload", "microphone"], type="filepath",
@@ -899,9 +903,11 @@ def build_demo() -> gr.Blocks:
                         rename_btn = gr.Button("Rename", scale=1)
                         remove_btn = gr.Button("Remove", variant="stop", scale=1)
                     # Shown by Remove; its "Yes" removes the voice the question names,
-                    # even if the picker has changed since.
+                    # even if the picker has changed since. The question stays on the
+                    # page, empty until asked: written while hidden, Gradio 6.8 showed it
+                    # the first time under a "processing" timer that never stopped.
+                    removal_question = gr.Markdown(elem_id="removal-question")
                     with gr.Row(visible=False, elem_id="confirm-removal") as removal_row:
-                        removal_question = gr.Markdown()
                         removal_name = gr.Textbox(visible=False, label="name")
                         yes_remove_btn = gr.Button("Yes, remove it", variant="stop",
                                                    scale=0)
@@ -1019,7 +1025,7 @@ def build_demo() -> gr.Blocks:
         # The page asks before removing (removal_row); API callers name the voice in one
         # call to the same endpoint. (Closing it from the chains after a rename or an add
         # left Gradio 6.8 unable to show it again: only its own buttons open and close it.)
-        hide_removal = dict(fn=hide_removal_question, outputs=removal_row,
+        hide_removal = dict(fn=hide_removal_question, outputs=[removal_row, removal_question],
                             api_visibility="private", queue=False)
         # What fails shows its message as a notice; the error badge goes on the status
         # line only, not over the voice table, which keeps showing the library.
@@ -1027,8 +1033,12 @@ def build_demo() -> gr.Blocks:
         add_btn.click(add_voice, [audio_in, name_in, voice_exag], [voice_status, table],
                       api_name="add_voice", **voices_event).success(
                       follow_voice, [name_in, voice, ab_voice], **follow).then(**refresh)
-        remove_btn.click(ask_to_remove, [mine], [removal_row, removal_question, removal_name],
-                         api_visibility="private")
+        # No progress shown: on the row this event makes visible, Gradio 6.8 left the
+        # first question of a page under a "processing" timer that never stopped.
+        remove_btn.click(ask_to_remove, [mine], [removal_question, removal_name],
+                         api_visibility="private").success(
+                         show_removal_buttons, None, removal_row, api_visibility="private",
+                         queue=False)
         keep_btn.click(**hide_removal)
         yes_remove_btn.click(**hide_removal)  # answered, whether the removal works or not
         yes_remove_btn.click(remove_voice, [removal_name], [voice_status, table],

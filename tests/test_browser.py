@@ -168,18 +168,23 @@ def test_removing_the_voice_in_use_says_what_synthesize_uses_now(page):
 def test_remove_asks_first_and_keep_keeps_the_voice(page):
     """Remove deleted a voice at one click; now it asks, naming the voice."""
     add_voice_and_pick_it_as_mine(page, "to remove")
-    question = page.locator("#confirm-removal")
+    question, answers = page.locator("#removal-question"), page.locator("#confirm-removal")
     library = page.locator("#voice-table")
     page.get_by_role("button", name="Remove", exact=True).click()
     expect(question).to_contain_text("Remove to remove from the library?")
+    expect(answers).to_be_visible()
+    # The first question on a page stayed under a "processing" timer that never stopped.
+    expect(page.locator("#voices-tab")).not_to_contain_text("processing", timeout=10_000)
     page.get_by_role("button", name="Keep it").click()
-    expect(question).to_be_hidden()
+    expect(answers).to_be_hidden()
+    expect(question).not_to_contain_text("Remove")
     expect(library).to_contain_text("to remove")
 
     page.get_by_role("button", name="Remove", exact=True).click()
     page.get_by_role("button", name="Yes, remove it").click()
     expect(page.get_by_text("Removed voice")).to_be_visible(timeout=GENERATION_TIMEOUT_MS)
-    expect(question).to_be_hidden()
+    expect(answers).to_be_hidden()
+    expect(question).not_to_contain_text("Remove")
     expect(library).not_to_contain_text("to remove")
 
 
@@ -260,7 +265,7 @@ def test_fine_tune_a_voice_from_a_zip(page, tmp_path):
     page.get_by_text("Fine-tune a voice").click()
     page.locator("#tune-data input[type=file]").set_input_files(archive)
     page.locator("#tune-name textarea, #tune-name input").first.fill("tuned in page")
-    steps = page.get_by_label("steps", exact=True)
+    steps = page.get_by_label("steps (up to 2000 here)", exact=True)
     steps.fill("3")
     steps.press("Enter")
     page.get_by_role("button", name="Fine-tune", exact=True).click()
