@@ -562,7 +562,15 @@ def config_from_fields(values) -> OptimizationConfig:
         fields[name] = fields[name] or None
     for name in ("cfm_steps", "cpu_threads"):
         fields[name] = _whole(fields[name], name) if fields[name] is not None else None
-    return OptimizationConfig(**fields)
+    try:
+        return OptimizationConfig(**fields)
+    except ValueError as exc:
+        # The configuration's bound leaves out the panel's 0, which its label offers.
+        unset = {"prompt_seconds": "the whole clip", "cpu_threads": "the default"}
+        name = next((name for name in unset if str(exc).startswith(name)), None)
+        if name:
+            raise ValueError(f"{exc}; or 0 for {unset[name]}") from None
+        raise
 
 
 def availability_markdown(*values) -> str:
