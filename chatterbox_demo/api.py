@@ -29,6 +29,7 @@ from .config import (
     GenerationParams,
     OptimizationConfig,
     config_from_spec,
+    device_preset,
     queue_max,
 )
 from .manager import ModelManager, TextError, check_text
@@ -183,8 +184,8 @@ def _admit(manager: ModelManager, args: dict) -> OptimizationConfig:
         config = args["config"] or manager.start_config
         reason = unavailable_reason(config, manager.device)
         if reason:
-            raise ApiError(400, f"This preset cannot run on {manager.device}: {reason}",
-                           param="preset")
+            raise ApiError(400, f"This preset cannot run on {manager.device}: {reason}. "
+                           f"{device_preset(manager.device)} runs here.", param="preset")
         return config
     except BaseException:
         _waiting.release()

@@ -12,7 +12,12 @@ import torch
 
 from . import fidelity, plots
 from .bench import Measurement
-from .config import GenerationParams, OptimizationConfig, default_max_new_tokens
+from .config import (
+    GenerationParams,
+    OptimizationConfig,
+    default_max_new_tokens,
+    device_preset,
+)
 from .manager import ModelManager, Synthesis, check_text
 from .optimizations import unavailable_reason
 
@@ -174,7 +179,8 @@ def check_runnable(side: str, config: OptimizationConfig, device: str) -> None:
     """Refuse a side that cannot run on ``device``, naming the side and the reason."""
     reason = unavailable_reason(config, device)
     if reason:
-        raise ValueError(f"Configuration {side} cannot run on {device}: {reason}")
+        raise ValueError(f"Configuration {side} cannot run on {device}: {reason}. "
+                         f"{device_preset(device)} runs here.")
 
 
 def compare_steps(manager: ModelManager, text: str, voice: str | None,

@@ -362,6 +362,11 @@ DEFAULT_PRESET = "cached"
 DEVICE_PRESETS = {"cpu": "cpu-fast", "cuda": "gpu-fast", "mps": "cached"}
 
 
+def device_preset(device: str) -> str:
+    """The preset the app starts on for ``device``; what a refused one points to."""
+    return DEVICE_PRESETS.get(device, DEFAULT_PRESET)
+
+
 # The points of the speed-fidelity sweep (`bench --sweep`): cpu-fast with one knob that
 # changes the audio moved at a time.
 SWEEP = {

@@ -27,14 +27,13 @@ from chatterbox.tts import Conditionals
 from . import finetune, longform, pipeline, speaker_data, weights
 from .config import (
     BASELINE,
-    DEFAULT_PRESET,
-    DEVICE_PRESETS,
     MAX_LONG_TEXT_CHARS,
     MAX_TEXT_CHARS,
     PRESETS,
     GenerationParams,
     OptimizationConfig,
     default_max_new_tokens,
+    device_preset,
     get_preset,
     preset_name,
 )
@@ -175,7 +174,7 @@ class ModelManager:
         self._ready = False  # loaded, and the start preset prepared: load() returns at once
         # The fastest preset that keeps upstream semantics on this device; applied (and
         # its variant built) when the model loads.
-        self.preset = DEVICE_PRESETS.get(self.device, DEFAULT_PRESET)
+        self.preset = device_preset(self.device)
         self.config: OptimizationConfig = get_preset(self.preset)
         # What the API speaks with (unless a request names a preset): the page switches
         # self.config for everyone, and the same API request must give the same audio.
@@ -307,7 +306,8 @@ class ModelManager:
         Runs under the lock: a generation never sees a half-built variant."""
         reason = unavailable_reason(config, self.device)
         if reason:
-            raise ValueError(f"This configuration cannot run on {self.device}: {reason}")
+            raise ValueError(f"This configuration cannot run on {self.device}: {reason}. "
+                             f"{device_preset(self.device)} runs here.")
         with self.lock:
             self.load()
             started = time.perf_counter()

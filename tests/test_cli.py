@@ -192,6 +192,7 @@ def main(capsys, *argv):
         (["--text", "a" * 20_001], "the limit is 20000"),
         (["--text", "\x07\x1b"], "Enter some text to speak"),
         (["--preset", "gpu-fast"], "cannot run on cpu"),
+        (["--preset", "gpu-compiled"], "cpu-fast runs here."),
         (["--preset", "cached+cfm_cfg=maybe"], "cfm_cfg must be true or false"),
         # The text and the settings before the preset is built (minutes when compiled).
         (["--text", "", "--preset", "cpu-fast"], "Enter some text to speak"),

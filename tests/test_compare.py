@@ -214,7 +214,9 @@ def test_a_cancel_between_turns_ends_the_repeats_with_what_ran(tiny_manager):
 
 def test_a_configuration_this_device_cannot_run_is_refused_before_anything_runs(
         tiny_manager):
-    with pytest.raises(ValueError, match="Configuration B cannot run on cpu: .*CUDA"):
+    # And says which one does: the picker lists every preset.
+    with pytest.raises(ValueError, match=r"Configuration B cannot run on cpu: .*CUDA.*\. "
+                                         r"cpu-fast runs here\.$"):
         next(compare_steps(tiny_manager, "Hi.", "calm-mid", PARAMS, get_preset("cached"),
                            get_preset("gpu-fast")))
 

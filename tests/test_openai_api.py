@@ -153,6 +153,7 @@ def test_pcm_streams_as_it_is_made(http, tiny_manager):
     ({"preset": "fastest"}, 400, "Unknown preset 'fastest'"),
     ({"preset": "cached+cfm_steps=0"}, 400, "cfm_steps must be between 1 and 50"),
     ({"preset": "gpu-fast"}, 400, "This preset cannot run on cpu"),
+    ({"preset": "gpu-compiled"}, 400, "cpu-fast runs here."),
 ])
 def test_bad_requests_get_openai_errors(http, fields, status, words):
     response = speak(http, **fields)
