@@ -1014,9 +1014,14 @@ def build_demo() -> gr.Blocks:
             with gr.Row():
                 ab_chart = gr.Plot(label="Seconds per stage", elem_id="ab-chart")
                 ab_mels = gr.Plot(label="Mel spectrograms", elem_id="ab-mels")
-            history_table = gr.Dataframe(headers=HISTORY_HEADERS, interactive=False,
-                                         label="Runs since this page was opened",
-                                         elem_id="ab-history")
+            # Widths that fit each header, the text's wrapped: shared out, the twelve
+            # columns were cut to a few letters each ("03:05:1", "baseli") even at 1400 px.
+            # A narrower window scrolls the table sideways.
+            history_table = gr.Dataframe(
+                headers=HISTORY_HEADERS, interactive=False, wrap=True,
+                column_widths=[f"{px}px" for px in (85, 150, 100, 95, 95, 80, 100, 100, 85,
+                                                     110, 110, 110)],
+                label="Runs since this page was opened", elem_id="ab-history")
             history_file = gr.DownloadButton("Download history (CSV)", value=None,
                                              elem_id="ab-history-csv")
             history = gr.State([])
