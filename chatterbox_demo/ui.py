@@ -1046,8 +1046,7 @@ def build_demo() -> gr.Blocks:
         add_btn.click(add_voice, [audio_in, name_in, voice_exag], [voice_status, table],
                       api_name="add_voice", **voices_event).success(
                       follow_voice, [name_in, voice, ab_voice], **follow).then(**refresh)
-        # No progress shown: on the row this event makes visible, Gradio 6.8 left the
-        # first question of a page under a "processing" timer that never stopped.
+        # The question first, then its buttons: see removal_question.
         remove_btn.click(ask_to_remove, [mine], [removal_question, removal_name],
                          api_visibility="private").success(
                          show_removal_buttons, None, removal_row, api_visibility="private",
