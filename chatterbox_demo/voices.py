@@ -160,8 +160,7 @@ class VoiceLibrary:
 
     def list(self) -> list[Voice]:
         self._catch_up()
-        order = {"builtin": 0, "shipped": 1, "user": 2, "finetuned": 3}
-        return sorted(self._voices.values(), key=lambda v: (order[v.kind], name_key(v.name)))
+        return sorted(self._voices.values(), key=_listing_order)
 
     def names(self) -> list[str]:
         return [v.name for v in self.list()]
@@ -400,12 +399,7 @@ class VoiceLibrary:
             raise VoiceError(f"Could not read the voice index ({exc.strerror or exc}); "
                              "nothing was changed, try again.") from None
         try:
-            data = json.loads(text)
-            fields = set(Voice.__dataclass_fields__)
-            return [Voice(**{**{k: v for k, v in entry.items() if k in fields},
-                             "kind": entry.get("kind") if entry.get("kind") in USER_KINDS
-                             else "user"})
-                    for entry in data["voices"]]
+            return _parse_index(text)
         except Exception as exc:
             aside = _unused(self.index_path.with_name("voices.json.corrupt"))
             log.warning("Voice index %s is unreadable (%s); moved to %s",
@@ -496,21 +490,32 @@ def names_on_disk(cache_dir: Path, shipped: Path | None) -> list[str] | None:
     before loading one (and building a preset, minutes when it compiles). None when the
     files cannot tell for sure (an index unreadable now, or one an older version wrote with
     the reserved name, which the library renames): the library then decides."""
-    shipped_names = ([path.stem for path in sorted(Path(shipped).glob("*.wav"))]
-                     if shipped and Path(shipped).is_dir() else [])
     try:
-        entries = json.loads((Path(cache_dir) / "voices.json").read_text())["voices"]
-        users = [entry["name"] for entry in sorted(
-            entries, key=lambda entry: (entry.get("kind") == "finetuned", name_key(entry["name"])))]
+        users = _parse_index((Path(cache_dir) / "voices.json").read_text())
     except FileNotFoundError:
         users = []
     except Exception:
         return None
-    user_keys = {name_key(name) for name in users}
-    if name_key(BUILTIN_NAME) in user_keys:
+    voices = {name_key(voice.name): voice for voice in users}
+    if name_key(BUILTIN_NAME) in voices:
         return None
-    # In the library's order; a user voice hides a shipped one of the same name.
-    return [name for name in shipped_names if name_key(name) not in user_keys] + users
+    clips = sorted(Path(shipped).glob("*.wav")) if shipped and Path(shipped).is_dir() else []
+    for path in clips:  # a user voice hides a shipped one of the same name, as in the library
+        voices.setdefault(name_key(path.stem), Voice(path.stem, "shipped", 0.5))
+    return [voice.name for voice in sorted(voices.values(), key=_listing_order)]
+
+
+def _parse_index(text: str) -> list[Voice]:
+    """The user voices in the index's text; raises on anything not an index."""
+    fields = set(Voice.__dataclass_fields__)
+    return [Voice(**{**{k: v for k, v in entry.items() if k in fields},
+                     "kind": entry.get("kind") if entry.get("kind") in USER_KINDS else "user"})
+            for entry in json.loads(text)["voices"]]
+
+
+def _listing_order(voice: Voice) -> tuple:
+    order = {"builtin": 0, "shipped": 1, "user": 2, "finetuned": 3}
+    return order[voice.kind], name_key(voice.name)
 
 
 def _files_digest(folder: Path, files: list[str]) -> str:

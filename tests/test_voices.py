@@ -792,3 +792,28 @@ def test_adapter_weights_that_do_not_fit_this_t3_are_refused_when_loaded(make_ma
     with pytest.raises(FinetuneError, match=r"does not fit the loaded T3 \(its .* is for a "
                                             r"1025 x 1024 layer, this T3's is 1024 x 1024\)"):
         finetune.adapted_t3(manager.loaded.tts.t3, wide, identity)
+
+
+def test_names_on_disk_list_what_the_library_lists(tmp_path):
+    """What the command line checks a --voice against before loading a model."""
+    import json
+
+    from chatterbox_demo.voices import names_on_disk
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for stem in ("calm", "bright"):
+        (shipped / f"{stem}.wav").write_bytes(b"")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    assert names_on_disk(cache, shipped) == ["bright", "calm"]
+    entry = {"exaggeration": 0.5, "sha256": "0" * 64, "source": "x", "seconds": 1.0}
+    index = {"version": 1, "voices": [{"name": "Zed", "kind": "user", **entry},
+                                      {"name": "Tuned", "kind": "finetuned", **entry},
+                                      {"name": "CALM", "kind": "user", **entry}]}
+    (cache / "voices.json").write_text(json.dumps(index))
+    # A user voice hides the shipped one of its name; shipped, user, fine-tuned in turn.
+    assert names_on_disk(cache, shipped) == ["bright", "CALM", "Zed", "Tuned"]
+    (cache / "voices.json").write_text("{not json")
+    assert names_on_disk(cache, shipped) is None  # the library decides (and moves it aside)
+    assert (cache / "voices.json").read_text() == "{not json"  # untouched here
